@@ -1,0 +1,107 @@
+"""The on-disk checkpoint format (pure PyTorch; Ray only moves the directory).
+
+A checkpoint directory holds:
+
+- ``model.pt``   (written by rank 0): model and optimiser state, step/epoch counters,
+  the resolved config, the method name; everything shared by all ranks.
+- ``rank_{r}.pt`` (written by every rank r): state that differs per worker, such as
+  SwAV's per-worker queue and each worker's RNG states.
+- ``manifest.json`` (rank 0, written last): file names and sizes of rank 0's files plus
+  the number of ranks. ``verify_checkpoint_dir`` refuses a directory whose manifest is
+  missing or disagrees with the files, so a half-written checkpoint is never resumed.
+
+Ray Train merges the directories that all ranks report into one checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+FORMAT_VERSION = 1
+MODEL_FILE = "model.pt"
+MANIFEST_FILE = "manifest.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or not a rayssl checkpoint."""
+
+
+def rank_file(rank: int) -> str:
+    return f"rank_{rank}.pt"
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def write_rank_state(directory: str | Path, rank: int, state: dict) -> None:
+    _atomic_save(state, Path(directory) / rank_file(rank))
+
+
+def write_shared_state(directory: str | Path, state: dict, world_size: int) -> None:
+    """Rank 0: ``model.pt`` then the manifest, which marks the checkpoint complete."""
+    d = Path(directory)
+    state = {"format_version": FORMAT_VERSION, **state}
+    _atomic_save(state, d / MODEL_FILE)
+    files = {MODEL_FILE: (d / MODEL_FILE).stat().st_size}
+    manifest = {"format_version": FORMAT_VERSION, "world_size": world_size, "files": files,
+                "epoch": state.get("epoch"), "step": state.get("step"), "method": state.get("method")}
+    tmp = d / (MANIFEST_FILE + ".tmp")
+    tmp.write_text(json.dumps(manifest))
+    os.replace(tmp, d / MANIFEST_FILE)
+
+
+def verify_checkpoint_dir(directory: str | Path) -> dict:
+    """Return the manifest of a complete rayssl checkpoint, or raise CheckpointError."""
+    d = Path(directory)
+    mpath = d / MANIFEST_FILE
+    if not mpath.is_file():
+        raise CheckpointError(f"{d} is not a complete rayssl checkpoint (no {MANIFEST_FILE})")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{d}: unreadable {MANIFEST_FILE}: {exc}") from None
+    for name, size in manifest.get("files", {}).items():
+        p = d / name
+        if not p.is_file() or p.stat().st_size != size:
+            raise CheckpointError(f"{d}: {name} is missing or truncated; the checkpoint is incomplete")
+    for r in range(int(manifest.get("world_size", 1))):
+        if not (d / rank_file(r)).is_file():
+            raise CheckpointError(f"{d}: {rank_file(r)} is missing; the checkpoint is incomplete")
+    return manifest
+
+
+def load_shared_state(directory: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    verify_checkpoint_dir(directory)
+    return torch.load(Path(directory) / MODEL_FILE, map_location=map_location, weights_only=False)
+
+
+def load_rank_state(directory: str | Path, rank: int, map_location: str | torch.device = "cpu") -> dict | None:
+    p = Path(directory) / rank_file(rank)
+    if not p.is_file():
+        return None
+    return torch.load(p, map_location=map_location, weights_only=False)

@@ -1,0 +1,61 @@
+"""torch.distributed helpers that degrade to no-ops in a single process.
+
+Losses and modules call these unconditionally, so the same code runs inside a Ray
+Train worker (where a process group exists) and in a plain unit test (where none does).
+Nothing here imports Ray.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    """True when torch.distributed is usable and a process group is initialised."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    """Number of processes in the default group (1 without a group)."""
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    """Rank of this process in the default group (0 without a group)."""
+    return dist.get_rank() if is_distributed() else 0
+
+
+def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` over all ranks, in place; returns ``t``."""
+    if is_distributed() and world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_max_(t: torch.Tensor) -> torch.Tensor:
+    """Element-wise maximum of ``t`` over all ranks, in place; returns ``t``."""
+    if is_distributed() and world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+@torch.no_grad()
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``t`` (B, ...) from every rank along dim 0, in rank order.
+
+    Every rank must pass a tensor of the same shape; the result is (world_size * B, ...)
+    and carries no gradient. Without a group (or with one rank) ``t`` itself is returned.
+    """
+    if not is_distributed() or world_size() == 1:
+        return t
+    t = t.detach().contiguous()
+    parts = [torch.empty_like(t) for _ in range(world_size())]
+    dist.all_gather(parts, t)
+    return torch.cat(parts, dim=0)
+
+
+def broadcast_(t: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Overwrite ``t`` on every rank with its value on rank ``src``, in place; returns ``t``."""
+    if is_distributed() and world_size() > 1:
+        dist.broadcast(t, src=src)
+    return t

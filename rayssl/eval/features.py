@@ -1,0 +1,60 @@
+"""Frozen-backbone features and the held-out-scenes evaluation (pure PyTorch, no Ray)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# ImageNet statistics: torchvision backbones (and their exports) expect them.
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+def to_float_images(x: torch.Tensor, channels_last: bool = True) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> normalised float (B, 3, H, W).
+
+    Permuting an NHWC tensor gives NCHW *in channels_last memory* for free, which is the
+    layout convolutions prefer on GPUs; ``contiguous()`` is only forced when asked.
+    """
+    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1) * 255.0
+    y = (x.permute(0, 3, 1, 2).float() - mean) / std
+    return y.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+@torch.no_grad()
+def extract_features(backbone: torch.nn.Module, images: np.ndarray, size: int, device,
+                     batch_size: int = 256) -> torch.Tensor:
+    """uint8 images (N, H, W, 3) -> backbone features (N, d) float32 on CPU, in eval mode."""
+    was_training = backbone.training
+    backbone.eval()
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = to_float_images(torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])).to(device))
+        if x.shape[-1] != size:
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out.append(backbone(x).float().cpu())
+    backbone.train(was_training)
+    return torch.cat(out)
+
+
+def scenes_eval_sets(seed: int, image_size: int, n_train: int, n_test: int) -> tuple[dict, dict]:
+    """Labelled scenes for evaluation, from streams disjoint from the training scenes."""
+    from rayssl.data.scenes import generate_batch, split_seed
+
+    train = generate_batch(range(n_train), seed=split_seed(seed, "eval-train"), size=image_size)
+    test = generate_batch(range(n_test), seed=split_seed(seed, "eval-test"), size=image_size)
+    return train, test
+
+
+def knn_on_scenes(backbone: torch.nn.Module, sets: tuple[dict, dict], size: int, device,
+                  k: int = 20, temperature: float = 0.07) -> float:
+    """kNN top-1 (dominant class) of ``backbone`` features on held-out scenes."""
+    from rayssl.eval.knn import knn_top1
+
+    train, test = sets
+    ftr = extract_features(backbone, train["image"], size, device)
+    fte = extract_features(backbone, test["image"], size, device)
+    return knn_top1(ftr, torch.from_numpy(train["label"]), fte, torch.from_numpy(test["label"]),
+                    k=k, temperature=temperature)

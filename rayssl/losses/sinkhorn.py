@@ -1,0 +1,94 @@
+"""Sinkhorn-Knopp equipartition of a batch over prototypes (SwAV's online codes).
+
+Caron et al. 2020, "Unsupervised Learning of Visual Features by Contrasting Cluster
+Assignments", arXiv:2006.09882, Sec. 3.1 and Alg. 1 / Appendix A.1: the codes Q solve an
+entropy-regularised optimal transport problem whose solution is
+``Diag(u) exp(C / eps) Diag(v)``; a few alternating row / column normalisations of
+``exp(scores / eps)`` find ``u`` and ``v``.
+"""
+from __future__ import annotations
+
+import torch
+
+from rayssl import dist
+
+__all__ = ["sinkhorn_knopp"]
+
+
+@torch.no_grad()
+def sinkhorn_knopp(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3) -> torch.Tensor:
+    """Soft cluster assignments (codes) for a batch, equipartitioned over prototypes.
+
+    Args:
+        scores: (B_local, K) prototype scores of this rank's samples (cosine
+            similarities in SwAV), any floating dtype. No gradient flows through.
+        epsilon: entropy regularisation; SwAV uses 0.05.
+        iterations: number of Sinkhorn-Knopp iterations; SwAV uses 3.
+
+    Returns:
+        (B_local, K) float32 codes; each row sums to 1 and, over the *global* batch,
+        each prototype receives about B_global / K of the mass.
+
+    When a torch.distributed process group is initialised the prototype marginals,
+    the normaliser and the batch size are all-reduced, so the codes of a batch split
+    over ranks (even unevenly) equal the codes of the whole batch on one process.
+    Every rank must call this collectively.
+
+    Raises:
+        ValueError: if ``scores`` is not 2-D, or the codes are not finite.
+    """
+    if scores.dim() != 2:
+        raise ValueError(f"sinkhorn_knopp expects (batch, prototypes) scores, got shape {tuple(scores.shape)}")
+    if epsilon <= 0:
+        raise ValueError(f"sinkhorn epsilon must be > 0, got {epsilon}")
+    if iterations < 1:
+        # Only the final column normalisation makes each code sum to 1.
+        raise ValueError(f"sinkhorn iterations must be >= 1, got {iterations}")
+
+    # exp(1 / 0.05) ~ 4.9e8 overflows fp16 and loses everything in bf16: whatever the
+    # caller's autocast state, this runs in float32.
+    with torch.autocast(device_type=scores.device.type, enabled=False):
+        logits = scores.detach().float() / epsilon  # (B_local, K)
+        b_local, num_prototypes = logits.shape
+
+        # Subtracting a constant from every logit multiplies Q by a constant, which the
+        # first normalisation removes; the *global* max is the same on every rank, so the
+        # distributed result stays identical to the single-process one.
+        if b_local > 0:
+            shift = logits.max()
+        else:  # a rank with an empty shard still joins the collectives
+            shift = torch.tensor(float("-inf"), device=logits.device)
+        dist.all_reduce_max_(shift)
+
+        q = torch.exp(logits - shift).t()  # (K, B_local)
+
+        batch = dist.all_reduce_sum_(torch.tensor(float(b_local), device=q.device))  # B_global
+        total = dist.all_reduce_sum_(q.sum())
+        q /= total
+
+        for _ in range(iterations):
+            # Rows = prototypes: their mass is spread over all ranks' samples.
+            row_sums = dist.all_reduce_sum_(q.sum(dim=1, keepdim=True))  # (K, 1)
+            q /= row_sums
+            q /= num_prototypes
+            # Columns = samples: each lives on exactly one rank, so this stays local.
+            q /= q.sum(dim=0, keepdim=True)  # (1, B_local)
+            q /= batch
+
+        q *= batch  # each sample's code now sums to 1
+        codes = q.t()  # (B_local, K)
+
+        # Decide collectively so that no rank raises while another carries on into the
+        # next collective and hangs.
+        bad = dist.all_reduce_max_((~torch.isfinite(codes)).any().float())
+        if bad.item() > 0:
+            lo = scores.min().item() if scores.numel() else float("nan")
+            hi = scores.max().item() if scores.numel() else float("nan")
+            raise ValueError(
+                "sinkhorn codes are not finite (on this or another rank): "
+                f"epsilon={epsilon}, local score range [{lo:.4g}, {hi:.4g}], "
+                f"K={num_prototypes}, B_local={b_local}. NaN/inf scores (missing L2 "
+                "normalisation, fp16 overflow upstream) or scores spread over far more "
+                "than ~80*epsilon make exp() underflow a whole row or column."
+            )
+    return codes

@@ -1,0 +1,311 @@
+"""``python -m rayssl.train``: the command line and the Ray Train driver.
+
+Everything a user can get wrong is checked before Ray starts. The run's resolved config
+goes to ``<output>/config.yaml``; checkpoints to ``<output>/checkpoint_*``; the summary to
+``<output>/summary.json`` and, as one JSON line, to the last line of stdout. Progress and
+logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Sequence
+
+from rayssl.config import Config, ConfigError, deep_merge, load_yaml, parse_assignment
+from rayssl.methods import get_method, method_names
+from rayssl.presets import preset_names, resolve_preset
+
+# flag -> config key, for both building the config and naming the flag in errors
+FLAG_KEYS: dict[str, str] = {
+    "method": "run.method",
+    "data": "data.source",
+    "output": "run.output",
+    "epochs": "run.epochs",
+    "batch_size": "run.batch_size",
+    "num_workers": "run.num_workers",
+    "use_gpu": "run.use_gpu",
+    "cpus_per_worker": "run.cpus_per_worker",
+    "seed": "run.seed",
+    "max_failures": "run.max_failures",
+    "checkpoint_every": "run.checkpoint_every_epochs",
+    "keep_checkpoints": "run.keep_checkpoints",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m rayssl.train",
+        description=(
+            "Self-supervised pretraining of an image backbone on Ray Train. With no arguments: SwAV on "
+            "the built-in generated scenes, 2 workers on a local Ray, a few minutes on a laptop CPU. "
+            "Settings resolve as: paper defaults < --preset < --config FILE < flags < --set."
+        ),
+    )
+    p.add_argument("--method", choices=method_names(), default=None,
+                   help="training method (default: swav)")
+    p.add_argument("--data", default=None,
+                   help="images to train on: 'scenes' (built-in generated scenes) or a folder of image files")
+    p.add_argument("--output", default=None,
+                   help="directory (local path or s3:// URI) for the resolved config, checkpoints and summary; "
+                        "default ./runs/<method>-<timestamp>")
+    p.add_argument("--epochs", type=int, default=None, help="number of epochs (quick preset: 4)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="GLOBAL batch size, split evenly over the workers (quick preset: 64)")
+    p.add_argument("--num-workers", type=int, default=None, help="number of Ray Train workers (default 2)")
+    p.add_argument("--use-gpu", choices=["auto", "true", "false"], default=None,
+                   help="train on GPUs; auto: when the Ray cluster has GPUs (default auto)")
+    p.add_argument("--cpus-per-worker", type=float, default=None,
+                   help="CPUs reserved per training worker; default: sized so Ray Data keeps >= 1 CPU")
+    p.add_argument("--config", default=None, metavar="FILE.yaml",
+                   help="YAML file of sections (run:, data:, model:, optim:, eval:, <method>:) overriding defaults")
+    p.add_argument("--preset", choices=["auto", *preset_names()], default="auto",
+                   help="bundle of settings: quick (small CPU run), paper (the paper's recipe); "
+                        "auto = quick on the built-in scenes, paper otherwise")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run stored under --output from its latest complete checkpoint")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+    p.add_argument("--max-failures", type=int, default=None,
+                   help="worker failures to recover from by restarting from the last checkpoint (-1: unlimited)")
+    p.add_argument("--checkpoint-every", type=int, default=None, metavar="EPOCHS",
+                   help="checkpoint every N epochs (always at the end)")
+    p.add_argument("--keep-checkpoints", type=int, default=None, help="how many latest checkpoints to keep")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override any config key, e.g. --set swav.epsilon=0.03 (repeatable)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config as YAML and exit without starting Ray")
+    return p
+
+
+def _flag_overrides(args: argparse.Namespace) -> dict:
+    out: dict = {}
+    for flag, key in FLAG_KEYS.items():
+        value = getattr(args, flag)
+        if value is None:
+            continue
+        if flag == "use_gpu":
+            value = {"auto": None, "true": True, "false": False}[value]
+        section, name = key.split(".")
+        out.setdefault(section, {})[name] = value
+    for assignment in args.set:
+        out = deep_merge(out, parse_assignment(assignment))
+    return out
+
+
+def _name_flag(msg: str) -> str:
+    """Prefix a config error with the command-line flag that sets that key, if any."""
+    for flag, key in FLAG_KEYS.items():
+        if msg.startswith(key + ":"):
+            return f"--{flag.replace('_', '-')} ({key}):{msg[len(key) + 1:]}"
+    return msg
+
+
+def resolve_config(args: argparse.Namespace) -> Config:
+    """Defaults < preset < --config < flags (< --set). On --resume the stored config is the base."""
+    overrides = _flag_overrides(args)
+    file_cfg = load_yaml(args.config) if args.config else {}
+    method = (overrides.get("run", {}).get("method") or file_cfg.get("run", {}).get("method") or "swav")
+    if method not in method_names():
+        raise ConfigError(f"--method: unknown method {method!r}; choose one of {', '.join(method_names())}")
+    source = overrides.get("data", {}).get("source") or file_cfg.get("data", {}).get("source") or "scenes"
+    preset = {k: v for k, v in resolve_preset(args.preset, source).items()
+              if k in ("run", "data", "model", "optim", "eval", method)}
+    raw = deep_merge(deep_merge(preset, file_cfg), overrides)
+    raw.setdefault("run", {})["method"] = method
+    cfg = Config.from_dict(raw)
+    return cfg
+
+
+def default_output(method: str) -> str:
+    return str(Path("runs") / f"{method}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+
+
+def prepare_output(cfg: Config, args: argparse.Namespace) -> Config:
+    """Refuse to overwrite a previous run; on --resume, start from the stored config."""
+    from rayssl.storage import exists, read_text
+
+    if not cfg.run.output:
+        if args.resume:
+            raise ConfigError("--resume needs --output naming the run to continue")
+        cfg.run.output = default_output(cfg.run.method)
+    stored = f"{cfg.run.output.rstrip('/')}/config.yaml"
+    if args.resume:
+        if not exists(stored):
+            raise ConfigError(f"--resume: {cfg.run.output} holds no rayssl run (no config.yaml)")
+        import yaml
+
+        base = yaml.safe_load(read_text(stored))
+        raw = deep_merge(base, _flag_overrides(args))
+        raw["run"]["resume"] = True
+        raw["run"]["output"] = cfg.run.output
+        return Config.from_dict(raw)
+    if exists(stored):
+        raise ConfigError(
+            f"--output: {cfg.run.output} already holds a run; pass --resume to continue it, "
+            "or choose another --output (nothing was overwritten)"
+        )
+    return cfg
+
+
+def check_data_source(cfg: Config) -> None:
+    """Fail before Ray starts when the data cannot be found."""
+    if cfg.data.builtin_scenes:
+        return
+    from rayssl.data.pipeline import list_local_images
+
+    list_local_images(cfg.data.source)
+
+
+def init_ray(cfg: Config):
+    import ray
+
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)  # joins the cluster named by RAY_ADDRESS (e.g. under `ray job submit`)
+    else:
+        # Loopback only: a laptop run needs no network, and Ray's state API (the dashboard
+        # process) is what Ray Train's placement-group cleaner queries.
+        ray.init(num_cpus=os.cpu_count() or 1, log_to_driver=True, _node_ip_address="127.0.0.1")
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+    return ray
+
+
+def worker_resources(cfg: Config, cluster: dict) -> tuple[bool, dict]:
+    """Decide GPU use and CPUs per worker so that Ray Data always keeps at least one CPU."""
+    gpus = cluster.get("GPU", 0)
+    use_gpu = cfg.run.use_gpu if cfg.run.use_gpu is not None else gpus >= 1
+    if use_gpu and gpus < 1:
+        raise ConfigError("--use-gpu: true, but the Ray cluster has no GPU")
+    if cfg.run.cpus_per_worker is not None:
+        return use_gpu, {"CPU": cfg.run.cpus_per_worker}
+    cpus = cluster.get("CPU", 1)
+    per = min(1.0, max(0.1, (cpus - 1.0) / cfg.run.num_workers))
+    return use_gpu, {"CPU": round(per, 2)}
+
+
+def run(cfg: Config) -> dict:
+    """Start (or join) Ray, train, and return the summary dict."""
+    ray = init_ray(cfg)
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from rayssl.data.pipeline import build_train_data
+    from rayssl.loop import log, train_loop_per_worker
+    from rayssl.storage import run_location, write_text
+
+    use_gpu, resources = worker_resources(cfg, ray.cluster_resources())
+    data = build_train_data(cfg)
+    steps_per_epoch = data.num_images // cfg.run.batch_size
+    if steps_per_epoch < 1:
+        raise ConfigError(
+            f"--batch-size: global batch {cfg.run.batch_size} exceeds the {data.num_images} training images"
+        )
+    write_text(f"{cfg.run.output.rstrip('/')}/config.yaml", cfg.to_yaml())
+    storage_path, name, fs = run_location(cfg.run.output)
+    log(f"{cfg.run.method}: {data.num_images} images, {steps_per_epoch} steps/epoch x {cfg.run.epochs} epochs, "
+        f"{cfg.run.num_workers} workers ({'GPU' if use_gpu else 'CPU'}, {resources['CPU']} CPU each), "
+        f"output {cfg.run.output}")
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.to_dict(), "steps_per_epoch": steps_per_epoch, "stats": data.stats},
+        scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path,
+            storage_filesystem=fs,
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+        ),
+        datasets={"train": data.dataset},
+    )
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    wall = time.perf_counter() - t0
+    m = dict(result.metrics or {})
+    ckpt = result.checkpoint.path if result.checkpoint is not None else None
+    if ckpt is not None and fs is not None:
+        ckpt = cfg.run.output.split("://", 1)[0] + "://" + ckpt
+    summary = {
+        "method": cfg.run.method,
+        "epochs": m.get("epoch"),
+        "steps": m.get("step"),
+        "images_seen": m.get("images_seen"),
+        "images_per_s": round(m.get("images_per_s", 0.0), 2),
+        "final_loss": m.get("loss"),
+        "metric": get_method(cfg.run.method).metric,
+        get_method(cfg.run.method).metric: m.get(get_method(cfg.run.method).metric),
+    }
+    if "knn_top1_random_init" in m:
+        summary["knn_top1_random_init"] = m["knn_top1_random_init"]
+    summary.update({
+        "data": m.get("data", {}),
+        "wall_s": round(wall, 1),
+        "output": cfg.run.output,
+        "checkpoint": ckpt,
+    })
+    write_text(f"{cfg.run.output.rstrip('/')}/summary.json", json.dumps(summary, indent=2))
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg = resolve_config(args)
+        if args.print_config:
+            print(cfg.to_yaml(), end="")
+            return 0
+        cfg = prepare_output(cfg, args)
+        check_data_source(cfg)
+    except (ConfigError, ValueError) as exc:
+        parser.error(_name_flag(str(exc)))
+    try:
+        summary = run(cfg)
+    except ConfigError as exc:
+        parser.error(_name_flag(str(exc)))
+    except KeyboardInterrupt:
+        print("interrupted; continue with --resume --output " + cfg.run.output, file=sys.stderr)
+        return 130
+    except Exception as exc:  # a training failure: one readable line, then the details above it
+        print(f"rayssl: training failed: {_root_cause(exc)}", file=sys.stderr)
+        print(f"rayssl: run directory {cfg.run.output}; continue with --resume once fixed", file=sys.stderr)
+        return 1
+    finally:
+        _shutdown_ray()
+    print(f"[rayssl] checkpoint: {summary['checkpoint']}", file=sys.stderr)
+    sys.stdout.flush()
+    print(json.dumps(summary), flush=True)
+    return 0
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost error message of a (Ray-wrapped) exception chain, on one line."""
+    seen = exc
+    while True:
+        nxt = getattr(seen, "cause", None) or seen.__cause__
+        if nxt is None or nxt is seen:
+            break
+        seen = nxt
+    text = str(seen).strip().splitlines()
+    return f"{type(seen).__name__}: {text[-1] if text else ''}"
+
+
+def _shutdown_ray() -> None:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    except Exception:
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())
