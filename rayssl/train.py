@@ -162,9 +162,12 @@ def check_data_source(cfg: Config) -> None:
 
 
 def init_ray(cfg: Config):
+    """Join the cluster in RAY_ADDRESS, reuse an already connected Ray, or start a local one."""
     import ray
 
-    if os.environ.get("RAY_ADDRESS"):
+    if ray.is_initialized():
+        pass
+    elif os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)  # joins the cluster named by RAY_ADDRESS (e.g. under `ray job submit`)
     else:
         # Loopback only: a laptop run needs no network, and Ray's state API (the dashboard
@@ -266,6 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_data_source(cfg)
     except (ConfigError, ValueError) as exc:
         parser.error(_name_flag(str(exc)))
+    started_ray = not _ray_connected()
     try:
         summary = run(cfg)
     except ConfigError as exc:
@@ -278,7 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"rayssl: run directory {cfg.run.output}; continue with --resume once fixed", file=sys.stderr)
         return 1
     finally:
-        _shutdown_ray()
+        if started_ray:
+            _shutdown_ray()
     print(f"[rayssl] checkpoint: {summary['checkpoint']}", file=sys.stderr)
     sys.stdout.flush()
     print(json.dumps(summary), flush=True)
@@ -295,6 +300,12 @@ def _root_cause(exc: BaseException) -> str:
         seen = nxt
     text = str(seen).strip().splitlines()
     return f"{type(seen).__name__}: {text[-1] if text else ''}"
+
+
+def _ray_connected() -> bool:
+    import ray
+
+    return ray.is_initialized()
 
 
 def _shutdown_ray() -> None:

@@ -1,0 +1,472 @@
+"""SwAV multi-crop augmentation on the CPU, with per-sample randomness.
+
+Caron et al. 2020 (arXiv:2006.09882), Sec. 3.2 and the official ``main_swav.py``:
+every image yields ``2 x 224`` crops at scale (0.14, 1) and ``6 x 96`` crops at
+scale (0.05, 0.14); each crop then gets its own horizontal flip, colour jitter
+(0.8, 0.8, 0.8, 0.2) with p=0.8, grayscale with p=0.2 and Gaussian blur with p=0.5.
+
+This module runs inside Ray Data ``map_batches`` workers, so it must not import Ray
+and it must be fast on one core:
+
+* geometry (RandomResizedCrop + bilinear antialiased resize) is done per crop by
+  Pillow in a single ``resize(box=...)`` call, which crops and resamples without
+  materialising the crop;
+* the photometric ops (flip, jitter, grayscale, blur) are vectorised with numpy over
+  every crop of the same size in the batch, each with its own random parameters, so
+  the Python overhead is paid per batch and not per crop.
+
+Outputs stay ``uint8`` (N, S, S, 3); normalisation happens later on the accelerator.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Sequence
+
+import numpy as np
+from PIL import Image
+
+__all__ = [
+    "CropParams",
+    "MultiCrop",
+    "MultiCropSpec",
+    "blur_kernel_size",
+    "multicrop_batch",
+    "sample_crop_params",
+]
+
+@dataclass(frozen=True)
+class MultiCropSpec:
+    """Which crops to cut from each image and how strongly to augment them.
+
+    Crop groups are listed in order; group ``g`` yields ``counts[g]`` square crops of
+    side ``sizes[g]`` whose area is a fraction in ``[min_scale[g], max_scale[g]]`` of
+    the source image. Crops are emitted group by group, so same-size crops are
+    contiguous (the backbone processes each size as one batch).
+
+    ``jitter`` is the brightness/contrast/saturation strength, i.e. ``0.8 * s`` in
+    SimCLR's notation (s = 1 in SwAV); hue gets ``0.2 * s = jitter / 4``.
+    """
+
+    sizes: tuple[int, ...]
+    counts: tuple[int, ...]
+    min_scale: tuple[float, ...]
+    max_scale: tuple[float, ...]
+    jitter: float = 0.8
+    jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    blur_p: float = 0.5
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    flip_p: float = 0.5
+    ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
+
+    def __post_init__(self) -> None:
+        # Accept lists (YAML gives lists) but store tuples so the spec stays hashable.
+        for name in ("sizes", "counts", "min_scale", "max_scale", "blur_sigma", "ratio"):
+            value = getattr(self, name)
+            try:
+                object.__setattr__(self, name, tuple(value))
+            except TypeError:
+                raise ValueError(f"{name} must be a sequence, got {value!r}") from None
+
+        n = len(self.sizes)
+        if n == 0:
+            raise ValueError("sizes must name at least one crop group")
+        for name in ("counts", "min_scale", "max_scale"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(
+                    f"{name} has {len(getattr(self, name))} entries but sizes has {n}: "
+                    "give one value per crop group"
+                )
+        for s in self.sizes:
+            if int(s) != s or s <= 0:
+                raise ValueError(f"sizes must be positive integers, got {self.sizes}")
+        for c in self.counts:
+            if int(c) != c or c < 1:
+                raise ValueError(f"counts must be integers >= 1, got {self.counts}")
+        if self.counts[0] < 2:
+            # SwAV computes codes on the two large crops and swaps them.
+            raise ValueError(
+                f"counts[0] must be >= 2 (SwAV assigns codes to the first group's "
+                f"crops), got {self.counts[0]}"
+            )
+        for lo in self.min_scale:
+            if not 0.0 < lo <= 1.0:
+                raise ValueError(f"min_scale must lie in (0, 1], got {self.min_scale}")
+        for g, (lo, hi) in enumerate(zip(self.min_scale, self.max_scale)):
+            if not lo <= hi <= 1.0:
+                raise ValueError(
+                    f"max_scale[{g}]={hi} must satisfy min_scale[{g}]={lo} <= max_scale <= 1"
+                )
+        if not 0.0 <= self.jitter <= 2.0:
+            # hue = jitter / 4 must stay within torchvision's [0, 0.5].
+            raise ValueError(f"jitter must lie in [0, 2], got {self.jitter}")
+        for name in ("jitter_p", "grayscale_p", "blur_p", "flip_p"):
+            p = getattr(self, name)
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"{name} must be a probability in [0, 1], got {p}")
+        if len(self.blur_sigma) != 2 or not 0.0 < self.blur_sigma[0] <= self.blur_sigma[1]:
+            raise ValueError(f"blur_sigma must be (lo, hi) with 0 < lo <= hi, got {self.blur_sigma}")
+        if len(self.ratio) != 2 or not 0.0 < self.ratio[0] <= self.ratio[1]:
+            raise ValueError(f"ratio must be (lo, hi) with 0 < lo <= hi, got {self.ratio}")
+
+    @classmethod
+    def swav_paper(cls) -> "MultiCropSpec":
+        """The paper's recipe: 2 x 224 at (0.14, 1) + 6 x 96 at (0.05, 0.14)."""
+        return cls(sizes=(224, 96), counts=(2, 6), min_scale=(0.14, 0.05), max_scale=(1.0, 0.14))
+
+    @property
+    def num_crops(self) -> int:
+        return int(sum(self.counts))
+
+    @property
+    def crop_sizes(self) -> list[int]:
+        """Side of every crop, in output order (``len == num_crops``)."""
+        return [int(s) for s, c in zip(self.sizes, self.counts) for _ in range(c)]
+
+    @property
+    def max_size(self) -> int:
+        return int(max(self.sizes))
+
+
+class CropParams(NamedTuple):
+    """Geometry of one crop in source-image pixels (before the resize)."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+    flipped: bool
+
+
+def sample_crop_params(
+    h: int,
+    w: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    rng: np.random.Generator,
+) -> tuple[int, int, int, int]:
+    """Sample a RandomResizedCrop box in an ``h x w`` image -> (top, left, height, width).
+
+    Same distribution as torchvision's ``RandomResizedCrop.get_params``: the area
+    fraction is uniform in ``scale`` and the aspect ratio (width / height) is
+    log-uniform in ``ratio``; a draw whose box does not fit is rejected, and after 10
+    rejections the largest centred box whose ratio is clamped into ``ratio`` is used.
+    Kept standalone so a batched GPU sampler can be checked against it.
+    """
+    area = float(h * w)
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        cw = int(round(math.sqrt(target * aspect)))
+        ch = int(round(math.sqrt(target / aspect)))
+        if 0 < cw <= w and 0 < ch <= h:
+            top = int(rng.integers(0, h - ch + 1))
+            left = int(rng.integers(0, w - cw + 1))
+            return top, left, ch, cw
+    # Fallback: centre crop, as wide as the ratio range allows.
+    in_ratio = w / h
+    if in_ratio < ratio[0]:
+        cw, ch = w, int(round(w / ratio[0]))
+    elif in_ratio > ratio[1]:
+        ch, cw = h, int(round(h * ratio[1]))
+    else:
+        cw, ch = w, h
+    return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+
+def blur_kernel_size(size: int) -> int:
+    """Odd Gaussian-kernel width for a crop of side ``size``: ~10% of it (SimCLR/SwAV).
+
+    ``2 * (size // 20) + 1`` gives 23 for 224 (SimCLR's value) and 9 for 96. Tiny crops
+    still get 3 taps so that blur is not silently a no-op, and the kernel never
+    exceeds the crop (reflect padding needs ``radius < size``).
+    """
+    k = max(3, 2 * (size // 20) + 1)
+    while k > 1 and k // 2 >= size:
+        k -= 2
+    return k
+
+
+# --------------------------------------------------------------------------------------
+# Photometric ops on channel-first float32 batches x: (M, 3, S, S) with values in
+# [0, 255] and one factor per sample, shape (M,). Channel-first keeps every
+# per-channel op contiguous (channel-last reductions over a size-3 axis were the
+# bottleneck). Every op clamps its result, like torchvision does after each
+# ColorJitter step, so the random order matters exactly as it does there.
+
+
+def _gray(x: np.ndarray) -> np.ndarray:
+    """(M, 3, S, S) -> (M, 1, S, S) luma (ITU-R 601-2, as PIL and torchvision)."""
+    g = x[:, 0:1] * 0.299
+    g += x[:, 1:2] * 0.587
+    g += x[:, 2:3] * 0.114
+    return g
+
+
+def _brightness(x: np.ndarray, f: np.ndarray) -> np.ndarray:
+    x *= f[:, None, None, None]
+    return np.clip(x, 0.0, 255.0, out=x)
+
+
+def _blend(x: np.ndarray, other: np.ndarray, f: np.ndarray) -> np.ndarray:
+    # f * x + (1 - f) * other, in x's buffer.
+    x -= other
+    x *= f[:, None, None, None]
+    x += other
+    return np.clip(x, 0.0, 255.0, out=x)
+
+
+def _contrast(x: np.ndarray, f: np.ndarray) -> np.ndarray:
+    # Blend towards the mean luma of each image (torchvision's definition).
+    return _blend(x, _gray(x).mean(axis=(1, 2, 3), keepdims=True), f)
+
+
+def _saturation(x: np.ndarray, f: np.ndarray) -> np.ndarray:
+    return _blend(x, _gray(x), f)
+
+
+def _hue(x: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """Rotate the HSV hue of each sample by ``shift`` turns (|shift| <= 0.5)."""
+    r, g, b = x[:, 0], x[:, 1], x[:, 2]
+    maxc = np.maximum(np.maximum(r, g), b)
+    chroma = maxc - np.minimum(np.minimum(r, g), b)
+    inv = np.divide(1.0, chroma, out=np.zeros_like(chroma), where=chroma > 0)
+    # Hue in sixths of a turn, by which channel is the max (colorsys' formula). Grey
+    # pixels (chroma 0) get h = 0 through inv = 0 and come back unchanged anyway.
+    h = np.where(maxc == r, (g - b) * inv, np.where(maxc == g, (b - r) * inv + 2.0, (r - g) * inv + 4.0))
+    h += (6.0 * shift)[:, None, None]
+    h %= 6.0
+    # HSV -> RGB without branches: channel n is v - c * clip(min(k, 4 - k), 0, 1) with
+    # k = (h + n) mod 6 and n = 5, 3, 1 for R, G, B. Written into x (r, g, b are no
+    # longer needed).
+    k = np.empty_like(h)
+    t = np.empty_like(h)
+    for ch, n in enumerate((5.0, 3.0, 1.0)):
+        np.add(h, n, out=k)
+        k[k >= 6.0] -= 6.0
+        np.subtract(4.0, k, out=t)
+        np.minimum(k, t, out=k)
+        np.clip(k, 0.0, 1.0, out=k)
+        k *= chroma
+        np.subtract(maxc, k, out=x[:, ch])
+    return np.clip(x, 0.0, 255.0, out=x)
+
+
+_JITTER_OPS: tuple[Callable[[np.ndarray, np.ndarray], np.ndarray], ...] = (
+    _brightness,
+    _contrast,
+    _saturation,
+    _hue,
+)
+
+
+def _gaussian_blur(x: np.ndarray, sigma: np.ndarray, ksize: int) -> np.ndarray:
+    """Separable truncated Gaussian, one sigma per sample, reflect padding (torchvision).
+
+    x: (M, C, S, S) float32 -> (M, C, S, S) float32.
+    """
+    r = ksize // 2
+    if r == 0:
+        return x
+    taps = np.arange(-r, r + 1, dtype=np.float32)
+    w = np.exp(-0.5 * (taps[None, :] / sigma[:, None].astype(np.float32)) ** 2)
+    w /= w.sum(axis=1, keepdims=True)
+    wc = w[:, :, None, None, None]  # (M, K, 1, 1, 1)
+    s = x.shape[-1]
+    xp = np.pad(x, ((0, 0), (0, 0), (r, r), (r, r)), mode="reflect")
+    # The kernel is symmetric: pair taps i and K-1-i to halve the multiplies.
+    buf = np.empty((x.shape[0], x.shape[1], s, s + 2 * r), dtype=np.float32)
+    rows = xp[:, :, r : r + s] * wc[:, r]
+    for i in range(r):
+        np.add(xp[:, :, i : i + s], xp[:, :, ksize - 1 - i : ksize - 1 - i + s], out=buf)
+        buf *= wc[:, i]
+        rows += buf
+    buf = buf[..., :s]
+    out = rows[..., r : r + s] * wc[:, r]
+    for i in range(r):
+        np.add(rows[..., i : i + s], rows[..., ksize - 1 - i : ksize - 1 - i + s], out=buf)
+        buf *= wc[:, i]
+        out += buf
+    return out
+
+
+_CHUNK_BYTES = 1 << 20
+
+
+def _photometric_chunk(
+    crops: np.ndarray,
+    flip: np.ndarray,
+    do_jitter: np.ndarray,
+    factors: np.ndarray,
+    order: np.ndarray,
+    do_gray: np.ndarray,
+    do_blur: np.ndarray,
+    sigma: np.ndarray,
+    ksize: int,
+) -> np.ndarray:
+    """Apply pre-drawn per-crop parameters: uint8 (M, S, S, 3) -> uint8 (M, S, S, 3)."""
+    m, s = crops.shape[0], crops.shape[1]
+    # Channel-first float copy; the flip is folded into this copy.
+    x = np.empty((m, 3, s, s), dtype=np.float32)
+    x[~flip] = crops[~flip].transpose(0, 3, 1, 2)
+    x[flip] = crops[flip, :, ::-1].transpose(0, 3, 1, 2)
+
+    if do_jitter.any():
+        for step in range(4):
+            for op_id, op in enumerate(_JITTER_OPS):
+                idx = np.flatnonzero(do_jitter & (order[:, step] == op_id))
+                if idx.size:
+                    x[idx] = op(x[idx], factors[idx, op_id])
+
+    if do_gray.any():
+        idx = np.flatnonzero(do_gray)
+        x[idx] = _gray(x[idx])
+
+    if ksize > 1 and do_blur.any():
+        idx = np.flatnonzero(do_blur)
+        x[idx] = _gaussian_blur(x[idx], sigma[idx], ksize)
+
+    # Round to nearest; the clip only catches blur round-off.
+    np.clip(x, 0.0, 255.0, out=x)
+    x += 0.5
+    out = np.empty((m, s, s, 3), dtype=np.uint8)
+    out.transpose(0, 3, 1, 2)[...] = x
+    return out
+
+
+def _photometric(
+    crops: np.ndarray, spec: MultiCropSpec, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Flip + jitter + grayscale + blur, independent parameters per crop.
+
+    ``crops``: uint8 (M, S, S, 3) -> (uint8 (M, S, S, 3), flipped bool (M,)).
+    """
+    m, s = crops.shape[0], crops.shape[1]
+    # Draw everything up front, vectorised, so the RNG stream depends only on M.
+    flip = rng.random(m) < spec.flip_p
+    j = spec.jitter
+    # jitter = 0 means no colour jitter at all (skip the work, keep the RNG stream).
+    do_jitter = (rng.random(m) < spec.jitter_p) & (j > 0)
+    factors = np.empty((m, 4), dtype=np.float32)
+    factors[:, :3] = rng.uniform(max(0.0, 1.0 - j), 1.0 + j, size=(m, 3))
+    factors[:, 3] = rng.uniform(-j / 4.0, j / 4.0, size=m)
+    order = np.argsort(rng.random((m, 4)), axis=1)  # a random permutation per crop
+    do_gray = rng.random(m) < spec.grayscale_p
+    do_blur = rng.random(m) < spec.blur_p
+    sigma = rng.uniform(spec.blur_sigma[0], spec.blur_sigma[1], size=m)
+
+    out = np.empty_like(crops)
+    ksize = blur_kernel_size(s)
+    # Work in chunks of about 1 MiB of float32 so every pass over the data stays in
+    # cache: the ops below make ~50 passes, and a whole batch of 224-px crops is tens
+    # of MiB (chunking made the full-size recipe ~2x faster).
+    step = max(1, _CHUNK_BYTES // (12 * s * s))
+    for a in range(0, m, step):
+        sl = slice(a, min(a + step, m))
+        out[sl] = _photometric_chunk(
+            crops[sl], flip[sl], do_jitter[sl], factors[sl], order[sl],
+            do_gray[sl], do_blur[sl], sigma[sl], ksize,
+        )
+    return out, flip
+
+
+def _check_image(image: np.ndarray) -> np.ndarray:
+    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
+        shape = getattr(image, "shape", type(image).__name__)
+        raise ValueError(f"expected an RGB image of shape (H, W, 3), got {shape}")
+    if image.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 image, got dtype {image.dtype}")
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"image has an empty side: shape {image.shape}")
+    return np.ascontiguousarray(image)
+
+
+def _multicrop(
+    images: Sequence[np.ndarray], spec: MultiCropSpec, rng: np.random.Generator
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """-> (crops, boxes): per crop index j, uint8 (N, s_j, s_j, 3) and int32 (N, 5).
+
+    ``boxes[j][n]`` is (top, left, height, width, flipped) of crop j of image n.
+    """
+    n = len(images)
+    pils = [Image.fromarray(_check_image(im)) for im in images]
+    bilinear = Image.Resampling.BILINEAR
+    crops: list[np.ndarray] = []
+    boxes: list[np.ndarray] = []
+    for size, count, lo, hi in zip(spec.sizes, spec.counts, spec.min_scale, spec.max_scale):
+        size = int(size)
+        group = np.empty((n, count, size, size, 3), dtype=np.uint8)
+        geo = np.empty((n, count, 5), dtype=np.int32)
+        for i, pil in enumerate(pils):
+            w, h = pil.size
+            for c in range(count):
+                top, left, ch, cw = sample_crop_params(h, w, (lo, hi), spec.ratio, rng)
+                # Pillow crops and resamples in one pass; its bilinear filter widens
+                # with the downscale factor, i.e. it is antialiased like
+                # torchvision's resize(antialias=True).
+                group[i, c] = np.asarray(
+                    pil.resize((size, size), bilinear, box=(left, top, left + cw, top + ch))
+                )
+                geo[i, c, :4] = (top, left, ch, cw)
+        flat, flipped = _photometric(group.reshape(n * count, size, size, 3), spec, rng)
+        flat = flat.reshape(n, count, size, size, 3)
+        geo[:, :, 4] = flipped.reshape(n, count)
+        for c in range(count):
+            crops.append(np.ascontiguousarray(flat[:, c]))
+            boxes.append(np.ascontiguousarray(geo[:, c]))
+    return crops, boxes
+
+
+class MultiCrop:
+    """Callable that turns one RGB image into ``spec.num_crops`` augmented crops.
+
+    ``MultiCrop(spec)(image, rng)`` gives the same crops as
+    ``multicrop_batch([image], spec, rng)`` for the same RNG state.
+    """
+
+    def __init__(self, spec: MultiCropSpec):
+        if not isinstance(spec, MultiCropSpec):
+            raise TypeError(f"spec must be a MultiCropSpec, got {type(spec).__name__}")
+        self.spec = spec
+
+    def __call__(
+        self, image: np.ndarray, rng: np.random.Generator, return_params: bool = False
+    ) -> list[np.ndarray] | tuple[list[np.ndarray], list[CropParams]]:
+        """image: uint8 (H, W, 3) -> list of uint8 (s_j, s_j, 3), j < num_crops.
+
+        With ``return_params`` also returns the geometry of each crop.
+        """
+        crops, boxes = _multicrop([image], self.spec, rng)
+        out = [c[0] for c in crops]
+        if not return_params:
+            return out
+        params = [CropParams(int(b[0, 0]), int(b[0, 1]), int(b[0, 2]), int(b[0, 3]), bool(b[0, 4])) for b in boxes]
+        return out, params
+
+    def __repr__(self) -> str:
+        return f"MultiCrop({self.spec!r})"
+
+
+def multicrop_batch(
+    images: Sequence[np.ndarray],
+    spec: MultiCropSpec,
+    rng: np.random.Generator,
+    return_params: bool = False,
+) -> dict[str, np.ndarray]:
+    """Multi-crop a batch of RGB images (each its own size) into stacked crop arrays.
+
+    images: N arrays uint8 (H_i, W_i, 3).
+    Returns ``{"crop_j": uint8 (N, s_j, s_j, 3)}`` for j < spec.num_crops; with
+    ``return_params`` also ``{"crop_j_params": int32 (N, 5)}`` holding
+    (top, left, height, width, flipped) in source pixels.
+    """
+    if len(images) == 0:
+        raise ValueError("multicrop_batch needs at least one image")
+    crops, boxes = _multicrop(images, spec, rng)
+    out = {f"crop_{j}": c for j, c in enumerate(crops)}
+    if return_params:
+        out.update({f"crop_{j}_params": b for j, b in enumerate(boxes)})
+    return out

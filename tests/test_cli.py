@@ -1,0 +1,88 @@
+"""The command line: every bad value is refused before Ray starts, naming the option."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from rayssl import train
+
+
+def _error(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as exc:
+        train.main(argv)
+    assert exc.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--batch-size", "7", "--num-workers", "2"], "--batch-size (run.batch_size): global batch 7 is not divisible"),
+        (["--epochs", "0"], "--epochs (run.epochs): must be >= 1"),
+        (["--num-workers", "0"], "--num-workers (run.num_workers): must be >= 1"),
+        (["--set", "swav.temperature=-0.1"], "swav.temperature: must be > 0"),
+        (["--set", "swav.num_prototypes=0"], "swav.num_prototypes: must be >= 1"),
+        (["--set", "swav.epsilon=abc"], "swav.epsilon: cannot read 'abc'"),
+        (["--set", "swav.bogus=1"], "unknown key(s) swav.bogus; valid keys in swav: num_prototypes"),
+        (["--set", "data.crop_counts=[1,2]"], "data.crop_counts: the first (large) group needs >= 2 crops"),
+        (["--set", "data.min_scale=[0.5,0.9]", "--set", "data.max_scale=[1.0,0.3]"], "need 0 < min_scale <= max_scale"),
+        (["--set", "model.backbone=vgg"], "model.backbone: unknown backbone 'vgg'"),
+        (["--set", "swav.queue_length=33"], "swav.queue_length: 33 is not divisible by run.num_workers=2"),
+        (["--set", "swav.queue_length=16"], "must hold at least its batch"),
+        (["--set", "nonsense"], "--set: expected section.key=value"),
+        (["--data", "/nonexistent/images"], "data source '/nonexistent/images' does not exist"),
+    ],
+)
+def test_bad_values_are_refused_with_the_option_named(capsys, argv, expected):
+    assert expected in _error(capsys, argv)
+
+
+def test_unknown_method_is_refused_by_argparse(capsys):
+    assert "invalid choice: 'byol'" in _error(capsys, ["--method", "byol"])
+
+
+def test_unknown_yaml_key_lists_the_valid_keys(tmp_path, capsys):
+    f = tmp_path / "c.yaml"
+    f.write_text("optim:\n  learning_rate: 0.1\n")
+    err = _error(capsys, ["--config", str(f)])
+    assert "unknown key(s) optim.learning_rate" in err and "base_lr" in err
+    f.write_text("optimiser:\n  base_lr: 0.1\n")
+    assert "unknown section(s) 'optimiser'" in _error(capsys, ["--config", str(f)])
+    assert "file not found" in _error(capsys, ["--config", str(tmp_path / "missing.yaml")])
+
+
+def test_precedence_defaults_preset_file_flags(tmp_path, capsys):
+    f = tmp_path / "c.yaml"
+    f.write_text("run:\n  epochs: 7\n  batch_size: 128\nswav:\n  epsilon: 0.03\n")
+    assert train.main(["--config", str(f), "--epochs", "9", "--print-config"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["run"]["epochs"] == 9  # flag beats file
+    assert cfg["run"]["batch_size"] == 128  # file beats preset (quick: 64)
+    assert cfg["swav"]["epsilon"] == 0.03
+    assert cfg["swav"]["num_prototypes"] == 128  # quick preset beats paper default (3000)
+    assert train.main(["--preset", "paper", "--print-config"]) == 0
+    paper = yaml.safe_load(capsys.readouterr().out)
+    assert paper["swav"]["num_prototypes"] == 3000 and paper["data"]["crop_sizes"] == [224, 96]
+    assert paper["data"]["crop_counts"] == [2, 6] and paper["model"]["backbone"] == "resnet50"
+
+
+def test_existing_run_is_not_overwritten_and_resume_needs_a_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    assert "holds no rayssl run" in _error(capsys, ["--output", str(out), "--resume"])
+    (out / "config.yaml").write_text("run: {}\n")
+    err = _error(capsys, ["--output", str(out)])
+    assert "already holds a run; pass --resume" in err
+    assert (out / "config.yaml").read_text() == "run: {}\n"
+
+
+def test_help_documents_every_option():
+    out = subprocess.run([sys.executable, "-m", "rayssl.train", "--help"], capture_output=True, text=True, check=True).stdout
+    for opt in ["--method", "--data", "--output", "--epochs", "--batch-size", "--num-workers", "--use-gpu",
+                "--config", "--resume", "--seed", "--max-failures", "--preset", "--set"]:
+        assert opt in out
+    assert "{swav" in out  # choices come from the method registry
