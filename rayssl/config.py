@@ -146,6 +146,10 @@ class OptimSection:
     warmup_epochs: float = 10.0
     weight_decay: float = 1e-6
     momentum: float = 0.9
+    lars_eta: float = 0.001  # LARS trust coefficient (SwAV: 0.001)
+    # SwAV wraps every parameter in LARC; excluding biases/norms (solo-learn's choice) lets
+    # them move at the raw learning rate, which collapses the projector at SwAV's lr.
+    lars_exclude_bias_norm: bool = False
 
     def __post_init__(self) -> None:
         _check(self.optimizer in ("lars", "sgd"), "optim.optimizer", f"must be lars or sgd, got {self.optimizer!r}")
@@ -154,6 +158,7 @@ class OptimSection:
         _check(self.warmup_epochs >= 0, "optim.warmup_epochs", "must be >= 0")
         _check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
         _check(0 <= self.momentum < 1, "optim.momentum", "must be in [0, 1)")
+        _check(self.lars_eta > 0, "optim.lars_eta", "must be > 0")
 
 
 @dataclass

@@ -26,7 +26,7 @@ from rayssl.checkpoint import (
 )
 from rayssl.config import Config
 from rayssl.losses import loss_at_uniform
-from rayssl.eval.features import knn_on_scenes, scenes_eval_sets, to_float_images
+from rayssl.eval.features import evaluate_on_scenes, scenes_eval_sets, to_float_images
 from rayssl.methods import get_method
 from rayssl.optim import LARS, param_groups_for_lars, scaled_lr, warmup_cosine
 
@@ -39,12 +39,15 @@ def log(msg: str) -> None:
 
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
     o = cfg.optim
-    groups = param_groups_for_lars(model, o.weight_decay)
     if o.optimizer == "lars":
-        return LARS(groups, lr=0.0, momentum=o.momentum, weight_decay=o.weight_decay)
-    for g in groups:
-        g.pop("lars_exclude", None)
-    return torch.optim.SGD(groups, lr=0.0, momentum=o.momentum, foreach=True)
+        if o.lars_exclude_bias_norm:
+            groups = param_groups_for_lars(model, o.weight_decay)
+        else:
+            groups = [{"params": list(model.parameters()), "weight_decay": o.weight_decay}]
+        return LARS(groups, lr=0.0, momentum=o.momentum, weight_decay=o.weight_decay,
+                    trust_coefficient=o.lars_eta)
+    return torch.optim.SGD(model.parameters(), lr=0.0, momentum=o.momentum, weight_decay=o.weight_decay,
+                           foreach=True)
 
 
 class Schedule:
@@ -140,7 +143,8 @@ def train_loop_per_worker(payload: dict) -> None:
 
     watch = CollapseWatch(getattr(cfg.method, "num_prototypes", None))
     eval_sets = None
-    random_init_knn = None
+    random_init_score = None
+    metric = spec.metric
     shard = ray.train.get_dataset_shard("train")
     stats = payload.get("stats")
     crop_keys = [f"crop_{j}" for j in range(sum(cfg.data.crop_counts))]
@@ -227,14 +231,14 @@ def train_loop_per_worker(payload: dict) -> None:
                 eval_sets = scenes_eval_sets(cfg.run.seed, cfg.data.scenes_image_size,
                                              cfg.eval.num_train_images, cfg.eval.num_test_images)
             size = cfg.data.crop_sizes[0]
-            report["knn_top1"] = knn_on_scenes(method.backbone, eval_sets, size, device,
-                                               cfg.eval.knn_k, cfg.eval.knn_temperature)
-            if cfg.eval.random_baseline and random_init_knn is None:
-                random_init_knn = _random_init_knn(cfg, eval_sets, size, device)
-            if random_init_knn is not None:
-                report["knn_top1_random_init"] = random_init_knn
-            log(f"epoch {epoch + 1}: kNN top-1 on held-out scenes {report['knn_top1']:.4f}"
-                + (f" (random init: {random_init_knn:.4f})" if random_init_knn is not None else "")
+            report[metric] = evaluate_on_scenes(metric, method.backbone, eval_sets, size, device,
+                                                cfg.eval.knn_k, cfg.eval.knn_temperature)
+            if cfg.eval.random_baseline and random_init_score is None:
+                random_init_score = _random_init_score(cfg, metric, eval_sets, size, device)
+            if random_init_score is not None:
+                report[f"{metric}_random_init"] = random_init_score
+            log(f"epoch {epoch + 1}: {metric} on held-out scenes {report[metric]:.4f}"
+                + (f" (random init: {random_init_score:.4f})" if random_init_score is not None else "")
                 + f" [{time.perf_counter() - te:.1f}s]")
         if stats is not None and rank == 0:
             report["data"] = _stats(stats)
@@ -262,14 +266,15 @@ def train_loop_per_worker(payload: dict) -> None:
                 f"{report['images_per_s']:.1f} img/s" + (", checkpoint saved" if save else ""))
 
 
-def _random_init_knn(cfg: Config, eval_sets, size: int, device) -> float:
+def _random_init_score(cfg: Config, metric: str, eval_sets, size: int, device) -> float:
+    """The same metric for a randomly initialised backbone of the same architecture."""
     from rayssl.modules.backbone import build_backbone
 
     with torch.random.fork_rng(devices=[]):  # leave the training RNG stream untouched
         torch.manual_seed(cfg.run.seed)
         net, _ = build_backbone(cfg.model.backbone, small_stem=cfg.model.small_stem)
     net.to(device)
-    return knn_on_scenes(net, eval_sets, size, device, cfg.eval.knn_k, cfg.eval.knn_temperature)
+    return evaluate_on_scenes(metric, net, eval_sets, size, device, cfg.eval.knn_k, cfg.eval.knn_temperature)
 
 
 def _stats(stats) -> dict:

@@ -245,8 +245,9 @@ def run(cfg: Config) -> dict:
         "metric": get_method(cfg.run.method).metric,
         get_method(cfg.run.method).metric: m.get(get_method(cfg.run.method).metric),
     }
-    if "knn_top1_random_init" in m:
-        summary["knn_top1_random_init"] = m["knn_top1_random_init"]
+    metric = get_method(cfg.run.method).metric
+    if f"{metric}_random_init" in m:
+        summary[f"{metric}_random_init"] = m[f"{metric}_random_init"]
     summary.update({
         "data": m.get("data", {}),
         "wall_s": round(wall, 1),

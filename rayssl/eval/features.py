@@ -48,13 +48,24 @@ def scenes_eval_sets(seed: int, image_size: int, n_train: int, n_test: int) -> t
     return train, test
 
 
-def knn_on_scenes(backbone: torch.nn.Module, sets: tuple[dict, dict], size: int, device,
-                  k: int = 20, temperature: float = 0.07) -> float:
-    """kNN top-1 (dominant class) of ``backbone`` features on held-out scenes."""
+def evaluate_on_scenes(metric: str, backbone: torch.nn.Module, sets: tuple[dict, dict], size: int, device,
+                       k: int = 20, temperature: float = 0.07) -> float:
+    """The method's metric of frozen ``backbone`` features on held-out scenes.
+
+    ``knn_top1``: cosine kNN top-1 of the dominant class (SwAV's report).
+    ``linear_map``: macro mAP of a linear multi-label probe (BCE) on the classes present
+    (the multi-label report of MLS/MoCo and CDUL).
+    """
     from rayssl.eval.knn import knn_top1
+    from rayssl.eval.linear import linear_probe_map
 
     train, test = sets
     ftr = extract_features(backbone, train["image"], size, device)
     fte = extract_features(backbone, test["image"], size, device)
-    return knn_top1(ftr, torch.from_numpy(train["label"]), fte, torch.from_numpy(test["label"]),
-                    k=k, temperature=temperature)
+    if metric == "knn_top1":
+        return knn_top1(ftr, torch.from_numpy(train["label"]), fte, torch.from_numpy(test["label"]),
+                        k=k, temperature=temperature)
+    if metric == "linear_map":
+        return linear_probe_map(ftr, torch.from_numpy(train["labels"]).float(),
+                                fte, torch.from_numpy(test["labels"]).float())
+    raise ValueError(f"unknown evaluation metric {metric!r}")
