@@ -107,7 +107,8 @@ def train_loop_per_worker(payload: dict) -> None:
     if cfg.model.sync_batchnorm and world > 1:
         method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
     method.to(device)
-    if cfg.run.channels_last:
+    channels_last = cfg.run.channels_last and device.type == "cuda"
+    if channels_last:
         method.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(method, cfg)
     schedule = Schedule(cfg, steps_per_epoch)
@@ -147,6 +148,8 @@ def train_loop_per_worker(payload: dict) -> None:
     metric = spec.metric
     shard = ray.train.get_dataset_shard("train")
     stats = payload.get("stats")
+    if stats is not None and rank == 0:
+        stats.add.remote({"train.worker_group_starts": 1})  # restarts = starts - 1
     crop_keys = [f"crop_{j}" for j in range(sum(cfg.data.crop_counts))]
     last_loss = float("nan")
 
@@ -170,12 +173,17 @@ def train_loop_per_worker(payload: dict) -> None:
             have = torch.tensor([0.0 if batch is None else 1.0], device=device)
             if -dist.all_reduce_max_(-have).item() < 1.0:
                 break
-            crops = [to_float_images(batch[k], channels_last=cfg.run.channels_last) for k in crop_keys]
+            crops = [to_float_images(batch[k], channels_last=channels_last) for k in crop_keys]
             lr = schedule(step)
             for g in optimizer.param_groups:
                 g["lr"] = lr
-            with autocast():
-                loss, metrics = model(crops, epoch=epoch, step=step)
+            try:
+                with autocast():
+                    loss, metrics = model(crops, epoch=epoch, step=step)
+            except ValueError as exc:
+                if "not finite" not in str(exc):
+                    raise
+                raise FloatingPointError(f"step {step} (epoch {epoch}): {exc}") from None
             if device.type == "cpu" or step % cfg.run.log_every_steps == 0:
                 if not torch.isfinite(loss).item():
                     raise FloatingPointError(

@@ -35,6 +35,8 @@ FLAG_KEYS: dict[str, str] = {
     "max_failures": "run.max_failures",
     "checkpoint_every": "run.checkpoint_every_epochs",
     "keep_checkpoints": "run.keep_checkpoints",
+    "s3_endpoint": "data.s3_endpoint",
+    "s3_anonymous": "data.s3_anonymous",
 }
 
 
@@ -75,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=None, metavar="EPOCHS",
                    help="checkpoint every N epochs (always at the end)")
     p.add_argument("--keep-checkpoints", type=int, default=None, help="how many latest checkpoints to keep")
+    p.add_argument("--s3-endpoint", default=None, metavar="URL",
+                   help="S3-compatible endpoint for s3:// data and output (default: AWS_ENDPOINT_URL if set, "
+                        "else AWS); credentials always come from the AWS chain, never from the config")
+    p.add_argument("--s3-anonymous", action="store_const", const=True, default=None,
+                   help="read s3:// data without signing requests (public buckets)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override any config key, e.g. --set swav.epsilon=0.03 (repeatable)")
     p.add_argument("--print-config", action="store_true",
@@ -113,8 +120,7 @@ def resolve_config(args: argparse.Namespace) -> Config:
     if method not in method_names():
         raise ConfigError(f"--method: unknown method {method!r}; choose one of {', '.join(method_names())}")
     source = overrides.get("data", {}).get("source") or file_cfg.get("data", {}).get("source") or "scenes"
-    preset = {k: v for k, v in resolve_preset(args.preset, source).items()
-              if k in ("run", "data", "model", "optim", "eval", method)}
+    preset = resolve_preset(args.preset, source, method)
     raw = deep_merge(deep_merge(preset, file_cfg), overrides)
     raw.setdefault("run", {})["method"] = method
     cfg = Config.from_dict(raw)
@@ -153,12 +159,15 @@ def prepare_output(cfg: Config, args: argparse.Namespace) -> Config:
 
 
 def check_data_source(cfg: Config) -> None:
-    """Fail before Ray starts when the data cannot be found."""
+    """Fail before Ray starts when the data cannot be found (DataError: one line naming the URI)."""
+    from rayssl.storage import S3Options, configure_s3
+
+    configure_s3(S3Options(endpoint=cfg.data.s3_endpoint))  # --s3-endpoint also serves s3:// outputs
     if cfg.data.builtin_scenes:
         return
-    from rayssl.data.pipeline import list_local_images
+    from rayssl.data.pipeline import resolve_cfg_source
 
-    list_local_images(cfg.data.source)
+    resolve_cfg_source(cfg)
 
 
 def init_ray(cfg: Config):
@@ -248,8 +257,10 @@ def run(cfg: Config) -> dict:
     metric = get_method(cfg.run.method).metric
     if f"{metric}_random_init" in m:
         summary[f"{metric}_random_init"] = m[f"{metric}_random_init"]
+    counts = ray.get(data.stats.get.remote())
     summary.update({
-        "data": m.get("data", {}),
+        "restarts": max(0, counts.pop("train.worker_group_starts", 1) - 1),
+        "data": {k: v for k, v in counts.items()},
         "wall_s": round(wall, 1),
         "output": cfg.run.output,
         "checkpoint": ckpt,
@@ -263,6 +274,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = resolve_config(args)
+        from rayssl.storage import S3Options, configure_s3
+
+        configure_s3(S3Options.from_config(cfg))  # before any look-up of an s3:// output
         if args.print_config:
             print(cfg.to_yaml(), end="")
             return 0
@@ -279,7 +293,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted; continue with --resume --output " + cfg.run.output, file=sys.stderr)
         return 130
     except Exception as exc:  # a training failure: one readable line, then the details above it
-        print(f"rayssl: training failed: {_root_cause(exc)}", file=sys.stderr)
+        from rayssl.data.pipeline import data_error_message
+
+        print(f"rayssl: training failed: {data_error_message(exc) or _root_cause(exc)}", file=sys.stderr)
         print(f"rayssl: run directory {cfg.run.output}; continue with --resume once fixed", file=sys.stderr)
         return 1
     finally:

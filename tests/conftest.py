@@ -32,3 +32,60 @@ def tiny_args(output, *extra: str) -> list[str]:
         "--set", "eval.random_baseline=false",
         *extra,
     ]
+
+
+# ----------------------------------------------------------------------------- S3
+
+_AWS_ENV = {
+    # Fake credentials: tests must never reach a real account (and never print these).
+    "AWS_ACCESS_KEY_ID": "rayssl-test-key",
+    "AWS_SECRET_ACCESS_KEY": "rayssl-test-secret",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",  # no instance-metadata lookups off loopback
+    # Anything that forgets its endpoint hits a closed loopback port, never AWS.
+    "AWS_ENDPOINT_URL": "http://127.0.0.1:9",
+}
+_AWS_CLEARED = ("AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE",
+                "AWS_ENDPOINT_URL_S3", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE",
+                "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def aws_test_env(tmp_path_factory):
+    """Fake AWS credentials and no profile files for the whole session, restored after.
+
+    Session-wide and autouse so it is in place before Ray starts: Ray's worker processes
+    inherit the environment they will read credentials from.
+    """
+    saved = {k: os.environ.get(k) for k in (*_AWS_ENV, *_AWS_CLEARED, "AWS_CONFIG_FILE",
+                                             "AWS_SHARED_CREDENTIALS_FILE")}
+    empty = tmp_path_factory.mktemp("aws") / "none"
+    os.environ.update(_AWS_ENV)
+    os.environ["AWS_CONFIG_FILE"] = str(empty)
+    os.environ["AWS_SHARED_CREDENTIALS_FILE"] = str(empty)
+    for k in _AWS_CLEARED:
+        os.environ.pop(k, None)
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """moto's S3 server on 127.0.0.1 (a free port) for the session; yields its URL."""
+    import logging
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no access log per request
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()

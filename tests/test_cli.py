@@ -63,7 +63,7 @@ def test_precedence_defaults_preset_file_flags(tmp_path, capsys):
     assert cfg["run"]["epochs"] == 9  # flag beats file
     assert cfg["run"]["batch_size"] == 128  # file beats preset (quick: 64)
     assert cfg["swav"]["epsilon"] == 0.03
-    assert cfg["swav"]["num_prototypes"] == 100  # quick preset beats paper default (3000)
+    assert cfg["swav"]["num_prototypes"] == 256  # quick preset beats paper default (3000)
     assert train.main(["--preset", "paper", "--print-config"]) == 0
     paper = yaml.safe_load(capsys.readouterr().out)
     assert paper["swav"]["num_prototypes"] == 3000 and paper["data"]["crop_sizes"] == [224, 96]

@@ -49,3 +49,27 @@ def test_two_workers_then_resume_continues_the_step_counter(ray_session, tmp_pat
     w1 = shared["model"]["prototypes.layer.weight"]
     w2 = shared2["model"]["prototypes.layer.weight"]
     assert not torch.equal(w1, w2)
+
+
+@pytest.mark.parametrize("method", ["mls", "moco"])
+def test_mls_and_moco_two_workers_and_resume_restores_the_queue(ray_session, tmp_path, capsys, method):
+    out = tmp_path / method
+    args = ["--output", str(out), "--method", method, "--num-workers", "2", "--batch-size", "32",
+            "--epochs", "1", "--set", "data.scenes_num_images=128", "--set", "eval.num_train_images=100",
+            "--set", "eval.num_test_images=50", "--set", "eval.random_baseline=false",
+            "--set", f"{method}.queue_size=64", "--set", f"{method}.projection_hidden_dim=64",
+            "--set", f"{method}.projection_dim=32"]
+    if method == "mls":
+        args += ["--set", "mls.k=5"]
+    assert train.main(args) == 0
+    s1 = _summary(capsys)
+    assert s1["method"] == method and s1["steps"] == 4 and s1["metric"] == "linear_map"
+    assert 0.0 < s1["linear_map"] <= 1.0
+    ckpt = Path(s1["checkpoint"])
+    q0, q1 = (load_rank_state(ckpt, r)["method"]["queue"] for r in (0, 1))
+    # The MLS/MoCo queue is global: both workers hold the same keys, Q_g and Q_z aligned.
+    assert torch.equal(q0["field_0"], q1["field_0"]) and torch.equal(q0["field_1"], q1["field_1"])
+    assert int(q0["filled"]) == 64
+    assert train.main(["--output", str(out), "--resume", "--epochs", "2"]) == 0
+    s2 = _summary(capsys)
+    assert s2["steps"] == 8 and s2["epochs"] == 2

@@ -31,7 +31,8 @@ def extract_features(backbone: torch.nn.Module, images: np.ndarray, size: int, d
     backbone.eval()
     out = []
     for i in range(0, len(images), batch_size):
-        x = to_float_images(torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])).to(device))
+        x = to_float_images(torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])).to(device),
+                            channels_last=torch.device(device).type == "cuda")
         if x.shape[-1] != size:
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         out.append(backbone(x).float().cpu())

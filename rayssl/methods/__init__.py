@@ -39,6 +39,22 @@ _REGISTRY: dict[str, MethodSpec] = {
         metric="knn_top1",
         summary="SwAV: online clustering with distributed Sinkhorn-Knopp and multi-crop (Caron et al. 2020)",
     ),
+    "mls": MethodSpec(
+        name="mls",
+        module="rayssl.methods.mls",
+        config_name="MLSConfig",
+        model_name="MLS",
+        metric="linear_map",
+        summary="MLS: MoCo-v2 + top-k multi-label BCE against an aligned pair of queues (Zhu, Fu, Wu 2023)",
+    ),
+    "moco": MethodSpec(
+        name="moco",
+        module="rayssl.methods.mls",
+        config_name="MoCoConfig",
+        model_name="MLS",
+        metric="linear_map",
+        summary="MoCo-v2: momentum encoder + InfoNCE against a queue; MLS with lam = 0 (Chen et al. 2020)",
+    ),
 }
 
 

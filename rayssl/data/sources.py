@@ -1,0 +1,520 @@
+"""``--data`` -> a resolved source of images: local or ``s3://``, files or shards.
+
+Three kinds of source, told apart by the files found:
+
+* ``images``: image files (jpg, jpeg, png, webp, bmp, tif, tiff, gif), listed recursively
+  under a folder or an S3 prefix;
+* ``webdataset``: ``.tar`` shards, WebDataset-style (members ``<key>.<ext>`` grouped by
+  key: ``000123.png``, ``000123.json``...), given as a prefix or a brace pattern such as
+  ``s3://bucket/shards/train-{000000..000127}.tar``;
+* ``parquet``: ``.parquet`` shards with a column of encoded image bytes (a binary column,
+  or a struct with a ``bytes`` field as Hugging Face datasets store images).
+
+Everything here runs in the driver before training starts, so every problem a user can
+fix (missing or empty prefix, a bucket that does not exist, refused credentials, an
+unreachable endpoint, a missing image column) is a :class:`DataError` whose one-line
+message names the URI -- and never a credential: messages are built from error codes,
+not from the exception text of the S3 client.
+
+Also here: brace expansion, streaming tar reading (pure Python, used inside Ray Data
+tasks), sample counting for shards (a ``manifest.json`` written by
+``rayssl.data.shards`` when present, tar headers or Parquet footers otherwise) and a
+loader of evaluation labels. No Ray import.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import posixpath
+import re
+import tarfile
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import BinaryIO, Iterator
+
+from rayssl.storage import S3Options, filesystem, is_remote, is_s3, pyarrow_filesystem
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
+TAR_EXTENSIONS = ("tar",)
+PARQUET_EXTENSIONS = ("parquet", "pq")
+MANIFEST_NAME = "manifest.json"  # written next to the shards by rayssl.data.shards
+
+_BRACE = re.compile(r"\{([^{}]*)\}")
+_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
+
+
+class DataError(ValueError):
+    """The data source cannot be used (missing, empty, unreadable); names the URI."""
+
+
+# ----------------------------------------------------------------------------- names
+
+
+def extension(path: str) -> str:
+    """Lower-case extension without the dot ("" when none)."""
+    base = posixpath.basename(path)
+    return base.rsplit(".", 1)[1].lower() if "." in base else ""
+
+
+def kind_of(path: str) -> str | None:
+    ext = extension(path)
+    if ext in IMAGE_EXTENSIONS:
+        return "images"
+    if ext in TAR_EXTENSIONS:
+        return "webdataset"
+    if ext in PARQUET_EXTENSIONS:
+        return "parquet"
+    return None
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Expand shell-style brace groups, left to right (cartesian product, no nesting).
+
+    ``{000..003}`` is an inclusive numeric range, zero-padded to the width of its
+    bounds when they are written with leading zeros or have the same width;
+    ``{a,b,c}`` is a list. A pattern without braces expands to itself.
+
+    >>> expand_braces("s3://b/train-{00..02}.tar")
+    ['s3://b/train-00.tar', 's3://b/train-01.tar', 's3://b/train-02.tar']
+    """
+    parts: list[list[str]] = []
+    pos = 0
+    for m in _BRACE.finditer(pattern):
+        parts.append([pattern[pos:m.start()]])
+        parts.append(_expand_group(m.group(1), pattern))
+        pos = m.end()
+    tail = pattern[pos:]
+    if "{" in tail or "}" in tail or any("{" in p[0] or "}" in p[0] for p in parts[::2]):
+        raise DataError(f"data source {pattern!r}: unbalanced or nested braces in the pattern")
+    parts.append([tail])
+    return ["".join(combo) for combo in itertools.product(*parts)]
+
+
+def _expand_group(body: str, pattern: str) -> list[str]:
+    m = _RANGE.match(body)
+    if m:
+        lo_s, hi_s = m.groups()
+        lo, hi = int(lo_s), int(hi_s)
+        if hi < lo:
+            raise DataError(f"data source {pattern!r}: empty range {{{body}}} (end before start)")
+        padded = (len(lo_s) > 1 and lo_s.startswith("0")) or len(lo_s) == len(hi_s)
+        width = max(len(lo_s), len(hi_s)) if padded else 0
+        return [str(i).zfill(width) for i in range(lo, hi + 1)]
+    if "," in body:
+        return body.split(",")
+    raise DataError(f"data source {pattern!r}: cannot expand {{{body}}}; use {{000..127}} or {{a,b}}")
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def _safe_endpoint(options: S3Options) -> str:
+    url = options.endpoint_url() or "AWS S3"
+    return re.sub(r"//[^/@]*@", "//", url)  # never echo userinfo embedded in a URL
+
+
+def _error_code(exc: BaseException) -> str:
+    """The S3 error code of a botocore error (e.g. InvalidAccessKeyId), if any."""
+    for e in (exc, exc.__cause__, exc.__context__):
+        resp = getattr(e, "response", None)
+        if isinstance(resp, dict):
+            code = resp.get("Error", {}).get("Code")
+            if code:
+                return str(code)
+    return ""
+
+
+@contextmanager
+def translate_errors(uri: str, options: S3Options, action: str = "list", what: str = "data source"):
+    """Turn S3/filesystem exceptions into a one-line DataError naming ``uri`` (no secrets).
+
+    ``what`` names the role of ``uri`` in the message ("data source", "--out", "labels").
+    """
+    try:
+        yield
+    except DataError:
+        raise
+    except PermissionError as exc:
+        code = _error_code(exc)
+        why = f" ({code})" if code else ""
+        hint = ("anonymous access was refused: the bucket is not public" if options.anonymous else
+                "credentials come from the AWS chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+                "AWS_PROFILE or an instance role); use --s3-anonymous for public buckets")
+        raise DataError(f"{what} {uri}: access denied{why}: the credentials were refused or may not "
+                        f"{action} it; {hint}") from None
+    except FileNotFoundError as exc:
+        text = str(exc).lower()
+        if is_s3(uri) and "bucket" in text:
+            bucket = uri.split("://", 1)[1].split("/", 1)[0]
+            raise DataError(f"{what} {uri}: bucket {bucket!r} does not exist "
+                            f"(at endpoint {_safe_endpoint(options)})") from None
+        raise DataError(f"{what} {uri}: not found") from None
+    except Exception as exc:  # noqa: BLE001 - any client failure becomes one clear line
+        name = type(exc).__name__
+        if name == "NoCredentialsError":
+            raise DataError(f"{what} {uri}: no AWS credentials found (set AWS_ACCESS_KEY_ID and "
+                            "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or use an instance role; "
+                            "--s3-anonymous for public buckets)") from None
+        if is_s3(uri) and (name in ("EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError",
+                                    "ConnectionError", "ServerDisconnectedError")
+                           or isinstance(exc, (ConnectionError, TimeoutError))):
+            raise DataError(f"{what} {uri}: cannot reach the S3 endpoint {_safe_endpoint(options)} "
+                            "(set --s3-endpoint or AWS_ENDPOINT_URL for S3-compatible stores)") from None
+        code = _error_code(exc)
+        raise DataError(f"{what} {uri}: cannot {action} it ({code or name})") from None
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+@dataclass
+class Source:
+    """A resolved data source: what kind, which files, and how to reach them."""
+
+    uri: str  # as the user gave it
+    kind: str  # "images" | "webdataset" | "parquet"
+    paths: list[str]  # files, in the filesystem's own form (no scheme)
+    options: S3Options = field(default_factory=S3Options)
+    image_column: str = "image"
+    manifest: dict | None = None  # rayssl.data.shards manifest found next to the shards
+
+    @cached_property
+    def fs(self):
+        """The fsspec filesystem holding ``paths`` (pickles as its constructor arguments only)."""
+        fs, _ = filesystem(self.uri if "{" not in self.uri else expand_braces(self.uri)[0], self.options)
+        return fs
+
+    @property
+    def pyarrow_fs(self):
+        return pyarrow_filesystem(self.fs)
+
+    @property
+    def remote(self) -> bool:
+        return is_remote(self.uri)
+
+
+def _list(fs, root: str) -> dict[str, int]:
+    """{path: size} of every file below ``root`` (recursive), or of ``root`` if a file."""
+    found = fs.find(root, detail=True)
+    out = {p: int(info.get("size") or 0) for p, info in found.items() if info.get("type", "file") != "directory"}
+    if not out and fs.isfile(root):
+        out = {root: int(fs.size(root) or 0)}
+    return out
+
+
+def _select(uri: str, listing: dict[str, int], what: str) -> tuple[str, list[str]]:
+    """Pick the one kind of data file in ``listing``; errors name the URI."""
+    by_kind: dict[str, list[str]] = {}
+    for p in sorted(listing):
+        if posixpath.basename(p).startswith("."):
+            continue  # .DS_Store, ._AppleDouble, editor swap files
+        k = kind_of(p)
+        if k is not None:
+            by_kind.setdefault(k, []).append(p)
+    if not by_kind:
+        raise DataError(
+            f"data source {uri}: {what} holds no image files ({', '.join(IMAGE_EXTENSIONS)}), "
+            ".tar shards or .parquet shards"
+        )
+    if len(by_kind) > 1:
+        found = ", ".join(f"{len(v)} {k}" for k, v in sorted(by_kind.items()))
+        raise DataError(f"data source {uri}: mixes kinds of data files ({found}); "
+                        "point --data at one kind (a narrower prefix or a brace pattern)")
+    kind, paths = next(iter(by_kind.items()))
+    return kind, paths
+
+
+def resolve_source(uri: str, options: S3Options | None = None, image_column: str = "image") -> Source:
+    """Resolve ``uri`` (local path, ``file://``, ``s3://``; prefix, file, glob or brace
+    pattern) into a :class:`Source`, listing it once. Raises DataError naming ``uri``."""
+    options = options or S3Options()
+    uri = str(uri)
+    if not uri:
+        raise DataError("data source is empty")
+    is_pattern = "{" in uri or any(c in uri for c in "*?[")
+    listing: dict[str, int]
+    with translate_errors(uri, options):
+        if "{" in uri:
+            wanted = expand_braces(uri)
+            fs, _ = filesystem(wanted[0], options)
+            paths = [filesystem(u, options)[1] for u in wanted]
+            listing = {}
+            for parent in sorted({posixpath.dirname(p) for p in paths}):
+                try:
+                    entries = fs.ls(parent, detail=True)
+                except FileNotFoundError as exc:
+                    if "bucket" in str(exc).lower():
+                        raise
+                    continue  # the files below are reported missing
+                listing.update({i["name"]: int(i.get("size") or 0) for i in entries if i.get("type") != "directory"})
+            listing = {_norm(fs, p): s for p, s in listing.items()}
+            missing = [u for u, p in zip(wanted, paths) if _norm(fs, p) not in listing]
+            if missing:
+                more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+                raise DataError(f"data source {uri}: {len(missing)} of {len(wanted)} files do not exist "
+                                f"(first: {missing[0]}{more})")
+            data = {_norm(fs, p): listing[_norm(fs, p)] for p in paths}
+            kind, selected = _select(uri, data, "the pattern")
+            selected = [_norm(fs, p) for p in paths if kind_of(p) == kind]  # keep the pattern's order
+        elif is_pattern:
+            fs, path = filesystem(uri, options)
+            listing = {p: int(i.get("size") or 0) for p, i in fs.glob(path, detail=True).items()
+                       if i.get("type") != "directory"}
+            if not listing:
+                raise DataError(f"data source {uri}: the pattern matches no files")
+            kind, selected = _select(uri, listing, "the pattern")
+        else:
+            fs, path = filesystem(uri, options)
+            if not is_remote(uri) and not fs.exists(path):
+                raise DataError(f"data source {path!r} does not exist")
+            listing = _list(fs, path)
+            if not listing:
+                if is_s3(uri):
+                    bucket = path.split("/", 1)[0]
+                    if not fs.exists(bucket):
+                        raise FileNotFoundError("The specified bucket does not exist")
+                    raise DataError(f"data source {uri}: the prefix is empty or does not exist")
+                raise DataError(f"data source {path!r}: the folder is empty")
+            kind, selected = _select(uri, listing, "the prefix" if is_remote(uri) else "the folder")
+        manifest = _find_manifest(fs, selected, listing) if kind != "images" else None
+        source = Source(uri, kind, selected, options, image_column, manifest)
+        if kind == "parquet":
+            _check_image_column(source, fs)
+    return source
+
+
+def _norm(fs, path: str) -> str:
+    return fs._strip_protocol(path).rstrip("/")
+
+
+def _find_manifest(fs, selected: list[str], listing: dict[str, int]) -> dict | None:
+    parent = posixpath.dirname(selected[0])
+    path = posixpath.join(parent, MANIFEST_NAME)
+    if path not in listing and not fs.exists(path):
+        return None
+    try:
+        return json.loads(fs.cat_file(path))
+    except Exception:  # an unreadable manifest only costs us the fast count
+        return None
+
+
+def _is_local(fs) -> bool:
+    import fsspec.implementations.local as local
+
+    return isinstance(fs, local.LocalFileSystem)
+
+
+def _check_image_column(source: Source, fs) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    first = source.paths[0]
+    with fs.open(first, "rb") as f:
+        schema = pq.read_schema(f)
+    col = source.image_column
+    if col not in schema.names:
+        raise DataError(f"data source {source.uri}: Parquet shard {posixpath.basename(first)} has no column "
+                        f"{col!r} (columns: {', '.join(schema.names)}); set data.parquet_image_column")
+    typ = schema.field(col).type
+    ok = pa.types.is_binary(typ) or pa.types.is_large_binary(typ) or (
+        pa.types.is_struct(typ) and typ.get_field_index("bytes") >= 0)
+    if not ok:
+        raise DataError(f"data source {source.uri}: column {col!r} holds {typ}, not encoded image bytes "
+                        "(binary, or a struct with a 'bytes' field)")
+
+
+# ----------------------------------------------------------------------------- tar shards
+
+
+def sample_key(member_name: str) -> tuple[str, str]:
+    """WebDataset member name -> (key, extension): ``a/000123.seg.png`` -> ("000123", "seg.png").
+
+    The key is the member's basename up to its first dot: every member of one sample
+    shares it (``000123.png``, ``000123.json``, ``000123.cls``)."""
+    base = posixpath.basename(member_name)
+    key, _, ext = base.partition(".")
+    return key, ext.lower()
+
+
+def _is_image_ext(ext: str) -> bool:
+    return ext.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS
+
+
+def iter_tar_images(fileobj: BinaryIO) -> Iterator[tuple[str, bytes]]:
+    """Stream (key, encoded image bytes) out of a tar shard, one per sample key.
+
+    Reads the tar sequentially (``r|*``: no seeking, gzip-compressed shards too), so a
+    shard is never held in memory; only one member's bytes at a time. When a sample has
+    several image members, the first one wins. Raises tarfile/OS errors on a corrupt
+    or truncated shard after yielding what came before the damage.
+    """
+    last_key = None
+    with tarfile.open(fileobj=fileobj, mode="r|*") as tf:
+        for member in tf:
+            if not member.isfile():
+                continue
+            key, ext = sample_key(member.name)
+            if not _is_image_ext(ext) or key == last_key:
+                continue
+            handle = tf.extractfile(member)
+            data = handle.read() if handle is not None else b""
+            last_key = key
+            yield key, data
+
+
+def iter_tar_samples(fileobj: BinaryIO) -> Iterator[dict[str, bytes]]:
+    """Stream whole WebDataset samples: ``{"__key__": key, ext: bytes, ...}`` per key."""
+    current: dict[str, bytes] | None = None
+    with tarfile.open(fileobj=fileobj, mode="r|*") as tf:
+        for member in tf:
+            if not member.isfile():
+                continue
+            key, ext = sample_key(member.name)
+            if current is not None and current["__key__"] != key:
+                yield current
+                current = None
+            if current is None:
+                current = {"__key__": key}
+            handle = tf.extractfile(member)
+            current[ext] = handle.read() if handle is not None else b""
+    if current is not None:
+        yield current
+
+
+def count_tar_images(fileobj: BinaryIO) -> int:
+    """Image samples in a tar, from its headers alone (seeks past member data)."""
+    keys: set[str] = set()
+    with tarfile.open(fileobj=fileobj, mode="r:") as tf:
+        for member in tf:
+            key, ext = sample_key(member.name)
+            if member.isfile() and _is_image_ext(ext):
+                keys.add(key)
+    return len(keys)
+
+
+def open_shard(fs, path: str) -> BinaryIO:
+    """Open a shard for a sequential read (S3: 8 MiB read-ahead blocks)."""
+    if _is_local(fs):
+        return open(path, "rb")
+    return fs.open(path, "rb", block_size=8 << 20, cache_type="readahead")
+
+
+def count_samples(source: Source, max_threads: int = 16) -> int:
+    """Number of images in ``source``: files, or samples in its shards.
+
+    Shards: from ``manifest.json`` when it lists every selected shard, otherwise from
+    tar headers / Parquet footers, read concurrently (I/O bound, so threads).
+    """
+    if source.kind == "images":
+        return len(source.paths)
+    counts: dict[str, int] = {}
+    if source.manifest:
+        for entry in source.manifest.get("shards", []):
+            counts[entry.get("name")] = int(entry.get("samples", 0))
+    todo = [p for p in source.paths if posixpath.basename(p) not in counts]
+    fs = source.fs
+
+    def one(path: str) -> int:
+        if source.kind == "parquet":
+            import pyarrow.parquet as pq
+
+            with fs.open(path, "rb") as f:
+                return pq.ParquetFile(f).metadata.num_rows
+        with _open_for_scan(fs, path) as f:
+            try:
+                return count_tar_images(f)
+            except (tarfile.TarError, EOFError, OSError):
+                return 0  # a damaged shard: the reader counts it when it gets there
+
+    with translate_errors(source.uri, source.options, "read"):
+        with ThreadPoolExecutor(max(1, min(max_threads, len(todo)))) as pool:
+            for path, n in zip(todo, pool.map(one, todo)):
+                counts[posixpath.basename(path)] = n
+    return sum(counts[posixpath.basename(p)] for p in source.paths)
+
+
+def _open_for_scan(fs, path: str) -> BinaryIO:
+    if _is_local(fs):
+        return open(path, "rb")
+    # Small blocks: a header scan hops from header to header, reading little of the data.
+    return fs.open(path, "rb", block_size=1 << 16, cache_type="readahead")
+
+
+# ----------------------------------------------------------------------------- labels
+
+
+_ID_COLUMNS = ("id", "key", "__key__", "image", "image_id", "path", "filename", "file")
+_CLASS_COLUMNS = ("classes", "labels", "label", "class", "category", "dominant")
+
+
+def _image_id(value: str) -> str:
+    """A label table's image reference -> the id used everywhere: the file stem."""
+    return posixpath.basename(str(value).replace("\\", "/")).split(".", 1)[0]
+
+
+def _split_classes(value) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, (list, tuple)) or hasattr(value, "tolist"):
+        items = value.tolist() if hasattr(value, "tolist") else value
+        return tuple(str(v).strip() for v in items if str(v).strip())
+    text = str(value)
+    for sep in ("|", ";", ","):
+        if sep in text:
+            return tuple(s.strip() for s in text.split(sep) if s.strip())
+    return (text.strip(),) if text.strip() else ()
+
+
+def _pick(columns: list[str], wanted: tuple[str, ...], what: str, uri: str) -> str:
+    lower = {c.lower(): c for c in columns}
+    for w in wanted:
+        if w in lower:
+            return lower[w]
+    raise DataError(f"labels {uri}: no {what} column (looked for {', '.join(wanted)}; has {', '.join(columns)})")
+
+
+def load_labels(uri: str, options: S3Options | None = None) -> dict[str, tuple[str, ...]]:
+    """Evaluation labels: image id (file stem) -> class names (one or more).
+
+    ``uri`` is either a labels table -- ``.csv`` or ``.parquet`` with an id column (``id``,
+    ``key``, ``image``, ``path``...) and a class column (``classes``, ``labels``, ``label``,
+    ``class``...; several classes joined by ``|``, ``;`` or ``,`` or given as a list) --
+    or an ImageFolder-style tree (``root/<class>/<image>``) whose folder names are the
+    classes. This is the layout ``python -m rayssl.data.scenes`` writes.
+    """
+    options = options or S3Options()
+    fs, path = filesystem(uri, options)
+    ext = extension(path)
+    with translate_errors(uri, options, "read", what="labels"):
+        if ext == "csv":
+            text = fs.cat_file(path).decode("utf-8-sig")
+            rows = list(csv.DictReader(io.StringIO(text)))
+            if not rows:
+                raise DataError(f"labels {uri}: the table is empty")
+            cols = list(rows[0].keys())
+            id_col, cls_col = _pick(cols, _ID_COLUMNS, "id", uri), _pick(cols, _CLASS_COLUMNS, "class", uri)
+            return {_image_id(r[id_col]): _split_classes(r[cls_col]) for r in rows}
+        if ext in PARQUET_EXTENSIONS:
+            import pyarrow.parquet as pq
+
+            with fs.open(path, "rb") as f:
+                table = pq.read_table(f)
+            cols = table.column_names
+            id_col, cls_col = _pick(cols, _ID_COLUMNS, "id", uri), _pick(cols, _CLASS_COLUMNS, "class", uri)
+            ids, classes = table.column(id_col).to_pylist(), table.column(cls_col).to_pylist()
+            return {_image_id(i): _split_classes(c) for i, c in zip(ids, classes)}
+        root = path.rstrip("/")
+        listing = _list(fs, root)
+        labels: dict[str, tuple[str, ...]] = {}
+        for p in sorted(listing):
+            rel = p[len(root):].lstrip("/")
+            if kind_of(p) == "images" and "/" in rel:
+                labels[_image_id(p)] = (posixpath.basename(posixpath.dirname(p)),)
+        if not labels:
+            raise DataError(f"labels {uri}: no images in class folders (expected root/<class>/<image>)")
+        return labels

@@ -1,0 +1,296 @@
+"""MLS: Multi-Label Self-supervised learning (Zhu, Fu, Wu, ICCV 2023, arXiv:2308.03286),
+and its baseline MoCo-v2 (Chen et al. 2020, arXiv:2003.04297) as the same method with lam = 0.
+
+Pure PyTorch. One ``forward`` is one training step's computation up to the loss, in
+MoCo's order (He et al. 2020, arXiv:1911.05722, Alg. 1):
+
+1. queries from the online encoder on view 1: g1 = phi(x1), z1 = f(g1) (both L2-normalised);
+2. momentum update of the key encoder from the current online weights (those the
+   optimiser produced at the end of the previous step), then keys from view 2:
+   g2 = phi_m(x2), z2 = f_m(g2), with MoCo's shuffled BatchNorm across workers;
+3. L = InfoNCE(z1, z2, Q_z) + lam * BCE(sigmoid(z1 Q_z^T / tau), top-k(g1 Q_g^T))
+   (MLS Sec. 3, Fig. 2), against the queues as they were *before* this step;
+4. the keys (g2, z2) of every worker are all-gathered and pushed into the single
+   two-field queue in one call, so Q_g and Q_z stay aligned slot for slot.
+
+The InfoNCE term is MoCo-v2's asymmetric one (view 1 queries, view 2 keys), as in
+MoCo-v2's official recipe; the loss is not symmetrised over the two views.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from rayssl import dist
+from rayssl.losses import infonce_loss, mls_loss
+from rayssl.modules.backbone import build_backbone
+from rayssl.modules.heads import ProjectionMLP
+from rayssl.modules.momentum import ema_update_, momentum_copy
+from rayssl.modules.queue import FeatureQueue
+
+if TYPE_CHECKING:  # pragma: no cover
+    from rayssl.config import Config, ModelSection
+
+# The random initial queue is drawn from its own generator so that every worker builds
+# the same queue whatever the state of its global RNG (the queue is global, not per rank).
+_QUEUE_INIT_SEED = 20230807
+
+
+@dataclass
+class MLSConfig:
+    """MLS hyper-parameters; defaults are the paper's COCO settings (MoCo-v2 + MLS, Sec. 4.1)."""
+
+    section: ClassVar[str] = "mls"  # the YAML section / CLI method name, used in error messages
+
+    queue_size: int = 4096  # D, entries in each of Q_g and Q_z (global: the same on every worker)
+    k: int = 20  # positives per query among the D entries of Q_g
+    temperature: float = 0.2  # tau of both InfoNCE and the BCE logits
+    lam: float = 0.5  # weight of the multi-label (BCE) term; 0 is MoCo-v2
+    momentum: float = 0.995  # m of the momentum encoder
+    projection_hidden_dim: int = 2048  # MoCo-v2 head: Linear-ReLU-Linear
+    projection_dim: int = 128
+    shuffle_bn: bool = True  # MoCo's shuffled BN for the keys when there are several workers
+
+    def __post_init__(self) -> None:
+        from rayssl.config import _check
+
+        s = self.section
+        _check(self.queue_size >= 1, f"{s}.queue_size", f"must be >= 1, got {self.queue_size}")
+        _check(self.lam >= 0, f"{s}.lam", f"must be >= 0 (0 turns the multi-label term off), got {self.lam}")
+        if self.lam > 0:
+            # Only the multi-label term uses k; MoCo (lam = 0) may shrink the queue freely.
+            _check(self.k >= 1, f"{s}.k", f"must be >= 1, got {self.k}")
+            _check(
+                self.k < self.queue_size,
+                f"{s}.k",
+                f"must be smaller than {s}.queue_size={self.queue_size} (k of the D queue entries become "
+                f"positives and at least one must stay negative), got k={self.k}",
+            )
+        _check(self.temperature > 0, f"{s}.temperature", f"must be > 0, got {self.temperature}")
+        _check(0 <= self.momentum < 1, f"{s}.momentum", f"must be in [0, 1), got {self.momentum}")
+        _check(self.projection_hidden_dim >= 1, f"{s}.projection_hidden_dim", "must be >= 1")
+        _check(self.projection_dim >= 1, f"{s}.projection_dim", "must be >= 1")
+
+    @staticmethod
+    def validate_with(self: "MLSConfig", cfg: "Config") -> None:
+        """Checks that need the other sections (global batch, crops)."""
+        from rayssl.config import _check
+
+        s = self.section
+        batch = cfg.run.batch_size
+        _check(
+            self.queue_size % batch == 0,
+            f"{s}.queue_size",
+            f"{self.queue_size} is not a multiple of the global batch run.batch_size={batch}: every step "
+            "enqueues the keys all-gathered from all workers (one global batch) at once, and a multiple "
+            "makes the queue hold exactly the keys of the last queue_size / batch_size steps",
+        )
+        _check(
+            sum(cfg.data.crop_counts) >= 2,
+            "data.crop_counts",
+            f"{s} needs two views per image (the first two crops), got {sum(cfg.data.crop_counts)}",
+        )
+
+
+@dataclass
+class MoCoConfig(MLSConfig):
+    """MoCo-v2 (Chen et al. 2020, arXiv:2003.04297): MLS with the multi-label term off."""
+
+    section: ClassVar[str] = "moco"
+
+    lam: float = 0.0
+
+    def __post_init__(self) -> None:
+        from rayssl.config import _check
+
+        super().__post_init__()
+        _check(self.lam == 0, "moco.lam", f"moco is MLS without the multi-label term (lam = 0); use "
+                                          f"--method mls for lam > 0, got {self.lam}")
+
+
+class MLS(nn.Module):
+    """Online encoder (backbone + MoCo-v2 projector), its momentum copy, and the two-field queue.
+
+    Args:
+        cfg: an :class:`MLSConfig` (or :class:`MoCoConfig`).
+        model: the model section (backbone name, small stem).
+        num_crops: crops per image the loop will pass; the first two are the two views,
+            further crops are ignored (MoCo-v2 and MLS use two 224 px views, no multi-crop).
+        world_size: accepted for the common method interface; the queue is global (D rows
+            on every worker), so it does not depend on it.
+
+    The queue (``field(0)`` = Q_g, (D, d_g); ``field(1)`` = Q_z, (D, d_z); newest first) is
+    kept out of the module's buffers, like SwAV's, so that DDP does not broadcast it and
+    it is checkpointed through ``rank_state_dict``. It starts as random unit vectors, as in
+    MoCo, so InfoNCE has D negatives from the first step; its ``filled`` count tracks how
+    many rows hold real keys. The multi-label term is switched on only once every row
+    holds a real key (after D / global-batch steps): before that, the top-k of g1 against
+    random vectors would produce labels that mean nothing.
+    """
+
+    def __init__(self, cfg: MLSConfig, model: "ModelSection", num_crops: int = 2, world_size: int | None = None):
+        super().__init__()
+        if num_crops < 2:
+            raise ValueError(f"{cfg.section} needs at least 2 crops (two views) per image, got {num_crops}")
+        self.cfg = cfg
+        self.num_crops = num_crops
+        self.backbone, feat_dim = build_backbone(model.backbone, small_stem=model.small_stem)
+        # MoCo-v2's head: fc-ReLU-fc without BatchNorm.
+        self.projector = ProjectionMLP(feat_dim, cfg.projection_hidden_dim, cfg.projection_dim, batchnorm=False)
+        self.momentum_backbone = momentum_copy(self.backbone)
+        self.momentum_projector = momentum_copy(self.projector)
+
+        queue = FeatureQueue(cfg.queue_size, (feat_dim, cfg.projection_dim))
+        gen = torch.Generator().manual_seed(_QUEUE_INIT_SEED)
+        with torch.no_grad():
+            for i in range(queue.num_fields):
+                buf = queue.field(i)
+                # Write the rows but leave ``filled`` at 0: these are not keys.
+                buf.copy_(F.normalize(torch.randn(buf.shape, generator=gen), dim=1))
+        # Held in a dict so nn.Module does not register it (see class docstring).
+        # "full" caches queue.is_full (which never reverts) to avoid a device sync per step.
+        self._per_rank = {"queue": queue, "full": False}
+
+    @property
+    def queue(self) -> FeatureQueue:
+        return self._per_rank["queue"]
+
+    def _apply(self, fn, *args, **kwargs):  # keep the queue on the module's device
+        out = super()._apply(fn, *args, **kwargs)
+        self.queue._apply(fn, *args, **kwargs)
+        return out
+
+    def _queue_full(self) -> bool:
+        if not self._per_rank["full"]:
+            self._per_rank["full"] = self.queue.is_full
+        return self._per_rank["full"]
+
+    # -- encoders ------------------------------------------------------------------------
+    def queries(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Online encoder: x (B, 3, h, w) -> (g1 (B, d_g), z1 (B, d_z)), L2-normalised float32."""
+        g = self.backbone(x)
+        z = self.projector(g)
+        # Normalised in float32 (outputs may be bf16 under autocast): these vectors rank the
+        # queue for the top-k labels, and bf16 rounding would turn close ranks into ties.
+        return F.normalize(g.float(), dim=1), F.normalize(z.float(), dim=1)
+
+    @torch.no_grad()
+    def keys(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Momentum encoder: x (B, 3, h, w) -> (g2 (B, d_g), z2 (B, d_z)), L2-normalised float32, no grad.
+
+        Row b of the outputs always belongs to sample b of ``x``. With several workers and
+        ``shuffle_bn``, the global batch is permuted across workers before the forward and
+        put back after it (MoCo Sec. 3.3 "Shuffling BN"): each worker's BatchNorm then sees
+        key statistics from a different subset of samples than its queries, so the model
+        cannot use BN statistics to spot the positive key. Collective when it shuffles.
+        """
+        shuffle = self.cfg.shuffle_bn and dist.world_size() > 1
+        if shuffle:
+            x, perm = _shuffle_across_workers(x)
+        g = self.momentum_backbone(x)
+        z = self.momentum_projector(g)
+        g, z = F.normalize(g.float(), dim=1), F.normalize(z.float(), dim=1)  # float32, like the queue
+        if shuffle:
+            both = _unshuffle_across_workers(torch.cat([g, z], dim=1), perm)
+            g, z = both[:, : g.shape[1]], both[:, g.shape[1]:]
+        return g, z
+
+    # -- one step ------------------------------------------------------------------------
+    def forward(self, crops: Sequence[torch.Tensor], epoch: int = 0, step: int = 0):
+        """One MLS / MoCo-v2 step up to the loss. Collective (all-gather) with several workers.
+
+        Args:
+            crops: at least 2 tensors (B, 3, h, w); crops[0] is view 1 (queries),
+                crops[1] view 2 (keys); the rest are ignored.
+
+        Returns:
+            (loss, metrics): loss = loss_nce + lam * loss_ml; metrics are detached scalars
+            ``loss``, ``loss_nce``, ``loss_ml`` (0 while the term is off) and ``ml_active``
+            (1.0 when the multi-label term was computed this step).
+        """
+        if len(crops) < 2:
+            raise ValueError(f"{self.cfg.section} needs two views per image, got {len(crops)} crop(s)")
+        x1, x2 = crops[0], crops[1]
+        if x1.shape[0] != x2.shape[0]:
+            raise ValueError(f"the two views have different batch sizes: {x1.shape[0]} and {x2.shape[0]}")
+
+        g1, z1 = self.queries(x1)
+        with torch.no_grad():
+            # MoCo order: update the key encoder just before computing keys, from the online
+            # weights the optimiser left at the end of the previous step.
+            ema_update_(self.momentum_backbone, self.backbone, self.cfg.momentum)
+            ema_update_(self.momentum_projector, self.projector, self.cfg.momentum)
+            g2, z2 = self.keys(x2)
+
+        queue = self.queue
+        # A copy, because the enqueue below writes the buffer in place while autograd still
+        # holds it for the backward pass of the logits.
+        q_z = queue.field(1).clone()
+        loss_nce = infonce_loss(z1, z2, q_z, self.cfg.temperature)
+        ml_active = self.cfg.lam > 0 and self._queue_full()
+        if ml_active:
+            # Q_g enters only the label computation (no gradient), so it needs no copy.
+            loss_ml = mls_loss(g1.detach(), z1, queue.field(0), q_z, k=self.cfg.k, temperature=self.cfg.temperature)
+            loss = loss_nce + self.cfg.lam * loss_ml
+        else:
+            loss_ml = torch.zeros((), device=loss_nce.device)
+            loss = loss_nce
+
+        # One call for both fields: the all-gathered g2 and z2 land in the same slots.
+        queue.enqueue(g2, z2, gather=True)
+
+        metrics = {
+            "loss": loss.detach(),
+            "loss_nce": loss_nce.detach(),
+            "loss_ml": loss_ml.detach(),
+            "ml_active": torch.tensor(float(ml_active), device=loss.device),
+        }
+        return loss, metrics
+
+    def after_backward(self, step: int) -> None:
+        """Nothing to do: the momentum update runs at the start of the next ``forward``."""
+
+    # -- per-rank state --------------------------------------------------------------------
+    def rank_state_dict(self) -> dict:
+        return {"queue": self.queue.state_dict()}
+
+    def load_rank_state_dict(self, state: dict) -> bool:
+        """Restore the queue exactly; returns False when it does not fit (other D or widths)."""
+        saved = state.get("queue") if isinstance(state, dict) else None
+        if saved is None:
+            return False
+        try:
+            self.queue.load_state_dict(saved)
+        except RuntimeError:
+            return False
+        self._per_rank["full"] = False  # re-read from the restored fill count
+        return True
+
+
+def _shuffle_across_workers(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """This worker's share of a random permutation of the global batch.
+
+    x: (B, ...) local samples. Returns (x_shuffled (B, ...), perm (world * B,)): worker r
+    gets global rows ``perm[r*B:(r+1)*B]``, where global row ``r*B + b`` is sample b of
+    worker r. The permutation is drawn on rank 0 and broadcast, so all agree.
+    """
+    b, world, rank = x.shape[0], dist.world_size(), dist.rank()
+    x_all = dist.all_gather_cat(x)  # (world * B, ...)
+    perm = torch.randperm(world * b, device=x.device) if rank == 0 else torch.empty(
+        world * b, dtype=torch.long, device=x.device
+    )
+    dist.broadcast_(perm, src=0)
+    return x_all[perm[rank * b:(rank + 1) * b]], perm
+
+
+def _unshuffle_across_workers(y: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`_shuffle_across_workers` for per-sample outputs y (B, ...)."""
+    b, rank = y.shape[0], dist.rank()
+    y_all = dist.all_gather_cat(y)  # row j = output for global sample perm[j]
+    inverse = torch.argsort(perm)  # y_all[inverse[i]] = output for global sample i
+    return y_all[inverse[rank * b:(rank + 1) * b]]

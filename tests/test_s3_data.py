@@ -1,0 +1,298 @@
+"""Data from object storage: sources, uncurated files, S3 outputs, against moto on loopback.
+
+The S3 server is moto's ThreadedMotoServer on 127.0.0.1 (``s3_endpoint`` in conftest);
+credentials are fake values set for the whole session (``aws_test_env``). End-to-end
+runs are tiny (<= 96 images of 32 px, batch 32, 1 epoch, quick preset).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import tiny_args
+from rayssl import storage, train
+from rayssl.data import shards
+from rayssl.data.sources import (
+    DataError,
+    count_samples,
+    count_tar_images,
+    expand_braces,
+    iter_tar_images,
+    iter_tar_samples,
+    load_labels,
+    resolve_source,
+)
+from rayssl.storage import S3Options
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _image(seed: int, size: int = 32, mode: str = "RGB", fmt: str = "PNG") -> bytes:
+    rng = np.random.default_rng(seed)
+    shape = (size, size) if mode == "L" else (size, size, 3)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _fs(endpoint):
+    return storage.s3_filesystem(S3Options(endpoint=endpoint))
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_endpoint):
+    fs = _fs(s3_endpoint)
+    fs.mkdir("rayssl-data")
+    return "rayssl-data"
+
+
+def _summary(capsys) -> dict:
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def _error(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as exc:
+        train.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    return err[-1]
+
+
+def _tiny(output, data, *extra):
+    # 2 x 32 + 2 x 16 crops of 32 px images; no kNN evaluation: these tests are about data.
+    return tiny_args(output, "--data", data, "--preset", "quick", "--epochs", "1",
+                     "--set", "data.crop_sizes=[32,16]", "--set", "data.crop_counts=[2,2]",
+                     "--set", "data.min_scale=[0.3,0.1]", "--set", "data.max_scale=[1.0,0.3]",
+                     "--set", "swav.num_prototypes=16", "--set", "eval.num_test_images=0", *extra)
+
+
+def _tar(members: list[tuple[str, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------- no Ray
+
+
+def test_brace_expansion():
+    assert expand_braces("s3://b/train-{000000..000002}.tar") == [
+        "s3://b/train-000000.tar", "s3://b/train-000001.tar", "s3://b/train-000002.tar"]
+    assert expand_braces("x{8..11}") == ["x8", "x9", "x10", "x11"]  # unpadded bounds stay unpadded
+    assert expand_braces("{a,b}-{1..2}") == ["a-1", "a-2", "b-1", "b-2"]
+    assert expand_braces("plain.tar") == ["plain.tar"]
+    for bad in ("x{3..1}", "x{1..2", "x{}"):
+        with pytest.raises(DataError, match="data source"):
+            expand_braces(bad)
+
+
+def test_tar_reading_groups_members_by_key_and_streams():
+    data = _tar([("d/000.png", b"img0"), ("d/000.json", b"{}"), ("d/001.cls", b"3"),
+                 ("d/001.jpg", b"img1"), ("d/001.png", b"second image of 001"), ("d/002.txt", b"no image")])
+    assert list(iter_tar_images(io.BytesIO(data))) == [("000", b"img0"), ("001", b"img1")]
+    samples = list(iter_tar_samples(io.BytesIO(data)))
+    assert [s["__key__"] for s in samples] == ["000", "001", "002"] and samples[0]["json"] == b"{}"
+    assert count_tar_images(io.BytesIO(data)) == 2
+
+    class NoSeek(io.BytesIO):  # what a network stream looks like: reading must not seek
+        def seek(self, *a):
+            raise OSError("not seekable")
+
+        def seekable(self):
+            return False
+
+    assert len(list(iter_tar_images(NoSeek(data)))) == 2
+    # A truncated shard yields what precedes the damage, then raises.
+    got = []
+    with pytest.raises((tarfile.TarError, EOFError, OSError)):
+        for item in iter_tar_images(io.BytesIO(data[:1536 + 100])):
+            got.append(item)
+    assert got == [("000", b"img0")]
+
+
+def test_resolve_kinds_and_clear_errors(s3_endpoint, bucket):
+    fs = _fs(s3_endpoint)
+    opts = S3Options(endpoint=s3_endpoint)
+    fs.pipe({f"{bucket}/kinds/img/a/{i}.png": _image(i) for i in range(3)})
+    fs.pipe(f"{bucket}/kinds/img/labels.csv", b"id,classes\n0,x\n")  # ignored: not an image
+    fs.pipe({f"{bucket}/kinds/tar/train-{i:03d}.tar": _tar([(f"{i}.png", _image(i))]) for i in range(3)})
+    fs.pipe(f"{bucket}/kinds/mixed/x.png", _image(0))
+    fs.pipe(f"{bucket}/kinds/mixed/y.tar", _tar([]))
+
+    src = resolve_source(f"s3://{bucket}/kinds/img", opts)
+    assert src.kind == "images" and len(src.paths) == 3 and all(p.endswith(".png") for p in src.paths)
+    tars = resolve_source(f"s3://{bucket}/kinds/tar/", opts)
+    assert tars.kind == "webdataset" and tars.manifest is None
+    assert count_samples(tars) == 3  # no manifest: counted from the tar headers over S3
+    # Anonymous (unsigned) requests go through the same code; moto serves them like a public bucket.
+    assert len(resolve_source(f"s3://{bucket}/kinds/img", S3Options(s3_endpoint, anonymous=True)).paths) == 3
+    pattern = resolve_source(f"s3://{bucket}/kinds/tar/train-{{000..002}}.tar", opts)
+    assert pattern.kind == "webdataset" and [p.rsplit("/", 1)[1] for p in pattern.paths] == [
+        "train-000.tar", "train-001.tar", "train-002.tar"]
+    assert resolve_source(f"s3://{bucket}/kinds/img/a/1.png", opts).paths == [f"{bucket}/kinds/img/a/1.png"]
+
+    def err(uri):
+        with pytest.raises(DataError) as exc:
+            resolve_source(uri, opts)
+        msg = str(exc.value)
+        assert "\n" not in msg and uri in msg
+        return msg
+
+    assert "prefix is empty or does not exist" in err(f"s3://{bucket}/nothing-here")
+    assert "bucket 'no-such-bucket' does not exist" in err("s3://no-such-bucket/images")
+    assert "1 of 4 files do not exist" in err(f"s3://{bucket}/kinds/tar/train-{{000..003}}.tar")
+    assert "mixes kinds" in err(f"s3://{bucket}/kinds/mixed")
+    # Nothing listening on the endpoint: a one-line error naming the endpoint, quickly.
+    with pytest.raises(DataError, match="cannot reach the S3 endpoint http://127.0.0.1:9"):
+        resolve_source(f"s3://{bucket}/kinds/img", S3Options(endpoint="http://127.0.0.1:9"))
+
+
+def test_parquet_image_column_is_checked(s3_endpoint, bucket):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fs = _fs(s3_endpoint)
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"key": ["a"], "jpeg": pa.array([_image(0)], pa.binary())}), buf)
+    fs.pipe(f"{bucket}/pqcol/part-0.parquet", buf.getvalue())
+    uri = f"s3://{bucket}/pqcol"
+    with pytest.raises(DataError, match=r"no column 'image' \(columns: key, jpeg\)"):
+        resolve_source(uri, S3Options(endpoint=s3_endpoint))
+    assert resolve_source(uri, S3Options(endpoint=s3_endpoint), image_column="jpeg").kind == "parquet"
+
+
+def test_storage_text_files_honour_endpoint_option_and_env(s3_endpoint, bucket, monkeypatch):
+    opts = S3Options(endpoint=s3_endpoint)
+    uri = f"s3://{bucket}/store/run/config.yaml"
+    assert not storage.exists(uri, opts)
+    storage.write_text(uri, "a: 1\n", opts)
+    assert storage.exists(uri, opts) and storage.read_text(uri, opts) == "a: 1\n"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)  # the standard variable, read at use time
+    assert storage.read_text(uri) == "a: 1\n"
+    storage_path, name, fs = storage.run_location(f"s3://{bucket}/store/run")
+    assert (storage_path, name) == (f"{bucket}/store", "run") and fs is not None
+
+
+def test_labels_from_csv_parquet_and_imagefolder(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "labels.csv").write_text("id,classes,dominant\nscene-000001,star|ring,star\nimg/2.png,cat,cat\n")
+    assert load_labels(str(tmp_path / "labels.csv")) == {"scene-000001": ("star", "ring"), "2": ("cat",)}
+    pq.write_table(pa.table({"key": ["a", "b"], "labels": [["x", "y"], ["z"]]}), tmp_path / "l.parquet")
+    assert load_labels(str(tmp_path / "l.parquet")) == {"a": ("x", "y"), "b": ("z",)}
+    for cls in ("cat", "dog"):
+        (tmp_path / "tree" / cls).mkdir(parents=True)
+        (tmp_path / "tree" / cls / f"{cls}1.jpg").write_bytes(_image(0, fmt="JPEG"))
+    assert load_labels(str(tmp_path / "tree")) == {"cat1": ("cat",), "dog1": ("dog",)}
+
+
+def test_missing_prefix_and_refused_credentials_fail_before_training(s3_endpoint, bucket, capsys, tmp_path):
+    from moto.core.authorization import enable_iam_authentication
+
+    uri = f"s3://{bucket}/does/not/exist"
+    msg = _error(capsys, ["--data", uri, "--s3-endpoint", s3_endpoint, "--output", str(tmp_path / "a")])
+    assert uri in msg and "empty or does not exist" in msg
+
+    _fs(s3_endpoint).pipe(f"{bucket}/private/0.png", _image(0))
+    uri = f"s3://{bucket}/private"
+    with enable_iam_authentication():  # moto now checks keys: ours are unknown to it
+        msg = _error(capsys, ["--data", uri, "--s3-endpoint", s3_endpoint, "--output", str(tmp_path / "b")])
+    assert uri in msg and "access denied (InvalidAccessKeyId)" in msg
+    assert "rayssl-test-secret" not in msg and "rayssl-test-key" not in msg
+    assert not (tmp_path / "b").exists()  # nothing started
+
+
+# ----------------------------------------------------------------------------- on Ray
+
+
+def test_bucket_of_uncurated_images_trains_and_counts_exactly(ray_session, s3_endpoint, bucket, tmp_path, capsys):
+    fs = _fs(s3_endpoint)
+    prefix = f"{bucket}/uncurated"
+    files = {f"{prefix}/good/{i:03d}.png": _image(i) for i in range(60)}
+    files.update({f"{prefix}/good/{i:03d}.jpg": _image(i, fmt="JPEG") for i in range(60, 64)})
+    jpeg = _image(999, fmt="JPEG")
+    files.update({
+        f"{prefix}/bad/corrupt.jpg": jpeg[:200] + bytes(range(256)) * 4,  # header, then garbage
+        f"{prefix}/bad/zero.jpg": b"",
+        f"{prefix}/bad/notes.png": b"this is a text file, not an image\n",
+        f"{prefix}/odd/gray.png": _image(7, mode="L"),
+        f"{prefix}/odd/tiny.png": _image(8, size=16),  # smaller than the 32 px crops
+        f"{prefix}/README.txt": b"not listed: no image extension",
+    })
+    fs.pipe(files)
+    assert train.main(_tiny(tmp_path / "run", f"s3://{prefix}", "--s3-endpoint", s3_endpoint)) == 0
+    s = _summary(capsys)
+    assert s["data"] == {"seen": 69, "skipped.decode_error": 2, "skipped.empty": 1, "skipped.too_small": 1,
+                         "converted.grayscale": 1}
+    assert s["steps"] == 69 // 32 and s["images_seen"] == 64
+    stored = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert stored["data"] == s["data"]
+
+
+def test_mostly_broken_data_stops_with_the_counts(ray_session, tmp_path):
+    from rayssl.config import Config
+    from rayssl.data.pipeline import build_train_data, data_error_message
+
+    for i in range(70):
+        (tmp_path / f"{i:03d}.jpg").write_bytes(b"<html>404</html>")
+    for i in range(4):
+        (tmp_path / f"ok{i}.png").write_bytes(_image(i))
+    cfg = Config.from_dict({"data": {"source": str(tmp_path), "crop_sizes": [32, 16], "crop_counts": [2, 2],
+                                     "min_scale": [0.3, 0.1], "max_scale": [1.0, 0.3]}})
+    data = build_train_data(cfg)
+    with pytest.raises(Exception) as exc:
+        for _ in data.dataset.iter_batches(batch_size=8):
+            pass
+    # The one line the driver reports, found inside Ray's wrapping of the task error.
+    msg = data_error_message(exc.value)
+    assert f"images in {tmp_path} were unusable" in msg
+    assert "decode_error=" in msg and "more than data.max_bad_fraction=0.5" in msg
+    seen, bad = (int(x) for x in re.match(r"(\d+) of (\d+)", msg).groups()[::-1])
+    assert seen >= 64 and bad > seen / 2
+
+
+def test_webdataset_shards_on_s3_train(ray_session, s3_endpoint, bucket, tmp_path, capsys):
+    out = f"s3://{bucket}/wds"
+    assert shards.main(["--source", "scenes", "--out", out, "--format", "webdataset", "--shard-size", "32",
+                        "--num-scenes", "96", "--scene-size", "32", "--s3-endpoint", s3_endpoint]) == 0
+    capsys.readouterr()
+    data = f"{out}/train-{{000000..000002}}.tar"
+    assert train.main(_tiny(tmp_path / "run", data, "--s3-endpoint", s3_endpoint)) == 0
+    s = _summary(capsys)
+    assert s["steps"] == 3 and s["data"] == {"seen": 96}
+
+
+def test_parquet_shards_with_s3_output_and_resume(ray_session, s3_endpoint, bucket, tmp_path, capsys,
+                                                  monkeypatch):
+    # Endpoint from the standard environment variable only: data, config, summary, checkpoints.
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    storage.configure_s3(S3Options())
+    out = f"s3://{bucket}/pq"
+    assert shards.main(["--source", "scenes", "--out", out, "--format", "parquet", "--shard-size", "32",
+                        "--num-scenes", "64", "--scene-size", "32"]) == 0
+    capsys.readouterr()
+    run = f"s3://{bucket}/runs/pq"
+    assert train.main(_tiny(run, out)) == 0
+    s1 = _summary(capsys)
+    assert s1["steps"] == 2 and s1["data"] == {"seen": 64}
+    assert s1["checkpoint"].startswith(f"s3://{bucket}/runs/pq/checkpoint_")
+    fs = _fs(s3_endpoint)
+    assert fs.exists(f"{bucket}/runs/pq/config.yaml") and fs.exists(f"{bucket}/runs/pq/summary.json")
+    assert fs.find(s1["checkpoint"].split("://", 1)[1])  # checkpoint files are in the bucket
+
+    assert train.main(["--output", run, "--resume", "--epochs", "2"]) == 0
+    s2 = _summary(capsys)
+    assert s2["epochs"] == 2 and s2["steps"] == 4 and s2["checkpoint"] != s1["checkpoint"]
+    assert json.loads(fs.cat_file(f"{bucket}/runs/pq/summary.json"))["steps"] == 4
