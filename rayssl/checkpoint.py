@@ -75,23 +75,38 @@ def write_shared_state(directory: str | Path, state: dict, world_size: int) -> N
     os.replace(tmp, d / MANIFEST_FILE)
 
 
-def verify_checkpoint_dir(directory: str | Path) -> dict:
-    """Return the manifest of a complete rayssl checkpoint, or raise CheckpointError."""
-    d = Path(directory)
-    mpath = d / MANIFEST_FILE
-    if not mpath.is_file():
+def verify_checkpoint_dir(directory: str | Path, fs=None) -> dict:
+    """Return the manifest of a complete rayssl checkpoint, or raise CheckpointError.
+
+    ``fs``: an fsspec filesystem holding ``directory`` (e.g. s3fs for a run on S3, with
+    ``directory`` as ``bucket/key``); default the local disk.
+    """
+    if fs is None:
+        import fsspec
+
+        fs, d = fsspec.filesystem("file"), str(Path(directory))
+    else:
+        d = str(directory).rstrip("/")
+
+    def size(name: str) -> int | None:
+        try:
+            info = fs.info(f"{d}/{name}")
+        except (FileNotFoundError, OSError):
+            return None
+        return int(info.get("size") or 0) if info.get("type") != "directory" else None
+
+    if size(MANIFEST_FILE) is None:
         raise CheckpointError(f"{d} is not a complete rayssl checkpoint (no {MANIFEST_FILE})")
     try:
-        manifest = json.loads(mpath.read_text())
-    except json.JSONDecodeError as exc:
+        manifest = json.loads(fs.cat_file(f"{d}/{MANIFEST_FILE}"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{d}: unreadable {MANIFEST_FILE}: {exc}") from None
-    for name, size in manifest.get("files", {}).items():
-        p = d / name
-        if not p.is_file() or p.stat().st_size != size:
+    for name, expected in manifest.get("files", {}).items():
+        if size(name) != expected:
             raise CheckpointError(f"{d}: {name} is missing or truncated; the checkpoint is incomplete")
     for r in range(int(manifest.get("world_size", 1))):
-        if not (d / rank_file(r)).is_file():
-            raise CheckpointError(f"{d}: {rank_file(r)} is missing; the checkpoint is incomplete")
+        if not size(rank_file(r)):  # rank files are written atomically; absent or empty = incomplete
+            raise CheckpointError(f"{d}: {rank_file(r)} is missing or empty; the checkpoint is incomplete")
     return manifest
 
 

@@ -86,6 +86,29 @@ class CollapseWatch:
         return None
 
 
+def checked_forward(model, crops, *, epoch: int, step: int, method_name: str, autocast=nullcontext,
+                    check_loss: bool = True):
+    """One forward pass -> ``(loss, metrics)``; a non-finite quantity stops the step.
+
+    Non-finite Sinkhorn codes (the methods raise ValueError "... not finite ...") and, when
+    ``check_loss`` (every step on CPU; on GPU only at log steps, to avoid a sync per step),
+    a non-finite loss become FloatingPointError naming the step, the epoch and the quantity.
+    """
+    try:
+        with autocast():
+            loss, metrics = model(crops, epoch=epoch, step=step)
+    except ValueError as exc:
+        if "not finite" not in str(exc):
+            raise
+        raise FloatingPointError(f"step {step} (epoch {epoch}): {exc}") from None
+    if check_loss and not torch.isfinite(loss).item():
+        raise FloatingPointError(
+            f"step {step} (epoch {epoch}): the {method_name} loss is not finite ({loss.item()}); "
+            "lower optim.base_lr or check the input data"
+        )
+    return loss, metrics
+
+
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 
@@ -142,7 +165,9 @@ def train_loop_per_worker(payload: dict) -> None:
     use_bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and device.type == "cuda")
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
 
-    watch = CollapseWatch(getattr(cfg.method, "num_prototypes", None))
+    # "For long": two epochs' worth of log windows (at least 3) with the loss at ln(K).
+    watch = CollapseWatch(getattr(cfg.method, "num_prototypes", None),
+                          windows=max(3, 2 * steps_per_epoch // cfg.run.log_every_steps))
     eval_sets = None
     random_init_score = None
     metric = spec.metric
@@ -177,19 +202,10 @@ def train_loop_per_worker(payload: dict) -> None:
             lr = schedule(step)
             for g in optimizer.param_groups:
                 g["lr"] = lr
-            try:
-                with autocast():
-                    loss, metrics = model(crops, epoch=epoch, step=step)
-            except ValueError as exc:
-                if "not finite" not in str(exc):
-                    raise
-                raise FloatingPointError(f"step {step} (epoch {epoch}): {exc}") from None
-            if device.type == "cpu" or step % cfg.run.log_every_steps == 0:
-                if not torch.isfinite(loss).item():
-                    raise FloatingPointError(
-                        f"step {step} (epoch {epoch}): the {cfg.run.method} loss is not finite ({loss.item()}); "
-                        "lower optim.base_lr or check the input data"
-                    )
+            loss, metrics = checked_forward(
+                model, crops, epoch=epoch, step=step, method_name=cfg.run.method, autocast=autocast,
+                check_loss=device.type == "cpu" or step % cfg.run.log_every_steps == 0,
+            )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             method.after_backward(step)

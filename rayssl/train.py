@@ -164,6 +164,14 @@ def check_data_source(cfg: Config) -> None:
 
     configure_s3(S3Options(endpoint=cfg.data.s3_endpoint))  # --s3-endpoint also serves s3:// outputs
     if cfg.data.builtin_scenes:
+        # Real images smaller than a crop are skipped at read time (data.min_image_side); the
+        # generated scenes all have one known size, so a crop larger than it is a typo.
+        largest, side = max(cfg.data.crop_sizes), cfg.data.scenes_image_size
+        if largest > side:
+            raise ConfigError(
+                f"data.crop_sizes: the largest crop ({largest} px) is larger than the built-in scenes "
+                f"(data.scenes_image_size={side} px); lower data.crop_sizes or raise data.scenes_image_size"
+            )
         return
     from rayssl.data.pipeline import resolve_cfg_source
 
@@ -201,6 +209,68 @@ def worker_resources(cfg: Config, cluster: dict) -> tuple[bool, dict]:
     return use_gpu, {"CPU": round(per, 2)}
 
 
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train V2's list of registered checkpoints
+
+
+def skip_incomplete_checkpoints(output: str) -> str | None:
+    """On --resume, make Ray Train restore the newest *complete* checkpoint under ``output``.
+
+    Ray Train V2 hands the workers the checkpoint that ``<output>/checkpoint_manager_snapshot.json``
+    names as latest, without looking inside it (and refuses to start at all when a listed
+    directory is gone). A checkpoint damaged after Ray registered it (a file deleted or
+    truncated, a partial copy or sync of the run directory) would then fail every resume.
+    So each checkpoint the snapshot lists is verified here (``verify_checkpoint_dir``);
+    incomplete ones are dropped from the snapshot, which is rewritten with the newest complete
+    one as latest. Their directories are left in place, untouched, and named in the log.
+    Returns the directory name that will be resumed from; None when no complete checkpoint
+    is left (the run then starts from epoch 0, with a warning).
+    """
+    from rayssl.checkpoint import CheckpointError, verify_checkpoint_dir
+    from rayssl.loop import log
+    from rayssl.storage import exists, filesystem, read_text, write_text
+
+    base = output.rstrip("/")
+    snapshot_uri = f"{base}/{SNAPSHOT_FILE}"
+    if not exists(snapshot_uri):
+        return None
+    snap = json.loads(read_text(snapshot_uri))
+    fs, root = filesystem(base)
+    results = snap.get("checkpoint_results") or []
+    indices = snap.get("checkpoint_report_indices") or []
+    bad: dict[str, str] = {}
+    for r in results:
+        dir_name = r["checkpoint_dir_name"]
+        try:
+            verify_checkpoint_dir(f"{root.rstrip('/')}/{dir_name}", fs=fs)
+        except CheckpointError as exc:
+            bad[dir_name] = str(exc)
+    latest = (snap.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+    if not bad:
+        return latest
+    for dir_name, why in bad.items():
+        log(f"--resume: skipping incomplete checkpoint {base}/{dir_name} ({why})")
+    kept = [(r, i) for r, i in zip(results, indices) if r["checkpoint_dir_name"] not in bad]
+    newest = max(kept, key=lambda ri: ri[1])[0] if kept else None
+    snap["checkpoint_results"] = [r for r, _ in kept]
+    snap["checkpoint_report_indices"] = [i for _, i in kept]
+    snap["latest_checkpoint_result"] = newest
+    pending = [(r, v) for r, v in zip(snap.get("pending_training_results") or [],
+                                      snap.get("pending_validation_specs") or [])
+               if r["checkpoint_dir_name"] not in bad]
+    snap["pending_training_results"] = [r for r, _ in pending]
+    snap["pending_validation_specs"] = [v for _, v in pending]
+    for key in ("validated_checkpoint_dir_names", "timed_out_validation_checkpoint_dir_names",
+                "failed_validation_checkpoint_dir_names"):
+        if key in snap:
+            snap[key] = [n for n in snap[key] if n not in bad]
+    write_text(snapshot_uri, json.dumps(snap))
+    if newest is None:
+        log(f"--resume: WARNING no complete checkpoint in {base}; training starts again from epoch 0")
+        return None
+    log(f"--resume: resuming from {base}/{newest['checkpoint_dir_name']}")
+    return newest["checkpoint_dir_name"]
+
+
 def run(cfg: Config) -> dict:
     """Start (or join) Ray, train, and return the summary dict."""
     ray = init_ray(cfg)
@@ -219,6 +289,8 @@ def run(cfg: Config) -> dict:
             f"--batch-size: global batch {cfg.run.batch_size} exceeds the {data.num_images} training images"
         )
     write_text(f"{cfg.run.output.rstrip('/')}/config.yaml", cfg.to_yaml())
+    if cfg.run.resume:
+        skip_incomplete_checkpoints(cfg.run.output)
     storage_path, name, fs = run_location(cfg.run.output)
     log(f"{cfg.run.method}: {data.num_images} images, {steps_per_epoch} steps/epoch x {cfg.run.epochs} epochs, "
         f"{cfg.run.num_workers} workers ({'GPU' if use_gpu else 'CPU'}, {resources['CPU']} CPU each), "

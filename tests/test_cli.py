@@ -35,6 +35,8 @@ def _error(capsys, argv) -> str:
         (["--set", "swav.queue_length=16"], "must hold at least its batch"),
         (["--set", "nonsense"], "--set: expected section.key=value"),
         (["--data", "/nonexistent/images"], "data source '/nonexistent/images' does not exist"),
+        (["--set", "data.crop_sizes=[96,32]"], "data.crop_sizes: the largest crop (96 px) is larger than the built-in scenes"),
+        (["--method", "mls", "--set", "mls.k=64", "--set", "mls.queue_size=64"], "mls.k: must be smaller than mls.queue_size=64"),
     ],
 )
 def test_bad_values_are_refused_with_the_option_named(capsys, argv, expected):
