@@ -6,9 +6,11 @@ A checkpoint directory holds:
   the resolved config, the method name; everything shared by all ranks.
 - ``rank_{r}.pt`` (written by every rank r): state that differs per worker, such as
   SwAV's per-worker queue and each worker's RNG states.
-- ``manifest.json`` (rank 0, written last): file names and sizes of rank 0's files plus
-  the number of ranks. ``verify_checkpoint_dir`` refuses a directory whose manifest is
-  missing or disagrees with the files, so a half-written checkpoint is never resumed.
+- ``manifest.json`` (rank 0, written last): the number of ranks and the name and size of
+  every file -- ``model.pt`` and each rank's ``rank_{r}.pt`` (the ranks' sizes are
+  gathered to rank 0 with ``gather_rank_sizes``). ``verify_checkpoint_dir`` refuses a
+  directory whose manifest is missing or disagrees with the files (a file missing, empty
+  or truncated), so a half-written or damaged checkpoint is never resumed.
 
 Ray Train merges the directories that all ranks report into one checkpoint.
 """
@@ -58,16 +60,38 @@ def _atomic_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def write_rank_state(directory: str | Path, rank: int, state: dict) -> None:
-    _atomic_save(state, Path(directory) / rank_file(rank))
+def write_rank_state(directory: str | Path, rank: int, state: dict) -> int:
+    """Every rank: ``rank_{rank}.pt``; returns its size in bytes (for the manifest)."""
+    path = Path(directory) / rank_file(rank)
+    _atomic_save(state, path)
+    return path.stat().st_size
 
 
-def write_shared_state(directory: str | Path, state: dict, world_size: int) -> None:
-    """Rank 0: ``model.pt`` then the manifest, which marks the checkpoint complete."""
+def gather_rank_sizes(size: int, device: str | torch.device = "cpu") -> list[int]:
+    """Collective (every rank calls it): each rank's ``rank_{r}.pt`` size, in rank order.
+
+    ``device``: where the collective runs (the worker's device; nccl needs CUDA tensors).
+    Without a process group: ``[size]``.
+    """
+    from rayssl import dist
+
+    return [int(v) for v in dist.all_gather_cat(torch.tensor([int(size)], dtype=torch.int64, device=device))]
+
+
+def write_shared_state(directory: str | Path, state: dict, world_size: int,
+                       rank_sizes: list[int] | None = None) -> None:
+    """Rank 0: ``model.pt`` then the manifest, which marks the checkpoint complete.
+
+    ``rank_sizes``: every rank's ``rank_{r}.pt`` size (``gather_rank_sizes``), recorded so
+    that a truncated rank file is caught by ``verify_checkpoint_dir`` rather than on load.
+    """
     d = Path(directory)
+    if rank_sizes is not None and len(rank_sizes) != world_size:
+        raise ValueError(f"rank_sizes has {len(rank_sizes)} entries for world_size {world_size}")
     state = {"format_version": FORMAT_VERSION, **state}
     _atomic_save(state, d / MODEL_FILE)
     files = {MODEL_FILE: (d / MODEL_FILE).stat().st_size}
+    files.update({rank_file(r): int(n) for r, n in enumerate(rank_sizes or [])})
     manifest = {"format_version": FORMAT_VERSION, "world_size": world_size, "files": files,
                 "epoch": state.get("epoch"), "step": state.get("step"), "method": state.get("method")}
     tmp = d / (MANIFEST_FILE + ".tmp")
@@ -102,8 +126,10 @@ def verify_checkpoint_dir(directory: str | Path, fs=None) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{d}: unreadable {MANIFEST_FILE}: {exc}") from None
     for name, expected in manifest.get("files", {}).items():
-        if size(name) != expected:
-            raise CheckpointError(f"{d}: {name} is missing or truncated; the checkpoint is incomplete")
+        found = size(name)
+        if found != expected:
+            what = "missing" if found is None else f"{found} bytes where the manifest records {expected}"
+            raise CheckpointError(f"{d}: {name} is missing or truncated ({what}); the checkpoint is incomplete")
     for r in range(int(manifest.get("world_size", 1))):
         if not size(rank_file(r)):  # rank files are written atomically; absent or empty = incomplete
             raise CheckpointError(f"{d}: {rank_file(r)} is missing or empty; the checkpoint is incomplete")

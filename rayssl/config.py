@@ -42,6 +42,9 @@ class RunSection:
     seed: int = 0
     resume: bool = False
     max_failures: int = 0
+    # A local ``output`` is a shared filesystem mounted at the same path on every node;
+    # without it a local output is refused on a multi-node cluster (checkpoints would scatter).
+    shared_output: bool = False
     checkpoint_every_epochs: int = 1
     keep_checkpoints: int = 2
     log_every_steps: int = 10
@@ -108,9 +111,19 @@ class DataSection:
     # (checked once 64 images were seen); 1.0 never stops.
     max_bad_fraction: float = 0.5
     labels: str = ""  # evaluation labels: CSV/Parquet table (id -> classes) or ImageFolder root
+    # Same seed -> the same rows reach the same worker in the same order every run (Ray Data
+    # preserve_order, seeded file order every epoch): a resumed run then matches an
+    # uninterrupted one. Slower; off by default (augmentations are seeded either way).
+    deterministic: bool = False
+    # Where the multi-crop runs: "cpu" in the Ray Data tasks (crops are shipped), or
+    # "device" in the training worker (Ray Data ships the encoded bytes; the worker decodes,
+    # with nvJPEG on CUDA, and augments batched on its device: rayssl.data.gpu_augment).
+    augment_on: str = "cpu"
 
     def __post_init__(self) -> None:
         _check(bool(self.source), "data.source", "must not be empty")
+        _check(self.augment_on in ("cpu", "device"), "data.augment_on",
+               f"must be cpu or device, got {self.augment_on!r}")
         _check(self.scenes_num_images >= 1, "data.scenes_num_images", "must be >= 1")
         _check(self.scenes_image_size >= 8, "data.scenes_image_size", "must be >= 8")
         n = len(self.crop_sizes)
@@ -351,17 +364,17 @@ def deep_merge(base: dict, override: Mapping[str, Any]) -> dict:
     return out
 
 
-def load_yaml(path: str | Path) -> dict:
-    """Read a YAML override file; errors name the file."""
+def load_yaml(path: str | Path, option: str = "--config") -> dict:
+    """Read a YAML file of sections; errors name ``option`` and the file."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"--config: file not found: {p}")
+        raise ConfigError(f"{option}: file not found: {p}")
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"--config: {p} is not valid YAML: {exc}") from None
+        raise ConfigError(f"{option}: {p} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"--config: {p} must hold a mapping of sections (run:, data:, ...)")
+        raise ConfigError(f"{option}: {p} must hold a mapping of sections (run:, data:, ...)")
     return data
 
 

@@ -17,6 +17,7 @@ import torch
 from rayssl import dist
 from rayssl.checkpoint import (
     CheckpointError,
+    gather_rank_sizes,
     load_rank_state,
     load_shared_state,
     rng_state,
@@ -27,6 +28,7 @@ from rayssl.checkpoint import (
 from rayssl.config import Config
 from rayssl.losses import loss_at_uniform
 from rayssl.eval.features import evaluate_on_scenes, scenes_eval_sets, to_float_images
+from rayssl.lockstep import control_group, lockstep
 from rayssl.methods import get_method
 from rayssl.optim import LARS, param_groups_for_lars, scaled_lr, warmup_cosine
 
@@ -87,7 +89,7 @@ class CollapseWatch:
 
 
 def checked_forward(model, crops, *, epoch: int, step: int, method_name: str, autocast=nullcontext,
-                    check_loss: bool = True):
+                    check_loss: bool = True, extra: dict | None = None):
     """One forward pass -> ``(loss, metrics)``; a non-finite quantity stops the step.
 
     Non-finite Sinkhorn codes (the methods raise ValueError "... not finite ...") and, when
@@ -96,7 +98,8 @@ def checked_forward(model, crops, *, epoch: int, step: int, method_name: str, au
     """
     try:
         with autocast():
-            loss, metrics = model(crops, epoch=epoch, step=step)
+            # ``extra``: the batch columns a method asks for in ``batch_columns`` (CDUL: "index").
+            loss, metrics = model(crops, epoch=epoch, step=step, **(extra or {}))
     except ValueError as exc:
         if "not finite" not in str(exc):
             raise
@@ -133,6 +136,9 @@ def train_loop_per_worker(payload: dict) -> None:
     channels_last = cfg.run.channels_last and device.type == "cuda"
     if channels_last:
         method.to(memory_format=torch.channels_last)
+    if cfg.model.compile:
+        # In place (Module.compile): parameter names, checkpoints and exports stay unchanged.
+        method.backbone.compile()
     optimizer = build_optimizer(method, cfg)
     schedule = Schedule(cfg, steps_per_epoch)
 
@@ -149,6 +155,8 @@ def train_loop_per_worker(payload: dict) -> None:
             start_epoch, step, images_seen = shared["epoch"], shared["step"], shared["images_seen"]
             mine = load_rank_state(d, rank, map_location=device)
             restored = mine is not None and method.load_rank_state_dict(mine["method"])
+            if "method_state" in shared:  # state shared by all ranks (CDUL's label store)
+                method.load_shared_state_dict(shared["method_state"])
             if mine is not None and shared.get("world_size") == world:
                 set_rng_state(mine["rng"])
         if rank == 0:
@@ -176,35 +184,46 @@ def train_loop_per_worker(payload: dict) -> None:
     if stats is not None and rank == 0:
         stats.add.remote({"train.worker_group_starts": 1})  # restarts = starts - 1
     crop_keys = [f"crop_{j}" for j in range(sum(cfg.data.crop_counts))]
+    control = control_group()  # host-side (gloo) group for the per-step "have data" flags
+    device_augment = None
+    if cfg.data.augment_on == "device":
+        from rayssl.data.gpu_augment import DeviceMultiCrop
+        from rayssl.data.pipeline import crop_spec
+
+        device_augment = DeviceMultiCrop(crop_spec(cfg), device, channels_last=channels_last)
     last_loss = float("nan")
 
     for epoch in range(start_epoch, cfg.run.epochs):
+        if stats is not None and rank == 0:
+            # Before asking for the epoch's data: its augmentations are seeded by the epoch.
+            ray.get(stats.set_epoch.remote(epoch))
         t0 = time.perf_counter()
         epoch_steps, epoch_images = 0, 0
         win_loss, win_n, win_t = torch.zeros((), device=device), 0, time.perf_counter()
-        batches = iter(
-            shard.iter_torch_batches(
-                batch_size=local_batch,
-                drop_last=True,
-                local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
-                local_shuffle_seed=(cfg.run.seed * 100003 + epoch * 101 + rank) if cfg.data.shuffle_buffer else None,
-                device=device,
-            )
-        )
-        while epoch_steps < steps_per_epoch:
-            batch = next(batches, None)
-            # Every rank must take the same number of steps (collectives inside the step):
-            # stop the epoch on all ranks as soon as one of them runs out of data.
-            have = torch.tensor([0.0 if batch is None else 1.0], device=device)
-            if -dist.all_reduce_max_(-have).item() < 1.0:
-                break
-            crops = [to_float_images(batch[k], channels_last=channels_last) for k in crop_keys]
+        shuffle = {"local_shuffle_buffer_size": cfg.data.shuffle_buffer or None,
+                   "local_shuffle_seed": (cfg.run.seed * 100003 + epoch * 101 + rank) if cfg.data.shuffle_buffer
+                   else None}
+        if device_augment is not None:  # data.augment_on=device: decode + multi-crop here
+            from rayssl.data.gpu_augment import device_crop_batches
+
+            source = device_crop_batches(
+                shard.iter_batches(batch_size=local_batch, drop_last=True, batch_format="numpy", **shuffle),
+                device_augment, seed=cfg.run.seed, epoch=epoch, min_side=1)
+        else:
+            source = shard.iter_torch_batches(batch_size=local_batch, drop_last=True, device=device, **shuffle)
+        # Every rank must take the same number of steps (collectives inside the step): all
+        # stop as soon as one runs out of data, decided on the host one step ahead (no
+        # device sync per step; see rayssl.lockstep).
+        for batch in lockstep(source, control, limit=steps_per_epoch):
+            crops = batch.pop("crops", None) or [to_float_images(batch[k], channels_last=channels_last)
+                                                 for k in crop_keys]
             lr = schedule(step)
             for g in optimizer.param_groups:
                 g["lr"] = lr
             loss, metrics = checked_forward(
                 model, crops, epoch=epoch, step=step, method_name=cfg.run.method, autocast=autocast,
                 check_loss=device.type == "cpu" or step % cfg.run.log_every_steps == 0,
+                extra={k: batch[k] for k in getattr(method, "batch_columns", ())},
             )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -214,6 +233,8 @@ def train_loop_per_worker(payload: dict) -> None:
             epoch_steps += 1
             epoch_images += local_batch * world
             win_loss += metrics["loss"]
+            if epoch_steps == 1:  # the epoch's first loss: after a resume, the step right after the checkpoint
+                first_loss = metrics["loss"].detach()
             win_n += 1
             if rank == 0 and step % cfg.run.log_every_steps == 0:
                 mean_loss = (win_loss / win_n).item()
@@ -244,6 +265,7 @@ def train_loop_per_worker(payload: dict) -> None:
             "epoch": epoch + 1,
             "step": step,
             "loss": last_loss,
+            "first_loss": float(first_loss.item()),
             "images_seen": images_seen,
             "images_per_s": epoch_images / elapsed,
             "lr": lr,
@@ -255,9 +277,12 @@ def train_loop_per_worker(payload: dict) -> None:
                 eval_sets = scenes_eval_sets(cfg.run.seed, cfg.data.scenes_image_size,
                                              cfg.eval.num_train_images, cfg.eval.num_test_images)
             size = cfg.data.crop_sizes[0]
-            report[metric] = evaluate_on_scenes(metric, method.backbone, eval_sets, size, device,
-                                                cfg.eval.knn_k, cfg.eval.knn_temperature)
-            if cfg.eval.random_baseline and random_init_score is None:
+            if hasattr(method, "evaluate_held_out"):  # a classifier scores itself (CDUL)
+                report[metric] = method.evaluate_held_out(eval_sets, size, device)
+            else:
+                report[metric] = evaluate_on_scenes(metric, method.backbone, eval_sets, size, device,
+                                                    cfg.eval.knn_k, cfg.eval.knn_temperature)
+            if cfg.eval.random_baseline and random_init_score is None and not hasattr(method, "evaluate_held_out"):
                 random_init_score = _random_init_score(cfg, metric, eval_sets, size, device)
             if random_init_score is not None:
                 report[f"{metric}_random_init"] = random_init_score
@@ -270,7 +295,8 @@ def train_loop_per_worker(payload: dict) -> None:
         save = is_last or (epoch + 1) % cfg.run.checkpoint_every_epochs == 0
         if save:
             with tempfile.TemporaryDirectory(prefix="rayssl-ckpt-") as tmp:
-                write_rank_state(tmp, rank, {"method": method.rank_state_dict(), "rng": rng_state()})
+                size = write_rank_state(tmp, rank, {"method": method.rank_state_dict(), "rng": rng_state()})
+                rank_sizes = gather_rank_sizes(size, device)  # collective: the manifest records every rank's file
                 if rank == 0:
                     write_shared_state(tmp, {
                         "method": cfg.run.method,
@@ -281,7 +307,9 @@ def train_loop_per_worker(payload: dict) -> None:
                         "images_seen": images_seen,
                         "world_size": world,
                         "config": cfg.to_dict(),
-                    }, world_size=world)
+                        **({"method_state": method.shared_state_dict()}
+                           if hasattr(method, "shared_state_dict") else {}),
+                    }, world_size=world, rank_sizes=rank_sizes)
                 ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(report)

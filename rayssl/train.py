@@ -37,6 +37,8 @@ FLAG_KEYS: dict[str, str] = {
     "keep_checkpoints": "run.keep_checkpoints",
     "s3_endpoint": "data.s3_endpoint",
     "s3_anonymous": "data.s3_anonymous",
+    "pseudo_labels": "cdul.pseudo_labels",
+    "shared_output": "run.shared_output",
 }
 
 
@@ -82,11 +84,34 @@ def build_parser() -> argparse.ArgumentParser:
                         "else AWS); credentials always come from the AWS chain, never from the config")
     p.add_argument("--s3-anonymous", action="store_const", const=True, default=None,
                    help="read s3:// data without signing requests (public buckets)")
+    p.add_argument("--shared-output", action="store_const", const=True, default=None,
+                   help="the local --output path is a shared filesystem (NFS, EFS...) mounted at the same place "
+                        "on every node; without it a local --output is refused on a multi-node cluster")
+    p.add_argument("--pseudo-labels", default=None, metavar="URI",
+                   help="--method cdul: output folder/URI of `python -m rayssl.pseudolabel` (the initial soft labels)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override any config key, e.g. --set swav.epsilon=0.03 (repeatable)")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config as YAML and exit without starting Ray")
+    p.add_argument("--tensorboard", nargs="?", const="", default=None, metavar="DIR",
+                   help="also write TensorBoard event files (default DIR: <output>/tensorboard); "
+                        "<output>/metrics.jsonl and <output>/curves.png are always written")
+    p.add_argument("--mlflow", nargs="?", const="", default=None, metavar="TRACKING_URI",
+                   help="also log params and per-epoch metrics to MLflow (needs mlflow installed; "
+                        "default URI: MLFLOW_TRACKING_URI or ./mlruns)")
     return p
+
+
+def run_tracker(cfg: Config, args: argparse.Namespace):
+    """The Ray Train callback writing metrics.jsonl, curves.png and the optional trackers."""
+    from rayssl.viz.tracking import RunTracker
+
+    return RunTracker(cfg.run.output, get_method(cfg.run.method).metric,
+                      title=f"{cfg.run.method} ({cfg.model.backbone}) {cfg.run.output}",
+                      tensorboard=args.tensorboard, mlflow=args.mlflow, run_name=Path(cfg.run.output).name,
+                      params={"method": cfg.run.method, "backbone": cfg.model.backbone,
+                              "batch_size": cfg.run.batch_size, "epochs": cfg.run.epochs},
+                      epochs=cfg.run.epochs)
 
 
 def _flag_overrides(args: argparse.Namespace) -> dict:
@@ -119,6 +144,8 @@ def resolve_config(args: argparse.Namespace) -> Config:
     method = (overrides.get("run", {}).get("method") or file_cfg.get("run", {}).get("method") or "swav")
     if method not in method_names():
         raise ConfigError(f"--method: unknown method {method!r}; choose one of {', '.join(method_names())}")
+    if method != "cdul" and getattr(args, "pseudo_labels", None):
+        raise ConfigError("--pseudo-labels: only used by --method cdul")
     source = overrides.get("data", {}).get("source") or file_cfg.get("data", {}).get("source") or "scenes"
     preset = resolve_preset(args.preset, source, method)
     raw = deep_merge(deep_merge(preset, file_cfg), overrides)
@@ -158,8 +185,11 @@ def prepare_output(cfg: Config, args: argparse.Namespace) -> Config:
     return cfg
 
 
-def check_data_source(cfg: Config) -> None:
-    """Fail before Ray starts when the data cannot be found (DataError: one line naming the URI)."""
+def check_data_source(cfg: Config):
+    """Fail before Ray starts when the data cannot be found (DataError: one line naming the URI).
+
+    Returns the listed ``Source`` (None for the built-in scenes), for ``run`` to reuse.
+    """
     from rayssl.storage import S3Options, configure_s3
 
     configure_s3(S3Options(endpoint=cfg.data.s3_endpoint))  # --s3-endpoint also serves s3:// outputs
@@ -172,10 +202,10 @@ def check_data_source(cfg: Config) -> None:
                 f"data.crop_sizes: the largest crop ({largest} px) is larger than the built-in scenes "
                 f"(data.scenes_image_size={side} px); lower data.crop_sizes or raise data.scenes_image_size"
             )
-        return
+        return None
     from rayssl.data.pipeline import resolve_cfg_source
 
-    resolve_cfg_source(cfg)
+    return resolve_cfg_source(cfg)
 
 
 def init_ray(cfg: Config):
@@ -271,9 +301,100 @@ def skip_incomplete_checkpoints(output: str) -> str | None:
     return newest["checkpoint_dir_name"]
 
 
-def run(cfg: Config) -> dict:
-    """Start (or join) Ray, train, and return the summary dict."""
+def cluster_capacity(ray) -> tuple[dict, int]:
+    """``(resources, nodes)`` that the connected cluster has now or can autoscale to.
+
+    On a ``ray up`` cluster whose GPU workers scale from zero (cluster/aws.yaml), a job
+    starts on the head alone: its GPUs and extra nodes exist only in the autoscaler's
+    config, which Ray keeps in the GCS. Sizing from ``ray.cluster_resources()`` alone
+    would train on CPUs there. Local Ray (no autoscaler) gives what it has.
+    """
+    resources = dict(ray.cluster_resources())
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    try:
+        from ray._private.state import state
+
+        config = state.get_cluster_config()
+        most = state.get_max_resources_from_cluster_config() if config is not None else None
+    except Exception:  # an older or unusual cluster: what is there now is what we size for
+        config, most = None, None
+    if config is not None and config.node_group_configs:
+        for key, value in (most or {}).items():
+            resources[key] = max(float(resources.get(key, 0)), float(value))
+        counts = [g.max_count for g in config.node_group_configs]
+        nodes = max(nodes, sys.maxsize if -1 in counts else sum(counts))
+    return resources, nodes
+
+
+def check_output_shared(cfg: Config, num_nodes: int) -> None:
+    """Refuse a node-local ``--output`` when the training workers may sit on several machines.
+
+    Ray Train persists each worker's checkpoint files from the worker's own node: with a plain
+    local path, the files of workers on other nodes land on those nodes' disks, and neither the
+    summary nor ``--resume`` can find a complete checkpoint afterwards.
+    """
+    from rayssl.storage import is_remote
+
+    if num_nodes > 1 and not is_remote(cfg.run.output) and not cfg.run.shared_output:
+        raise ConfigError(
+            f"run.output: {cfg.run.output} is a local path, but the Ray cluster has (or can scale to) "
+            f"{num_nodes if num_nodes < sys.maxsize else 'any number of'} nodes: workers "
+            "on other nodes would write their checkpoint files to their own disks, where neither the summary "
+            "nor --resume can find them. Use storage every node reaches (--output s3://bucket/prefix), or pass "
+            "--shared-output if this path is a shared filesystem mounted at the same place on every node"
+        )
+
+
+def checkpoint_uri(path: str, output: str) -> str:
+    """A checkpoint path as Ray Train reports it (no scheme on remote storage) -> a URI like ``output``."""
+    from rayssl.storage import is_remote
+
+    if is_remote(output) and "://" not in path:
+        return output.split("://", 1)[0] + "://" + path
+    return path
+
+
+def deterministic_data_config():
+    """``data.deterministic``: Ray Data preserves order, so ``streaming_split`` hands every
+    worker the same rows in the same order on every run (it ignores locality then)."""
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return DataConfig(execution_options=options)
+
+
+def stop_on_non_finite():
+    """A Ray Train callback that ends the run when a worker failed on a non-finite loss or code.
+
+    Ray Train retries a worker's FloatingPointError like a dead worker, but a NaN recurs
+    from the same checkpoint with the same data: retrying would only spend --max-failures.
+    An error raised in a callback is a controller error, which Ray Train never retries.
+    """
+    from ray.train import UserCallback
+
+    from rayssl.data.pipeline import wrapped_error_message
+
+    class StopOnNonFinite(UserCallback):
+        def after_exception(self, run_context, worker_exceptions):
+            for rank in sorted(worker_exceptions):
+                msg = wrapped_error_message(worker_exceptions[rank], FloatingPointError)
+                if msg:
+                    raise FloatingPointError(f"{msg} (worker {rank}; not retried: it would recur)")
+
+    return StopOnNonFinite()
+
+
+def run(cfg: Config, callbacks: Sequence = (), source=None) -> dict:
+    """Start (or join) Ray, train, and return the summary dict.
+
+    ``callbacks`` are Ray Train callbacks added to the run (a Tune sweep passes
+    ``TuneReportCallback`` to forward rank 0's per-epoch metrics to Tune). ``source``:
+    the data source ``check_data_source`` already listed (listed again when None).
+    """
     ray = init_ray(cfg)
+    capacity, num_nodes = cluster_capacity(ray)
+    check_output_shared(cfg, num_nodes)
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -281,8 +402,13 @@ def run(cfg: Config) -> dict:
     from rayssl.loop import log, train_loop_per_worker
     from rayssl.storage import run_location, write_text
 
-    use_gpu, resources = worker_resources(cfg, ray.cluster_resources())
-    data = build_train_data(cfg)
+    use_gpu, resources = worker_resources(cfg, capacity)
+    if cfg.run.method == "cdul":  # rows keep each image's index for the label store
+        from rayssl.data.indexed import build_indexed_train_data
+
+        data = build_indexed_train_data(cfg, cfg.method.pseudo_labels)
+    else:
+        data = build_train_data(cfg, source=source)
     steps_per_epoch = data.num_images // cfg.run.batch_size
     if steps_per_epoch < 1:
         raise ConfigError(
@@ -305,17 +431,17 @@ def run(cfg: Config) -> dict:
             storage_path=storage_path,
             storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            callbacks=[*callbacks, stop_on_non_finite()],
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
         ),
         datasets={"train": data.dataset},
+        dataset_config=deterministic_data_config() if cfg.data.deterministic else None,
     )
     t0 = time.perf_counter()
     result = trainer.fit()
     wall = time.perf_counter() - t0
     m = dict(result.metrics or {})
-    ckpt = result.checkpoint.path if result.checkpoint is not None else None
-    if ckpt is not None and fs is not None:
-        ckpt = cfg.run.output.split("://", 1)[0] + "://" + ckpt
+    ckpt = checkpoint_uri(result.checkpoint.path, cfg.run.output) if result.checkpoint is not None else None
     summary = {
         "method": cfg.run.method,
         "epochs": m.get("epoch"),
@@ -353,21 +479,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(cfg.to_yaml(), end="")
             return 0
         cfg = prepare_output(cfg, args)
-        check_data_source(cfg)
+        source = check_data_source(cfg)
+        from rayssl.viz.tracking import tracking_requirements
+
+        tracking_requirements(args.tensorboard, args.mlflow, cfg.run.output)
     except (ConfigError, ValueError) as exc:
         parser.error(_name_flag(str(exc)))
     started_ray = not _ray_connected()
     try:
-        summary = run(cfg)
+        summary = run(cfg, callbacks=[run_tracker(cfg, args)], source=source)
     except ConfigError as exc:
         parser.error(_name_flag(str(exc)))
     except KeyboardInterrupt:
         print("interrupted; continue with --resume --output " + cfg.run.output, file=sys.stderr)
         return 130
     except Exception as exc:  # a training failure: one readable line, then the details above it
-        from rayssl.data.pipeline import data_error_message
+        from rayssl.data.pipeline import data_error_message, wrapped_error_message
 
-        print(f"rayssl: training failed: {data_error_message(exc) or _root_cause(exc)}", file=sys.stderr)
+        why = data_error_message(exc) or wrapped_error_message(exc, FloatingPointError) or _root_cause(exc)
+        print(f"rayssl: training failed: {why}", file=sys.stderr)
         print(f"rayssl: run directory {cfg.run.output}; continue with --resume once fixed", file=sys.stderr)
         return 1
     finally:

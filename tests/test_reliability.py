@@ -6,7 +6,10 @@
   newest complete one (Ray Train's own snapshot would hand the workers the damaged one).
 - A planted AWS secret and session token never reach stdout/stderr, the run directory
   (config, summary, checkpoints: raw bytes and the unpickled objects) or Ray's session logs.
-- A non-finite loss or Sinkhorn code stops the step with a message naming the step.
+- A non-finite loss or Sinkhorn code stops the step with a message naming the step, and
+  stops the run without spending --max-failures on retries (the NaN would recur).
+- The manifest records every rank file's size: a truncated rank_<r>.pt makes the
+  checkpoint incomplete, so --resume skips it.
 """
 
 from __future__ import annotations
@@ -146,7 +149,11 @@ def test_killed_worker_restarts_from_checkpoint_and_finishes_the_run(killed_run)
     ckpts = _checkpoints_by_epoch(killed_run["out"])
     assert sorted(ckpts) == [1, 2, 3]
     for epoch, d in ckpts.items():
-        assert verify_checkpoint_dir(d)["step"] == epoch * STEPS_PER_EPOCH
+        manifest = verify_checkpoint_dir(d)
+        assert manifest["step"] == epoch * STEPS_PER_EPOCH
+        # Each worker's file size, gathered to rank 0, is in the manifest.
+        for r in range(2):
+            assert manifest["files"][f"rank_{r}.pt"] == (d / f"rank_{r}.pt").stat().st_size > 0
     # The restarted workers continued from the epoch-1 checkpoint (their log reaches the driver).
     assert re.search(r"resumed from checkpoint at epoch 1, step 4", killed_run["stderr"]), \
         killed_run["stderr"][-3000:]
@@ -196,9 +203,9 @@ def _fake_run(root: Path, epochs: int) -> list[str]:
         name = f"checkpoint_2000-01-0{e}_00-00-00.000000"
         d = root / name
         d.mkdir(parents=True)
-        for r in range(2):
-            write_rank_state(d, r, {"rank": r})
-        write_shared_state(d, {"epoch": e, "step": 4 * e, "model": {"w": torch.ones(3)}}, world_size=2)
+        sizes = [write_rank_state(d, r, {"rank": r, "queue": torch.full((64,), float(r))}) for r in range(2)]
+        write_shared_state(d, {"epoch": e, "step": 4 * e, "model": {"w": torch.ones(3)}}, world_size=2,
+                           rank_sizes=sizes)
         names.append(name)
     results = [_TrainingResultState(checkpoint_dir_name=n, metrics={"epoch": i + 1}) for i, n in enumerate(names)]
     state = _CheckpointManagerState(
@@ -380,3 +387,75 @@ def test_nan_input_to_mls_and_moco_stops_at_the_loss(one_thread, method):
     crops[0][1] = float("nan")
     with pytest.raises(FloatingPointError, match=rf"^step 5 \(epoch 0\): .*{method}.*not finite"):
         checked_forward(model, crops, epoch=0, step=5, method_name=method)
+
+
+# --------------------------------------------------------------------------- rank file sizes, no Ray
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray's own pydantic v1 calls
+def test_truncated_rank_file_is_caught_by_the_manifest_and_skipped(tmp_path, capsys):
+    names = _fake_run(tmp_path, 2)
+    latest = tmp_path / names[1]
+    manifest = verify_checkpoint_dir(latest)
+    for r in range(2):
+        assert manifest["files"][f"rank_{r}.pt"] == (latest / f"rank_{r}.pt").stat().st_size
+    rank1 = latest / "rank_1.pt"
+    rank1.write_bytes(rank1.read_bytes()[:-16])  # truncated, not empty: only its size tells
+    with pytest.raises(CheckpointError, match=r"rank_1\.pt is missing or truncated \(\d+ bytes where the "
+                                              r"manifest records \d+\)"):
+        verify_checkpoint_dir(latest)
+    assert train.skip_incomplete_checkpoints(str(tmp_path)) == names[0]
+    assert f"skipping incomplete checkpoint {latest}" in capsys.readouterr().err
+
+
+def test_rank_sizes_must_match_the_world_size(tmp_path):
+    from rayssl.checkpoint import gather_rank_sizes
+
+    assert gather_rank_sizes(123) == [123]  # no process group: this rank only
+    with pytest.raises(ValueError, match="rank_sizes has 1 entries for world_size 2"):
+        write_shared_state(tmp_path, {"epoch": 1}, world_size=2, rank_sizes=[10])
+
+
+# --------------------------------------------------------------------------- a recurring NaN is not retried
+
+
+def test_non_finite_failures_stop_the_run_other_failures_are_retried():
+    cb = train.stop_on_non_finite()
+    wrapped = RuntimeError("ray.exceptions.RayTaskError(FloatingPointError): ...\n"
+                           "FloatingPointError: step 3 (epoch 1): the mls loss is not finite (nan); lower optim.base_lr")
+    with pytest.raises(FloatingPointError, match=r"^step 3 \(epoch 1\): the mls loss is not finite \(nan\); lower "
+                                                 r"optim.base_lr \(worker 1; not retried"):
+        cb.after_exception(None, {1: wrapped, 0: RuntimeError("collective aborted")})
+    # A dead worker (SIGKILL, OOM, a lost node) is left to Ray Train's retries.
+    cb.after_exception(None, {0: RuntimeError("The actor died unexpectedly before finishing this task.")})
+
+
+class _FailureLog:
+    """A Ray Train callback that appends one line per failed attempt to a file."""
+
+    def __new__(cls, path: Path):
+        from ray.train import UserCallback
+
+        class FailureLog(UserCallback):
+            def after_exception(self, run_context, worker_exceptions):
+                with open(path, "a") as f:
+                    f.write(f"{sorted(worker_exceptions)}\n")
+
+        return FailureLog()
+
+
+def test_recurring_nan_is_not_retried(ray_session, tmp_path):
+    """lr 1e30 makes step 2's Sinkhorn codes NaN on every attempt: with --max-failures 2 the run
+    must stop after the first attempt, with the message naming the step and the quantity."""
+    from rayssl.data.pipeline import wrapped_error_message
+
+    out, failures = tmp_path / "nan", tmp_path / "failures.txt"
+    args = train.build_parser().parse_args(
+        tiny_args(out, "--epochs", "1", "--max-failures", "2", "--set", "optim.base_lr=1e30"))
+    cfg = train.prepare_output(train.resolve_config(args), args)
+    with pytest.raises(Exception) as exc:
+        train.run(cfg, callbacks=[_FailureLog(failures)])
+    msg = wrapped_error_message(exc.value, FloatingPointError)
+    assert msg and re.match(r"step 2 \(epoch 0\): sinkhorn codes are not finite", msg), str(exc.value)[-2000:]
+    assert "not retried" in msg
+    assert len(failures.read_text().splitlines()) == 1  # one failed attempt, no retry

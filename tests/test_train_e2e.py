@@ -51,7 +51,9 @@ def test_two_workers_then_resume_continues_the_step_counter(ray_session, tmp_pat
     assert not torch.equal(w1, w2)
 
 
-@pytest.mark.parametrize("method", ["mls", "moco"])
+# moco is the same module with lam = 0; its queue restore is checked, with exact loss
+# equality, in tests/test_resume_equivalence.py.
+@pytest.mark.parametrize("method", ["mls"])
 def test_mls_and_moco_two_workers_and_resume_restores_the_queue(ray_session, tmp_path, capsys, method):
     out = tmp_path / method
     args = ["--output", str(out), "--method", method, "--num-workers", "2", "--batch-size", "32",

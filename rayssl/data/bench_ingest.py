@@ -58,7 +58,7 @@ def bench(cfg, seconds: float, consumers: int = 1, batch_size: int = 32) -> dict
             while not stop.is_set():
                 got = 0
                 for batch in it.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=2):
-                    n = len(batch["crop_0"])
+                    n = len(next(iter(batch.values())))  # crops, or shipped bytes (augment_on=device)
                     got += n
                     with lock:
                         if state["first"] is None:  # the first batch pays the start-up: not timed

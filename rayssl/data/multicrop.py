@@ -34,6 +34,8 @@ __all__ = [
     "blur_kernel_size",
     "multicrop_batch",
     "sample_crop_params",
+    "sample_generators",
+    "stable_key",
 ]
 
 @dataclass(frozen=True)
@@ -337,15 +339,21 @@ def _photometric_chunk(
     return out
 
 
-def _photometric(
-    crops: np.ndarray, spec: MultiCropSpec, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
-    """Flip + jitter + grayscale + blur, independent parameters per crop.
+class _PhotometricParams(NamedTuple):
+    """Pre-drawn photometric parameters of M crops (see ``_draw_photometric``)."""
 
-    ``crops``: uint8 (M, S, S, 3) -> (uint8 (M, S, S, 3), flipped bool (M,)).
-    """
-    m, s = crops.shape[0], crops.shape[1]
-    # Draw everything up front, vectorised, so the RNG stream depends only on M.
+    flip: np.ndarray  # bool (M,)
+    do_jitter: np.ndarray  # bool (M,)
+    factors: np.ndarray  # float32 (M, 4): brightness, contrast, saturation, hue
+    order: np.ndarray  # int (M, 4): order of the four jitter ops
+    do_gray: np.ndarray  # bool (M,)
+    do_blur: np.ndarray  # bool (M,)
+    sigma: np.ndarray  # float (M,)
+
+
+def _draw_photometric(m: int, spec: MultiCropSpec, rng: np.random.Generator) -> _PhotometricParams:
+    """Draw the flip/jitter/grayscale/blur parameters of ``m`` crops, vectorised, so the
+    RNG stream depends only on ``m``."""
     flip = rng.random(m) < spec.flip_p
     j = spec.jitter
     # jitter = 0 means no colour jitter at all (skip the work, keep the RNG stream).
@@ -357,7 +365,12 @@ def _photometric(
     do_gray = rng.random(m) < spec.grayscale_p
     do_blur = rng.random(m) < spec.blur_p
     sigma = rng.uniform(spec.blur_sigma[0], spec.blur_sigma[1], size=m)
+    return _PhotometricParams(flip, do_jitter, factors, order, do_gray, do_blur, sigma)
 
+
+def _apply_photometric(crops: np.ndarray, params: _PhotometricParams) -> np.ndarray:
+    """uint8 (M, S, S, 3) crops with their parameters -> uint8 (M, S, S, 3)."""
+    m, s = crops.shape[0], crops.shape[1]
     out = np.empty_like(crops)
     ksize = blur_kernel_size(s)
     # Work in chunks of about 1 MiB of float32 so every pass over the data stays in
@@ -366,11 +379,39 @@ def _photometric(
     step = max(1, _CHUNK_BYTES // (12 * s * s))
     for a in range(0, m, step):
         sl = slice(a, min(a + step, m))
-        out[sl] = _photometric_chunk(
-            crops[sl], flip[sl], do_jitter[sl], factors[sl], order[sl],
-            do_gray[sl], do_blur[sl], sigma[sl], ksize,
-        )
-    return out, flip
+        out[sl] = _photometric_chunk(crops[sl], *(p[sl] for p in params), ksize)
+    return out
+
+
+def _photometric(
+    crops: np.ndarray, spec: MultiCropSpec, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Flip + jitter + grayscale + blur, independent parameters per crop.
+
+    ``crops``: uint8 (M, S, S, 3) -> (uint8 (M, S, S, 3), flipped bool (M,)).
+    """
+    params = _draw_photometric(crops.shape[0], spec, rng)
+    return _apply_photometric(crops, params), params.flip
+
+
+def sample_generators(seed: int, epoch: int, keys: Sequence[int]) -> list[np.random.Generator]:
+    """One generator per sample, seeded by (seed, epoch, key): pass the list as
+    ``multicrop_batch``'s ``rng`` and each image's crops depend only on its own key, not on
+    which batch, task or worker it lands in -- a run with the same seed (and a resumed run)
+    cuts the same crops from the same image in the same epoch.
+
+    ``keys``: non-negative ints identifying each sample stably (``stable_key`` of a path).
+    """
+    return [np.random.default_rng((seed, epoch, int(k))) for k in keys]
+
+
+def stable_key(value: str | bytes) -> int:
+    """A 64-bit key of a path or of a sample's bytes, the same in every process (unlike
+    ``hash()``, which Python salts per process)."""
+    import hashlib
+
+    data = value.encode() if isinstance(value, str) else bytes(value)
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
 
 
 def _check_image(image: np.ndarray) -> np.ndarray:
@@ -385,13 +426,20 @@ def _check_image(image: np.ndarray) -> np.ndarray:
 
 
 def _multicrop(
-    images: Sequence[np.ndarray], spec: MultiCropSpec, rng: np.random.Generator
+    images: Sequence[np.ndarray], spec: MultiCropSpec, rng: np.random.Generator | Sequence[np.random.Generator]
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """-> (crops, boxes): per crop index j, uint8 (N, s_j, s_j, 3) and int32 (N, 5).
 
-    ``boxes[j][n]`` is (top, left, height, width, flipped) of crop j of image n.
+    ``boxes[j][n]`` is (top, left, height, width, flipped) of crop j of image n. ``rng``:
+    one generator for the batch, or one per image (each image's draws then come from its
+    own generator only).
     """
     n = len(images)
+    per_image = not isinstance(rng, np.random.Generator)
+    if per_image:
+        rngs = list(rng)
+        if len(rngs) != n:
+            raise ValueError(f"got {len(rngs)} generators for {n} images: give one per image")
     pils = [Image.fromarray(_check_image(im)) for im in images]
     bilinear = Image.Resampling.BILINEAR
     crops: list[np.ndarray] = []
@@ -402,8 +450,9 @@ def _multicrop(
         geo = np.empty((n, count, 5), dtype=np.int32)
         for i, pil in enumerate(pils):
             w, h = pil.size
+            r = rngs[i] if per_image else rng
             for c in range(count):
-                top, left, ch, cw = sample_crop_params(h, w, (lo, hi), spec.ratio, rng)
+                top, left, ch, cw = sample_crop_params(h, w, (lo, hi), spec.ratio, r)
                 # Pillow crops and resamples in one pass; its bilinear filter widens
                 # with the downscale factor, i.e. it is antialiased like
                 # torchvision's resize(antialias=True).
@@ -411,9 +460,14 @@ def _multicrop(
                     pil.resize((size, size), bilinear, box=(left, top, left + cw, top + ch))
                 )
                 geo[i, c, :4] = (top, left, ch, cw)
-        flat, flipped = _photometric(group.reshape(n * count, size, size, 3), spec, rng)
+        if per_image:  # image-major, as the reshape below
+            drawn = [_draw_photometric(count, spec, r) for r in rngs]
+            params = _PhotometricParams(*(np.concatenate(p) for p in zip(*drawn)))
+        else:
+            params = _draw_photometric(n * count, spec, rng)
+        flat = _apply_photometric(group.reshape(n * count, size, size, 3), params)
         flat = flat.reshape(n, count, size, size, 3)
-        geo[:, :, 4] = flipped.reshape(n, count)
+        geo[:, :, 4] = params.flip.reshape(n, count)
         for c in range(count):
             crops.append(np.ascontiguousarray(flat[:, c]))
             boxes.append(np.ascontiguousarray(geo[:, c]))
@@ -453,12 +507,13 @@ class MultiCrop:
 def multicrop_batch(
     images: Sequence[np.ndarray],
     spec: MultiCropSpec,
-    rng: np.random.Generator,
+    rng: np.random.Generator | Sequence[np.random.Generator],
     return_params: bool = False,
 ) -> dict[str, np.ndarray]:
     """Multi-crop a batch of RGB images (each its own size) into stacked crop arrays.
 
-    images: N arrays uint8 (H_i, W_i, 3).
+    images: N arrays uint8 (H_i, W_i, 3). rng: one generator for the whole batch, or one
+    per image (``sample_generators``: each image's crops then do not depend on the batch).
     Returns ``{"crop_j": uint8 (N, s_j, s_j, 3)}`` for j < spec.num_crops; with
     ``return_params`` also ``{"crop_j_params": int32 (N, 5)}`` holding
     (top, left, height, width, flipped) in source pixels.

@@ -21,6 +21,14 @@ When more than ``data.max_bad_fraction`` of the images seen so far are skipped (
 once ``MIN_SEEN_FOR_BAD_CHECK`` images were seen), the pipeline raises a DataError naming
 the counts, which stops training: a bucket of mostly broken files is a mistake to fix,
 not something to train on.
+
+Augmentations are seeded per sample by (run seed, epoch, a stable key of the sample: the
+scene index, the file path, shard path + member key, or for Parquet rows a hash of the
+image bytes); the consumer announces each epoch with ``DataStats.set_epoch`` before reading
+it. Row order is Ray Data's streaming order unless ``data.deterministic`` is set: then the
+file/shard order is the seeded one every epoch, and the trainer runs the shards with
+``preserve_order`` so that every worker gets the same rows in the same order on every run
+(what makes a resumed run match an uninterrupted one).
 """
 
 from __future__ import annotations
@@ -32,7 +40,8 @@ from dataclasses import dataclass
 import numpy as np
 import ray
 
-from rayssl.data.multicrop import MultiCropSpec, multicrop_batch
+from rayssl.data.ship import ShipToDevice
+from rayssl.data.multicrop import MultiCropSpec, multicrop_batch, sample_generators, stable_key
 from rayssl.data.scenes import generate_batch, split_seed
 from rayssl.data.sources import (
     IMAGE_EXTENSIONS,
@@ -67,10 +76,12 @@ _NOT_IMAGE_COUNTS = ("skipped.unreadable_shard",)
 
 @ray.remote(num_cpus=0)
 class DataStats:
-    """Counts of images seen, skipped (by reason) and converted, summed over all tasks."""
+    """Counts of images seen, skipped (by reason) and converted, summed over all tasks;
+    and the epoch being read, which seeds the augmentations (see ``augment_generators``)."""
 
     def __init__(self) -> None:
         self.counts: Counter = Counter()
+        self._epoch = 0
 
     def add(self, counts: dict) -> dict:
         self.counts.update(counts)
@@ -78,6 +89,31 @@ class DataStats:
 
     def get(self) -> dict:
         return dict(self.counts)
+
+    def set_epoch(self, epoch: int) -> None:
+        """The consumer calls this (and waits) before it starts reading epoch ``epoch``."""
+        self._epoch = int(epoch)
+
+    def epoch(self) -> int:
+        return self._epoch
+
+
+def current_epoch(stats) -> int:
+    """The epoch the consumer announced with ``DataStats.set_epoch`` (0 without an actor).
+
+    Read once per map batch: Ray Data starts an epoch's tasks only after every training
+    worker asked for that epoch (``streaming_split``'s barrier), and rank 0 announces the
+    epoch before it asks, so every batch of an epoch reads that epoch's number.
+    """
+    return 0 if stats is None else int(ray.get(stats.epoch.remote()))
+
+
+def augment_generators(seed: int, stats, keys) -> list:
+    """One augmentation generator per sample from (run seed, epoch, the sample's stable
+    key): the crops of an image depend on nothing else -- not on the batch, task, block
+    order or worker it lands in -- so runs with the same seed, and a resumed run, see the
+    same crops of the same image in the same epoch."""
+    return sample_generators(seed, current_epoch(stats), keys)
 
 
 def crop_spec(cfg) -> MultiCropSpec:
@@ -112,8 +148,35 @@ def bad_fraction_error(totals: dict, max_bad_fraction: float, uri: str = "") -> 
             f"{max_bad_fraction:g}; {hint}")
 
 
-_DATA_ERROR_LINE = re.compile(r"DataError: ([^\n]+)")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def wrapped_error_message(exc: BaseException, error_type: type[BaseException]) -> str | None:
+    """The message of an ``error_type`` error inside a (Ray-wrapped) failure, or None.
+
+    An error raised in a Ray task or a Ray Train worker often reaches the driver only as
+    text (``RayTaskError(UserCodeException)``, a ``WorkerGroupError``'s worker failures, a
+    ``ControllerError``): the original class is not always chained, so the message is also
+    searched for in the text as ``<ErrorType>: message``. For one-line failure reports.
+    """
+    line = re.compile(rf"\b{re.escape(error_type.__name__)}: ([^\n]+)")
+    todo, seen = [exc], set()
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if type(e) is error_type:
+            return str(e).strip().splitlines()[0]
+        m = line.search(_ANSI.sub("", str(e)))
+        if m:
+            return m.group(1).strip()
+        failures = getattr(e, "worker_failures", None)
+        if isinstance(failures, dict):
+            todo.extend(failures.values())
+        todo.extend([getattr(e, "cause", None), getattr(e, "controller_failure", None), e.__cause__,
+                     e.__context__])
+    return None
 
 
 def data_error_message(exc: BaseException) -> str | None:
@@ -121,25 +184,9 @@ def data_error_message(exc: BaseException) -> str | None:
 
     A DataError raised in a Ray Data task reaches the driver only as text inside
     ``RayTaskError(UserCodeException)`` (and, through Ray Train, inside a
-    ``WorkerGroupError``'s worker failures): the original class is not chained, so the
-    message is found in the text. For the driver's one-line "training failed" report.
+    ``WorkerGroupError``'s worker failures). For the driver's one-line "training failed" report.
     """
-    todo, seen = [exc], set()
-    while todo:
-        e = todo.pop(0)
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, DataError) and type(e) is DataError:
-            return str(e).strip().splitlines()[0]
-        m = _DATA_ERROR_LINE.search(_ANSI.sub("", str(e)))
-        if m:
-            return m.group(1).strip()
-        failures = getattr(e, "worker_failures", None)
-        if isinstance(failures, dict):
-            todo.extend(failures.values())
-        todo.extend([getattr(e, "cause", None), e.__cause__, e.__context__])
-    return None
+    return wrapped_error_message(exc, DataError)
 
 
 def _report(stats, counts: Counter, max_bad_fraction: float = 1.0, uri: str = "") -> None:
@@ -160,13 +207,19 @@ def _report(stats, counts: Counter, max_bad_fraction: float = 1.0, uri: str = ""
         raise DataError(msg)
 
 
-def _decode_crop_count(blobs: list, *, spec: MultiCropSpec, min_side: int, stats, extra: Counter | None = None,
-                       max_bad_fraction: float = 1.0, uri: str = "") -> dict:
-    """Encoded images (``None`` = could not be read) -> crops; counts reported to ``stats``."""
+def _decode_crop_count(blobs: list, keys: list[int], *, spec: MultiCropSpec, min_side: int, stats,
+                       seed: int = 0, extra: Counter | None = None, max_bad_fraction: float = 1.0,
+                       uri: str = "", epoch: int | None = None) -> dict:
+    """Encoded images (``None`` = could not be read) and their stable keys -> crops; counts
+    reported to ``stats``. ``epoch``: the epoch if the caller already read it."""
     from rayssl.data.decode import decode_batch
 
+    if isinstance(spec, ShipToDevice):  # data.augment_on=device: the training worker decodes and crops
+        return _ship_encoded(blobs, keys, min_side=min_side, stats=stats, extra=extra,
+                             max_bad_fraction=max_bad_fraction, uri=uri)
     counts = Counter(extra or {})
     readable = [b for b in blobs if b is not None]
+    keys = [k for k, b in zip(keys, blobs) if b is not None]
     counts["seen"] += len(blobs)
     if len(readable) < len(blobs):
         counts["skipped.read_error"] += len(blobs) - len(readable)
@@ -175,23 +228,47 @@ def _decode_crop_count(blobs: list, *, spec: MultiCropSpec, min_side: int, stats
     counts.update({f"converted.{k}": v for k, v in converted.items()})
     counts = Counter({k: v for k, v in counts.items() if v})
     _report(stats, counts, max_bad_fraction, uri)
-    good = [im for im in images if im is not None]
+    good = [(im, k) for im, k in zip(images, keys) if im is not None]
     if not good:
         # No columns at all: Ray Data drops the empty batch (a zero-length tensor column
         # would fall back to pickled objects and mix two block formats).
         return {}
-    return multicrop_batch(good, spec, np.random.default_rng())  # fresh entropy: new crops every epoch
+    epoch = current_epoch(stats) if epoch is None else epoch
+    return multicrop_batch([im for im, _ in good], spec, sample_generators(seed, epoch, [k for _, k in good]))
+
+
+def _ship_encoded(blobs: list, keys: list[int], *, min_side: int, stats, extra: Counter | None = None,
+                  max_bad_fraction: float = 1.0, uri: str = "") -> dict:
+    """``augment_on=device``: header-checked encoded images -> ``{"encoded", "key"}`` rows
+    (nothing decoded here); skips counted as on the CPU path."""
+    from rayssl.data.ship import check_encoded
+
+    counts = Counter(extra or {})
+    counts["seen"] += len(blobs)
+    readable = [(b, k) for b, k in zip(blobs, keys) if b is not None]
+    counts["skipped.read_error"] += len(blobs) - len(readable)
+    good, skipped = check_encoded([b for b, _ in readable], min_side=min_side)
+    counts.update({f"skipped.{k}": v for k, v in skipped.items()})
+    _report(stats, Counter({k: v for k, v in counts.items() if v}), max_bad_fraction, uri)
+    if not good:
+        return {}
+    encoded = np.empty(len(good), dtype=object)
+    encoded[:] = [readable[i][0] for i in good]
+    return {"encoded": encoded, "key": np.array([readable[i][1] for i in good], dtype=np.uint64)}
 
 
 # ---------------------------------------------------------------- map_batches functions
 
 
 def crop_scenes(batch: dict, *, seed: int, size: int, spec: MultiCropSpec, stats=None) -> dict:
-    """``{"id": (N,)}`` from ``ray.data.range`` -> generated scenes -> crops."""
-    scenes = generate_batch(np.asarray(batch["id"]), seed=seed, size=size)
-    rng = np.random.default_rng()  # fresh entropy: every epoch sees new crops
+    """``{"id": (N,)}`` from ``ray.data.range`` -> generated scenes -> crops (the scene
+    index is the sample's augmentation key)."""
+    ids = np.asarray(batch["id"])
+    scenes = generate_batch(ids, seed=seed, size=size)
     _report(stats, Counter(seen=len(scenes["image"])))
-    return multicrop_batch(list(scenes["image"]), spec, rng)
+    if isinstance(spec, ShipToDevice):  # the worker crops the uint8 scenes on its device
+        return {"image": scenes["image"], "key": ids.astype(np.uint64)}
+    return multicrop_batch(list(scenes["image"]), spec, augment_generators(seed, stats, ids.tolist()))
 
 
 def _blob(value):
@@ -204,14 +281,16 @@ def _blob(value):
 
 
 def decode_and_crop(batch: dict, *, spec: MultiCropSpec, min_side: int, stats=None, column: str = "bytes",
-                    max_bad_fraction: float = 1.0, uri: str = "") -> dict:
-    """``{column: (N,)}`` encoded images (files' bytes, a Parquet image column) -> crops."""
+                    seed: int = 0, max_bad_fraction: float = 1.0, uri: str = "") -> dict:
+    """``{column: (N,)}`` encoded images (files' bytes, a Parquet image column) -> crops.
+
+    Rows carry no name, so an image's augmentation key is a hash of its bytes."""
     blobs = [_blob(v) for v in batch[column]]
-    return _decode_crop_count(blobs, spec=spec, min_side=min_side, stats=stats,
-                              max_bad_fraction=max_bad_fraction, uri=uri)
+    return _decode_crop_count(blobs, [stable_key(b) for b in blobs], spec=spec, min_side=min_side, stats=stats,
+                              seed=seed, max_bad_fraction=max_bad_fraction, uri=uri)
 
 
-def fetch_decode_and_crop(batch: dict, *, fs, spec: MultiCropSpec, min_side: int, stats=None,
+def fetch_decode_and_crop(batch: dict, *, fs, spec: MultiCropSpec, min_side: int, stats=None, seed: int = 0,
                           max_bad_fraction: float = 1.0, uri: str = "") -> dict:
     """``{"path": (N,)}`` image files -> bytes (one concurrent fetch per batch) -> crops.
 
@@ -221,29 +300,33 @@ def fetch_decode_and_crop(batch: dict, *, fs, spec: MultiCropSpec, min_side: int
     paths = [str(p) for p in batch["path"]]
     fetched = fs.cat_ranges(paths, None, None, on_error="return")
     blobs = [None if isinstance(b, BaseException) else bytes(b) for b in fetched]
-    return _decode_crop_count(blobs, spec=spec, min_side=min_side, stats=stats,
-                              max_bad_fraction=max_bad_fraction, uri=uri)
+    return _decode_crop_count(blobs, [stable_key(p) for p in paths], spec=spec, min_side=min_side, stats=stats,
+                              seed=seed, max_bad_fraction=max_bad_fraction, uri=uri)
 
 
 def tar_shards_to_crops(batch: dict, *, fs, spec: MultiCropSpec, min_side: int, chunk: int, stats=None,
-                        max_bad_fraction: float = 1.0, uri: str = ""):
+                        seed: int = 0, max_bad_fraction: float = 1.0, uri: str = ""):
     """``{"path": (N,)}`` tar shards -> crop batches of up to ``chunk`` images, streamed.
 
     A generator: each shard is read sequentially and its images are decoded and cropped
     ``chunk`` at a time, so memory holds one chunk, not one shard. A corrupt or truncated
     shard is counted once as ``unreadable_shard``; its members before the damage are used.
+    A member's augmentation key is (shard path, sample key).
     """
     for path in batch["path"]:
         pending: list[bytes] = []
+        keys: list[int] = []
         broken = Counter()
+        common = {"spec": spec, "min_side": min_side, "stats": stats, "seed": seed,
+                  "max_bad_fraction": max_bad_fraction, "uri": uri, "epoch": current_epoch(stats)}
         try:
             with open_shard(fs, str(path)) as f:
-                for _key, data in iter_tar_images(f):
+                for key, data in iter_tar_images(f):
                     pending.append(data)
+                    keys.append(stable_key(f"{path}#{key}"))
                     if len(pending) >= chunk:
-                        out = _decode_crop_count(pending, spec=spec, min_side=min_side, stats=stats,
-                                                 max_bad_fraction=max_bad_fraction, uri=uri)
-                        pending = []
+                        out = _decode_crop_count(pending, keys, **common)
+                        pending, keys = [], []
                         if out:
                             yield out
         except DataError:
@@ -251,8 +334,7 @@ def tar_shards_to_crops(batch: dict, *, fs, spec: MultiCropSpec, min_side: int, 
         except Exception:  # noqa: BLE001 - tarfile.ReadError, EOFError, OSError, zlib errors...
             broken["skipped.unreadable_shard"] = 1
         if pending or broken:
-            out = _decode_crop_count(pending, spec=spec, min_side=min_side, stats=stats, extra=broken,
-                                     max_bad_fraction=max_bad_fraction, uri=uri)
+            out = _decode_crop_count(pending, keys, extra=broken, **common)
             if out:
                 yield out
 
@@ -270,7 +352,7 @@ def resolve_cfg_source(cfg) -> Source:
 class TrainData:
     dataset: "ray.data.Dataset"
     num_images: int  # images listed (before any skips): sizes the LR schedule
-    stats: object  # DataStats actor handle
+    stats: object  # DataStats actor handle; call stats.set_epoch before reading each epoch
     source: Source | None = None  # None for the built-in scenes
 
 
@@ -287,6 +369,8 @@ def build_train_data(cfg, stats=None, source: Source | None = None) -> TrainData
     """The training dataset for ``cfg.data.source`` (any kind of source; see the module doc)."""
     spec = crop_spec(cfg)
     d = cfg.data
+    if getattr(d, "augment_on", "cpu") == "device":
+        spec = ShipToDevice(spec)  # ship bytes (scenes: pixels) + keys; see rayssl.data.gpu_augment
     stats = stats if stats is not None else DataStats.remote()
     if d.builtin_scenes:
         n = d.scenes_num_images
@@ -300,29 +384,35 @@ def build_train_data(cfg, stats=None, source: Source | None = None) -> TrainData
         return TrainData(ds, n, stats)
 
     source = source or resolve_cfg_source(cfg)
-    common = {"spec": spec, "min_side": min_image_side(cfg), "stats": stats,
+    common = {"spec": spec, "min_side": min_image_side(cfg), "stats": stats, "seed": cfg.run.seed,
               "max_bad_fraction": float(getattr(d, "max_bad_fraction", 1.0)), "uri": source.uri}
     # Visit files/shards in a seeded random order (sorted listings put whole classes
-    # together), and the blocks in a new order every epoch.
+    # together), and the blocks in a new order every epoch -- except in deterministic mode,
+    # where the order is the seeded one every epoch (the local shuffle still varies by epoch).
     rng = np.random.default_rng(cfg.run.seed)
     paths = [source.paths[i] for i in rng.permutation(len(source.paths))]
+    deterministic = bool(getattr(d, "deterministic", False))
+
+    def block_order(ds):
+        return ds if deterministic else ds.randomize_block_order()
+
     if source.kind == "images":
         # Blocks of whole read batches, at most ~2000 of them however large the listing
         # (one task streams through a block a read batch at a time).
         per_block = d.read_batch_size * max(1, -(-len(paths) // (2000 * d.read_batch_size)))
-        ds = _path_blocks(paths, per_block).randomize_block_order().map_batches(
+        ds = block_order(_path_blocks(paths, per_block)).map_batches(
             fetch_decode_and_crop, batch_size=d.read_batch_size, fn_kwargs={"fs": source.fs, **common},
         )
         return TrainData(ds, len(paths), stats, source)
     if source.kind == "webdataset":
-        ds = _path_blocks(paths, 1).randomize_block_order().map_batches(
+        ds = block_order(_path_blocks(paths, 1)).map_batches(
             tar_shards_to_crops, batch_size=1,
             fn_kwargs={"fs": source.fs, "chunk": d.read_batch_size, **common},
         )
         return TrainData(ds, count_samples(source), stats, source)
     if source.kind == "parquet":
         ds = ray.data.read_parquet(
-            paths, filesystem=source.pyarrow_fs, shuffle="files",
+            paths, filesystem=source.pyarrow_fs, shuffle=None if deterministic else "files",
         ).select_columns([source.image_column]).map_batches(  # only the image column is read
             decode_and_crop, batch_size=d.read_batch_size, fn_kwargs={"column": source.image_column, **common})
         return TrainData(ds, count_samples(source), stats, source)

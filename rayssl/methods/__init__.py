@@ -55,6 +55,15 @@ _REGISTRY: dict[str, MethodSpec] = {
         metric="linear_map",
         summary="MoCo-v2: momentum encoder + InfoNCE against a queue; MLS with lam = 0 (Chen et al. 2020)",
     ),
+    "cdul": MethodSpec(
+        name="cdul",
+        module="rayssl.methods.cdul",
+        config_name="CDULConfig",
+        model_name="CDUL",
+        metric="classifier_map",
+        summary="CDUL: classifier on CLIP global-local pseudo-labels, refined by gradient alignment "
+                "(Abdelfattah et al. 2023)",
+    ),
 }
 
 

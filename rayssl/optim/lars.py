@@ -31,6 +31,9 @@ class LARS(torch.optim.Optimizer):
         weight_decay: L2 coefficient added to the gradient (1e-6 in SwAV).
         trust_coefficient: eta (0.001 in SwAV / LARC).
         eps: added to the trust-ratio denominator to avoid dividing by zero.
+        foreach: update all tensors of a group with ``torch._foreach_*`` kernels (a few
+            launches per group instead of ~10 per tensor: on GPUs the per-tensor loop is
+            launch-bound). False: the reference per-tensor loop; same result.
     """
 
     def __init__(
@@ -41,6 +44,7 @@ class LARS(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         trust_coefficient: float = 0.001,
         eps: float = 1e-8,
+        foreach: bool = True,
     ):
         if lr < 0:
             raise ValueError(f"LARS lr must be >= 0, got {lr}")
@@ -59,6 +63,7 @@ class LARS(torch.optim.Optimizer):
             lars_exclude=False,
         )
         super().__init__(params, defaults)
+        self.foreach = bool(foreach)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -67,6 +72,9 @@ class LARS(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            if self.foreach:
+                self._group_step_foreach(group)
+                continue
             lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
             for p in group["params"]:
                 if p.grad is None:
@@ -93,6 +101,39 @@ class LARS(torch.optim.Optimizer):
                     update = buf
                 p.add_(update, alpha=-lr)
         return loss
+
+    def _group_step_foreach(self, group: dict) -> None:
+        """The per-tensor step above, for every tensor of ``group`` at once."""
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        grads = [p.grad for p in params]
+        if any(g.is_sparse for g in grads):
+            raise RuntimeError("LARS does not support sparse gradients")
+        lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
+        updates = torch._foreach_add(grads, params, alpha=wd) if wd != 0 else [g.clone() for g in grads]
+        if not group["lars_exclude"]:
+            w_norm = torch.stack(torch._foreach_norm(params))
+            g_norm = torch.stack(torch._foreach_norm(grads))
+            trust = group["trust_coefficient"] * w_norm / (g_norm + wd * w_norm + group["eps"])
+            trust = torch.where((w_norm > 0) & (g_norm > 0), trust, torch.ones_like(trust))
+            torch._foreach_mul_(updates, list(trust.unbind(0)))
+        if momentum != 0:
+            old_bufs, old_updates, bufs = [], [], []
+            for p, u in zip(params, updates):
+                state = self.state[p]
+                buf = state.get("momentum_buffer")
+                if buf is None:
+                    buf = state["momentum_buffer"] = u.clone()
+                else:
+                    old_bufs.append(buf)
+                    old_updates.append(u)
+                bufs.append(buf)
+            if old_bufs:
+                torch._foreach_mul_(old_bufs, momentum)
+                torch._foreach_add_(old_bufs, old_updates)
+            updates = bufs
+        torch._foreach_add_(params, updates, alpha=-lr)
 
 
 def param_groups_for_lars(model: nn.Module, weight_decay: float) -> list[dict]:

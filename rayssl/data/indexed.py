@@ -1,0 +1,94 @@
+"""Training rows that keep each image's index, for methods with per-image state (CDUL).
+
+``build_indexed_train_data(cfg, pseudo_labels_uri)`` reads the index (and path) of every
+pseudo-labelled image from the labelling job's Parquet and streams
+``{"index", "crop_0".."crop_{n-1}"}`` rows: generated scenes are re-generated from their
+number, image files are fetched, decoded and cropped like ``rayssl.data.pipeline`` does
+(bad files skipped and counted in the same ``DataStats``). The index is what the label
+store is keyed by, so rows may arrive in any order on any worker.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import ray
+
+from rayssl.data.multicrop import multicrop_batch
+from rayssl.data.pipeline import (DataStats, TrainData, _report, augment_generators, crop_spec, min_image_side,
+                                  resolve_cfg_source)
+from rayssl.data.sources import DataError
+
+
+def indexed_scenes_to_crops(batch: dict, *, seed: int, size: int, spec, stats=None) -> dict:
+    from rayssl.data.scenes import generate_batch
+
+    idx = np.asarray(batch["index"], dtype=np.int64)
+    scenes = generate_batch(idx, seed=seed, size=size)
+    _report(stats, Counter(seen=len(idx)))
+    # Seeded per image by (seed, epoch, index), as the other pipelines: a resume sees the same crops.
+    return {"index": idx, **multicrop_batch(list(scenes["image"]), spec, augment_generators(seed, stats, idx.tolist()))}
+
+
+def fetch_decode_count(paths: list[str], *, fs, min_side: int, stats=None, max_bad_fraction: float = 1.0,
+                       uri: str = "") -> list[tuple[int, np.ndarray]]:
+    """Fetch (one concurrent request per batch) and decode image files -> ``[(row, rgb uint8)]``
+    of those that are usable; the others are counted in ``stats`` by reason (``read_error``,
+    ``decode_error``, ``empty``, ``too_small`` ...), as ``rayssl.data.pipeline`` counts them."""
+    from rayssl.data.decode import decode_batch
+
+    fetched = fs.cat_ranges(paths, None, None, on_error="return")
+    blobs = [None if isinstance(b, BaseException) else bytes(b) for b in fetched]
+    keep = [i for i, b in enumerate(blobs) if b is not None]
+    counts = Counter(seen=len(blobs))
+    counts["skipped.read_error"] = len(blobs) - len(keep)
+    images, skipped, converted = decode_batch([blobs[i] for i in keep], min_side=min_side)
+    counts.update({f"skipped.{getattr(k, 'value', k)}": v for k, v in skipped.items()})
+    counts.update({f"converted.{k}": v for k, v in converted.items()})
+    _report(stats, Counter({k: v for k, v in counts.items() if v}), max_bad_fraction, uri)
+    return [(keep[j], im) for j, im in enumerate(images) if im is not None]
+
+
+def indexed_files_to_crops(batch: dict, *, fs, spec, min_side: int, stats=None, max_bad_fraction: float = 1.0,
+                           uri: str = "", seed: int = 0) -> dict:
+    good = fetch_decode_count([str(p) for p in batch["path"]], fs=fs, min_side=min_side, stats=stats,
+                              max_bad_fraction=max_bad_fraction, uri=uri)
+    if not good:
+        return {}
+    idx = np.asarray(batch["index"], dtype=np.int64)[[r for r, _ in good]]
+    return {"index": idx, **multicrop_batch([im for _, im in good], spec, augment_generators(seed, stats, idx.tolist()))}
+
+
+def build_indexed_train_data(cfg, pseudo_labels: str, stats=None) -> TrainData:
+    import pyarrow as pa
+
+    from rayssl.pseudolabel.store import read_pseudo_labels
+
+    meta, cols = read_pseudo_labels(pseudo_labels, columns=("index", "path"))
+    src = meta["source"]
+    d = cfg.data
+    spec = crop_spec(cfg)
+    stats = stats if stats is not None else DataStats.remote()
+    index = cols["index"].astype(np.int64)
+    rng = np.random.default_rng(cfg.run.seed)
+    order = rng.permutation(len(index))
+    if src["kind"] == "scenes":
+        if not d.builtin_scenes:
+            raise DataError(f"--pseudo-labels: {pseudo_labels} labels generated scenes, but --data is {d.source}")
+        table = pa.table({"index": pa.array(index[order])})
+        fn, kwargs = indexed_scenes_to_crops, {"seed": int(src["seed"]), "size": d.scenes_image_size}
+    else:
+        if d.builtin_scenes or d.source.rstrip("/") != str(src["uri"]).rstrip("/"):
+            raise DataError(f"--pseudo-labels: {pseudo_labels} labels {src['uri']}, but --data is {d.source}")
+        source = resolve_cfg_source(cfg)
+        paths = np.asarray(cols["path"], dtype=object)
+        table = pa.table({"index": pa.array(index[order]), "path": pa.array(list(paths[order]), pa.string())})
+        fn = indexed_files_to_crops
+        kwargs = {"fs": source.fs, "min_side": min_image_side(cfg), "uri": source.uri,
+                  "max_bad_fraction": float(d.max_bad_fraction), "seed": cfg.run.seed}
+    step = max(1, d.read_batch_size * max(1, -(-len(index) // (2000 * d.read_batch_size))))
+    blocks = [table.slice(i, step) for i in range(0, len(index), step)]
+    ds = ray.data.from_arrow(blocks).randomize_block_order().map_batches(
+        fn, batch_size=d.read_batch_size, fn_kwargs={"spec": spec, "stats": stats, **kwargs})
+    return TrainData(ds, len(index), stats)

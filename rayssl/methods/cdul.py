@@ -1,0 +1,220 @@
+"""CDUL stage 2: a multi-label classifier trained on CLIP pseudo-labels, refined by
+gradient alignment (Abdelfattah et al., ICCV 2023, arXiv:2307.16634, Sec. 3.2).
+
+Pure PyTorch. The classifier (a torchvision ResNet + a linear layer, one logit per class)
+learns from the soft labels with a per-class sigmoid + binary cross-entropy (the public
+reproduction's softmax + KL treats the classes as exclusive, which its maintainer calls a
+mistake). Every ``label_update_every`` epochs after ``label_warmup_epochs``, each image's
+latent label u = logit(y) takes one step against the gradient of the loss with respect to
+the label, weighted by a Gaussian of the label around 0.5:
+
+    u <- u - label_lr * exp(-(y - 0.5)^2 / (2 sigma^2)) * dL/dy,    y_new = sigmoid(u)
+
+with L the (summed) BCE of the classifier's logits z against y, so dL/dy = -z: confident
+labels (near 0 or 1) barely move, uncertain ones follow the classifier. The new labels are
+kept in the label store (``rayssl.pseudolabel.store``) for the following epochs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from rayssl import dist
+from rayssl.modules.backbone import build_backbone
+
+if TYPE_CHECKING:  # pragma: no cover
+    from rayssl.config import Config, ModelSection
+    from rayssl.pseudolabel.store import LabelStore
+
+
+@dataclass
+class CDULConfig:
+    """CDUL stage-2 settings. The paper gives no numbers for the update step; these defaults
+    are ours (a label at 0.5 moves by ``label_lr`` times the classifier's logit per update)."""
+
+    section: ClassVar[str] = "cdul"
+
+    pseudo_labels: str = ""  # output folder/URI of `python -m rayssl.pseudolabel` (required)
+    gradient_alignment: bool = True  # False: train on the initial labels only
+    label_warmup_epochs: int = 1  # epochs on the initial labels before the first update
+    label_update_every: int = 1  # epochs between label updates
+    label_lr: float = 1.0  # step on the latent label
+    label_sigma: float = 0.25  # width of the Gaussian weight around 0.5
+    init_checkpoint: str = ""  # a rayssl SwAV/MLS/MoCo checkpoint dir whose backbone initialises this one
+    store_dtype: str = "float32"  # float32 | float16 (label table precision)
+    store_dir: str = ""  # "" = RAM; a local folder = memory-mapped label table there
+
+    def __post_init__(self) -> None:
+        from rayssl.config import _check
+
+        s = self.section
+        _check(self.label_warmup_epochs >= 0, f"{s}.label_warmup_epochs", "must be >= 0")
+        _check(self.label_update_every >= 1, f"{s}.label_update_every", "must be >= 1")
+        _check(self.label_lr >= 0, f"{s}.label_lr", f"must be >= 0, got {self.label_lr}")
+        _check(self.label_sigma > 0, f"{s}.label_sigma", f"must be > 0, got {self.label_sigma}")
+        _check(self.store_dtype in ("float32", "float16"), f"{s}.store_dtype",
+               f"must be float32 or float16, got {self.store_dtype!r}")
+
+    @staticmethod
+    def validate_with(self: "CDULConfig", cfg: "Config") -> None:
+        from rayssl.config import _check
+
+        _check(bool(self.pseudo_labels), "cdul.pseudo_labels",
+               "required for --method cdul: the output of `python -m rayssl.pseudolabel --out URI ...`")
+        _check(getattr(cfg.data, "augment_on", "cpu") == "cpu", "data.augment_on",
+               "cdul reads its rows (image index + crops) from the CPU pipeline; use data.augment_on=cpu")
+
+    def update_epoch(self, epoch: int) -> bool:
+        """Whether labels are updated during (0-based) ``epoch``."""
+        e = epoch - self.label_warmup_epochs
+        return self.gradient_alignment and e >= 0 and e % self.label_update_every == 0
+
+
+def gaussian_weight(soft: torch.Tensor, sigma: float) -> torch.Tensor:
+    return torch.exp(-((soft - 0.5) ** 2) / (2.0 * sigma * sigma))
+
+
+def gradient_alignment_update(latent: torch.Tensor, logits: torch.Tensor, lr: float, sigma: float) -> torch.Tensor:
+    """One gradient-alignment step on latent labels.
+
+    Args:
+        latent: (B, C) latent labels u (soft label y = sigmoid(u)).
+        logits: (B, C) classifier logits z for the same images (no gradient flows to them).
+        lr: step size on u; sigma: width of the Gaussian weight of y around 0.5.
+    Returns:
+        (B, C) new latent labels ``u - lr * w(y) * dL/dy`` with L = sum BCE(sigmoid(z), y).
+    """
+    y = torch.sigmoid(latent.detach().float()).requires_grad_(True)
+    with torch.enable_grad():
+        loss = F.binary_cross_entropy_with_logits(logits.detach().float(), y, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, y)
+    return latent.detach().float() - lr * gaussian_weight(y.detach(), sigma) * grad
+
+
+class CDUL(nn.Module):
+    """ResNet + linear multi-label head, trained on the label store's soft labels.
+
+    ``forward(crops, epoch, step, index)``: crops of the first group (the views of each
+    image) are each classified; loss = mean over views of the mean per-class BCE against
+    the images' current soft labels. During update epochs the latent labels of the batch
+    move by one gradient-alignment step computed from the view-averaged logits, and the
+    updates of all workers are all-gathered and applied on every replica of the store.
+    """
+
+    batch_columns: ClassVar[tuple[str, ...]] = ("index",)  # extra batch columns the loop passes
+
+    def __init__(self, cfg: CDULConfig, model: "ModelSection", num_crops: int = 1, world_size: int | None = None,
+                 store: "LabelStore | None" = None, classes: Sequence[str] | None = None):
+        super().__init__()
+        self.cfg = cfg
+        if store is None:
+            from rayssl.pseudolabel.store import store_from_pseudo_labels
+
+            store, meta = store_from_pseudo_labels(
+                cfg.pseudo_labels, dtype=getattr(torch, cfg.store_dtype), directory=cfg.store_dir or None)
+            classes = meta["classes"]
+        self.classes = list(classes) if classes is not None else [str(i) for i in range(store.num_classes)]
+        self._store = {"store": store}  # not a buffer: DDP must not broadcast it, it is checkpointed apart
+        self.backbone, dim = build_backbone(model.backbone, small_stem=model.small_stem)
+        if cfg.init_checkpoint:
+            load_backbone_from_checkpoint(self.backbone, cfg.init_checkpoint)
+        self.head = nn.Linear(dim, store.num_classes)
+
+    @property
+    def store(self) -> "LabelStore":
+        return self._store["store"]
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+    def forward(self, crops: Sequence[torch.Tensor], epoch: int = 0, step: int = 0, index: torch.Tensor | None = None):
+        if index is None:
+            raise ValueError("cdul needs the image index of every sample (batch column 'index')")
+        views = [c for c in crops if c.shape[-1] == crops[0].shape[-1]]  # the large crops
+        idx = index.reshape(-1).long().cpu()
+        target = self.store.get_soft(idx).to(views[0].device)
+        z = self.logits(torch.cat(views)).float()
+        loss = F.binary_cross_entropy_with_logits(z, target.repeat(len(views), 1))
+        metrics = {"loss": loss.detach()}
+        if self.cfg.update_epoch(epoch):
+            with torch.no_grad():
+                z_mean = z.detach().reshape(len(views), -1, z.shape[-1]).mean(0)
+                latent = self.store.get_latent(idx).to(z.device)
+                new = gradient_alignment_update(latent, z_mean, self.cfg.label_lr, self.cfg.label_sigma)
+                all_idx = dist.all_gather_cat(idx.to(z.device)).cpu()
+                all_new = dist.all_gather_cat(new).cpu()
+                self.store.set_latent(all_idx, all_new)
+                metrics["label_change"] = (torch.sigmoid(new) - torch.sigmoid(latent)).abs().mean()
+        return loss, metrics
+
+    def after_backward(self, step: int) -> None:
+        """Nothing to do: labels are updated inside ``forward``."""
+
+    # -- state -------------------------------------------------------------------------------
+    def rank_state_dict(self) -> dict:
+        return {}  # the store is identical on every rank: saved once, in the shared state
+
+    def load_rank_state_dict(self, state: dict) -> bool:
+        return True
+
+    def shared_state_dict(self) -> dict:
+        return {"label_store": self.store.state_dict()}
+
+    def load_shared_state_dict(self, state: dict) -> None:
+        self.store.load_state_dict(state["label_store"])
+
+    # -- evaluation ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, images, size: int, device) -> torch.Tensor:
+        """uint8 images (N, H, W, 3) -> (N, C) probabilities, in eval mode."""
+        from rayssl.eval.features import extract_features
+
+        feats = extract_features(self.backbone, images, size, device)
+        was = self.head.training
+        self.head.eval()
+        out = torch.sigmoid(self.head(feats.to(self.head.weight.device)).float()).cpu()
+        self.head.train(was)
+        return out
+
+    def evaluate_held_out(self, eval_sets, size: int, device) -> float:
+        """mAP of the classifier on the held-out labelled scenes, over the classes that are scene
+        shapes (NaN if none is)."""
+        from rayssl.data.scenes import SHAPES
+        from rayssl.eval.metrics import mean_average_precision
+
+        test = eval_sets[1]
+        cols = [(i, SHAPES.index(c)) for i, c in enumerate(self.classes) if c in SHAPES]
+        if not cols:
+            return math.nan
+        probs = self.predict(test["image"], size, device)
+        ours, theirs = zip(*cols)
+        return mean_average_precision(probs[:, list(ours)], torch.from_numpy(test["labels"][:, list(theirs)]).float())
+
+
+def load_backbone_from_checkpoint(backbone: nn.Module, directory: str) -> None:
+    """Copy the backbone weights of a rayssl checkpoint (SwAV, MLS or MoCo) into ``backbone``."""
+    from rayssl.checkpoint import load_shared_state
+
+    from rayssl.checkpoint import CheckpointError
+
+    try:
+        state = load_shared_state(directory)["model"]
+    except (CheckpointError, OSError) as exc:
+        raise ValueError(f"cdul.init_checkpoint: {exc}") from None
+    sub = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    if not sub:
+        raise ValueError(f"cdul.init_checkpoint: {directory} holds no backbone weights")
+    try:
+        missing, _ = backbone.load_state_dict(sub, strict=False)
+    except RuntimeError as exc:
+        raise ValueError(f"cdul.init_checkpoint: {directory} does not match model.backbone: "
+                         f"{str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else exc}") from None
+    if missing:
+        raise ValueError(f"cdul.init_checkpoint: {directory} does not match model.backbone "
+                         f"(missing {len(missing)} keys, e.g. {missing[0]})")

@@ -1,0 +1,129 @@
+"""``python -m rayssl.pseudolabel``: CDUL's CLIP pseudo-labelling job (stage 1).
+
+    python -m rayssl.pseudolabel --data scenes|FOLDER|s3://bucket/prefix --classes FILE_OR_LIST \
+        --clip-model NAME --clip-pretrained TAG_OR_PATH --out DIR_OR_URI [--grid 3] [--gamma 0] ...
+
+Writes Parquet + ``pseudolabels.json`` + ``summary.json`` to ``--out`` and prints the summary
+as the last line of stdout (JSON). See ``rayssl.pseudolabel.job``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m rayssl.pseudolabel",
+                                description="CDUL stage 1: CLIP global-local pseudo-labels as a Ray Data job.")
+    p.add_argument("--data", required=True, help="'scenes' (built-in generated scenes), a folder or s3:// prefix of images")
+    p.add_argument("--classes", default=None,
+                   help="class names: a file (one per line, or a JSON list) or a comma-separated list; "
+                        "default for --data scenes: the scene shapes")
+    p.add_argument("--clip-model", required=True, help="open_clip model name (e.g. ViT-B-32, rayssl-tiny-clip)")
+    p.add_argument("--clip-pretrained", required=True, help="open_clip hub tag (e.g. openai) or a checkpoint file")
+    p.add_argument("--out", required=True, help="output folder or s3:// URI (must not hold a previous output)")
+    p.add_argument("--template", default="a photo of a {}", help="prompt template with one {} (default: %(default)r)")
+    p.add_argument("--grid", type=int, default=3, help="snippets per side (default 3: 3x3 snippets)")
+    p.add_argument("--gamma", type=float, default=0.0, help="aggregation threshold: max if >= gamma else min (default 0)")
+    p.add_argument("--lam", type=float, default=0.0, help="weight of |global - aggregated| in the initial label (default 0)")
+    p.add_argument("--num-actors", type=int, default=2, help="CLIP actors (one GPU each when available; default 2)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32)")
+    p.add_argument("--use-gpu", choices=["auto", "true", "false"], default="auto")
+    p.add_argument("--labels", default=None, help="ground-truth table (CSV/Parquet id -> classes) to score the labels")
+    p.add_argument("--no-vectors", action="store_true", help="do not store the global and aggregated vectors")
+    p.add_argument("--num-scenes", type=int, default=2048, help="--data scenes: how many (default 2048)")
+    p.add_argument("--scenes-size", type=int, default=64, help="--data scenes: side in pixels (default 64)")
+    p.add_argument("--scenes-split", default="train", help="--data scenes: stream (train, eval-train, eval-test)")
+    p.add_argument("--seed", type=int, default=0, help="--data scenes: base seed (as rayssl.train's --seed)")
+    p.add_argument("--max-bad-fraction", type=float, default=0.5,
+                   help="stop when more than this fraction of images is unusable (default 0.5)")
+    p.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL")
+    return p
+
+
+def parse_classes(text: str | None, data: str) -> list[str]:
+    """Class names from a file (lines or JSON list) or a comma-separated list; errors name --classes."""
+    if text is None:
+        if data == "scenes":
+            from rayssl.data.scenes import SHAPES
+
+            return list(SHAPES)
+        raise ValueError("--classes: required for your own data (a file of class names or a comma-separated list)")
+    looks_like_file = os.sep in text or text.endswith((".txt", ".json", ".csv", ".names")) or os.path.exists(text)
+    if looks_like_file:
+        if not os.path.isfile(text):
+            raise ValueError(f"--classes: class file not found: {text}")
+        raw = open(text, encoding="utf-8").read()
+        try:
+            parsed = json.loads(raw)
+            names = [str(c) for c in parsed] if isinstance(parsed, list) else None
+        except json.JSONDecodeError:
+            names = None
+        if names is None:
+            names = [line.strip() for line in raw.splitlines()]
+        where = f"class file {text}"
+    else:
+        names = text.split(",")
+        where = "the list"
+    names = [n.strip() for n in names if n.strip() and not n.strip().startswith("#")]
+    if not names:
+        raise ValueError(f"--classes: {where} holds no class names")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"--classes: duplicate class names in {where}: {', '.join(dup)}")
+    return names
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from rayssl.pseudolabel.clip import ClipLoadError, check_clip_args
+    from rayssl.storage import S3Options, configure_s3, exists
+
+    try:
+        configure_s3(S3Options(endpoint=args.s3_endpoint or ""))
+        classes = parse_classes(args.classes, args.data)
+        for name in ("grid", "num_actors", "batch_size", "num_scenes"):
+            if getattr(args, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
+        from rayssl.pseudolabel.labels import class_prompts
+
+        class_prompts(classes, args.template)
+        check_clip_args(args.clip_model, args.clip_pretrained)
+        if exists(f"{args.out.rstrip('/')}/{'pseudolabels.json'}") or exists(f"{args.out.rstrip('/')}/summary.json"):
+            raise ValueError(f"--out: {args.out} already holds pseudo-labels; choose another --out (nothing was overwritten)")
+        source = None
+        if args.data != "scenes":
+            from rayssl.data.sources import resolve_source
+
+            source = resolve_source(args.data, S3Options(endpoint=args.s3_endpoint or ""))
+            if source.kind != "images":
+                raise ValueError(f"--data: {args.data} holds {source.kind} shards; the labelling job reads "
+                                 "image files (a folder or prefix) or 'scenes'")
+    except (ValueError, ClipLoadError) as exc:
+        parser.error(str(exc))
+    from rayssl.pseudolabel.job import run_job
+    from rayssl.train import _ray_connected, _shutdown_ray, init_ray
+
+    started = not _ray_connected()
+    try:
+        init_ray(None)
+        summary = run_job(args, classes, source)
+    except Exception as exc:  # one readable line
+        from rayssl.data.pipeline import data_error_message
+        from rayssl.train import _root_cause
+
+        print(f"rayssl.pseudolabel: failed: {data_error_message(exc) or _root_cause(exc)}", file=sys.stderr)
+        return 1
+    finally:
+        if started:
+            _shutdown_ray()
+    print(json.dumps(summary), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

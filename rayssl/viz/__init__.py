@@ -1,0 +1,16 @@
+"""Pictures a user can look at: training curves, SwAV prototype usage, MLS positives, CDUL labels.
+
+The plotting functions take plain arrays / dicts and write one PNG each (matplotlib, Agg
+backend, written atomically); ``rayssl.viz.tracking`` feeds the curves from a live run and
+``python -m rayssl.viz`` draws the model pictures from a checkpoint.
+"""
+
+from .figures import (
+    plot_cdul_labels,
+    plot_positives_grid,
+    plot_prototype_usage,
+    plot_training_curves,
+    save_figure,
+)
+
+__all__ = ["plot_cdul_labels", "plot_positives_grid", "plot_prototype_usage", "plot_training_curves", "save_figure"]

@@ -1,0 +1,65 @@
+"""What the model pictures need from a checkpoint (pure PyTorch, no Ray).
+
+``load_method`` rebuilds the whole method module (backbone + heads + prototypes / momentum
+encoder) from a rayssl checkpoint; ``swav_assignments`` and ``mls_positives`` compute what
+``rayssl.viz.figures`` draws, in eval mode (BatchNorm running statistics), without gradients.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from rayssl.eval.features import to_float_images
+from rayssl.eval.loading import LoadedCheckpoint
+
+
+def load_method(ckpt: LoadedCheckpoint) -> torch.nn.Module:
+    """The checkpoint's method module (e.g. ``SwAV``, ``MLS``), weights loaded strictly, eval mode."""
+    from rayssl.config import Config
+    from rayssl.methods import get_method
+
+    cfg = Config.from_dict(ckpt.config)
+    spec = get_method(ckpt.method)
+    model = spec.model_cls(cfg.method, cfg.model, num_crops=sum(cfg.data.crop_counts), world_size=1)
+    model.load_state_dict(ckpt.model_state, strict=True)
+    return model.eval()
+
+
+def _batches(images: np.ndarray, batch_size: int = 128):
+    for i in range(0, len(images), batch_size):
+        yield to_float_images(torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])), channels_last=False)
+
+
+@torch.no_grad()
+def swav_assignments(model, images: np.ndarray) -> np.ndarray:
+    """uint8 (N, H, W, 3) -> (N,) index of each image's best-scoring prototype.
+
+    The score is the cosine between the image's L2-normalised projection and each prototype
+    (the quantity SwAV's codes and predictions are computed from).
+    """
+    if not hasattr(model, "prototypes"):
+        raise ValueError("prototype usage is a SwAV picture; this checkpoint has no prototypes")
+    out = []
+    for x in _batches(images):
+        out.append(model.prototypes(model.embed([x])).argmax(dim=1))
+    return torch.cat(out).numpy()
+
+
+@torch.no_grad()
+def mls_positives(model, queries: np.ndarray, gallery: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """MLS's pseudo-labels made visible: top-k of g1 . Q_g.
+
+    ``g1`` is the online backbone feature of each query image; ``Q_g`` holds the momentum
+    backbone features of the gallery images, exactly what MLS enqueues (L2-normalised), so
+    the gallery plays the queue. Returns ((Q, k) gallery indices, (Q, k) cosine similarities),
+    most similar first.
+    """
+    if not hasattr(model, "momentum_backbone"):
+        raise ValueError("queue positives are an MLS/MoCo picture; this checkpoint has no momentum encoder")
+    if not 1 <= k <= len(gallery):
+        raise ValueError(f"--k: must be in [1, {len(gallery)}] (the gallery size), got {k}")
+    g1 = torch.cat([model.queries(x)[0] for x in _batches(queries)])
+    qg = torch.cat([model.keys(x)[0] for x in _batches(gallery)])
+    sims, idx = (g1 @ qg.T).topk(k, dim=1)
+    return idx.numpy(), sims.numpy()

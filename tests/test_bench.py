@@ -1,0 +1,75 @@
+"""python -m rayssl.bench runs in a tiny configuration and its JSON is complete (no timings asserted)."""
+
+from __future__ import annotations
+
+import json
+
+from rayssl import bench
+
+TINY = ["--batch-size", "4", "--steps", "1", "--warmup", "1", "--repeats", "2", "--split-steps", "1",
+        "--comm-steps", "1", "--comm-batch", "2", "--num-images", "48", "--ingest-seconds", "0.5",
+        "--set", "data.crop_sizes=[32,16]", "--set", "data.crop_counts=[2,2]",
+        "--set", "swav.num_prototypes=16", "--set", "swav.projection_hidden_dim=32",
+        "--set", "swav.projection_dim=16", "--set", "swav.queue_length=8"]
+
+
+def _last_json(capsys) -> tuple[str, dict]:
+    out = capsys.readouterr().out
+    return out, json.loads(out.strip().splitlines()[-1])
+
+
+def test_bench_reports_step_pipeline_and_comm_with_device_augmentation(ray_session, capsys):
+    assert bench.main([*TINY, "--augment-on", "device"]) == 0
+    text, r = _last_json(capsys)
+    for key in ("method", "preset", "device", "device_name", "dtype", "batch_size", "workers", "cpus", "backbone",
+                "crops", "repeats", "num_prototypes", "queue_length"):
+        assert key in r, key
+    assert r["device"] == "cpu" and r["preset"] == "cpu" and r["dtype"] == "fp32"
+    assert r["batch_size"] == 4 and r["crops"] == ["2x32", "2x16"] and r["repeats"] == 2
+
+    s = r["step"]
+    for key in ("images_per_s", "ms_per_step", "backbone_ms", "heads_ms", "loss_ms", "optimizer_ms",
+                "sinkhorn_ms", "peak_memory_mb", "peak_memory_kind"):
+        assert isinstance(s[key], (int, float, str)), key
+    assert set(s["stage_ms"]) == {"backbone_fwd_bwd", "backbone_heads_fwd_bwd", "full_fwd_bwd", "optimizer_step"}
+    assert len(s["runs_images_per_s"]) == 2 and s["images_per_s"] > 0 and s["peak_memory_mb"] > 0
+
+    p = r["pipeline"]
+    assert p["augment_on"] == "device" and p["images_per_s"] > 0 and len(p["runs_images_per_s"]) == 2
+    assert abs(p["ratio"] - p["images_per_s"] / s["images_per_s"]) <= 0.01 * p["ratio"] + 1e-3
+    assert p["ingest_alone_images_per_s"] >= 0 and p["ray_cpus"] >= 1  # a rate, not asserted
+    assert "ingest_error" not in p  # the ingest bench also drains shipped bytes
+    # The pipeline really read the bench's JPEG shards (48 images listed and counted).
+    assert p["images_listed"] == 48 and p["data_counts"]["seen"] >= 4
+
+    c = r["comm"]
+    assert c["workers"] == 2 and c["per_worker_batch"] == 2
+    sink = c["per_step"]["sinkhorn_marginals"]
+    # Two code crops x (max, batch size, total, 3 row sums of K=16 floats, finiteness flag).
+    assert sink["calls"] == 2 * 7
+    assert sink["bytes"] == 2 * (4 * 4 + 3 * 16 * 4)
+    assert c["method_bytes_per_step"] == sink["bytes"]  # SwAV's queue is per worker: no gather
+    assert c["gradient_allreduce_bytes"] > 1_000_000 and 0 < c["method_over_gradient_bytes"] < 1e-3
+    for line in ("step", "pipeline", "comm", "sinkhorn_marginals"):
+        assert line in text  # the readable table precedes the JSON
+
+
+def test_bench_measures_the_queue_all_gather_of_moco(capsys):
+    assert bench.main(["--method", "moco", "--skip", "step", "--skip", "pipeline", "--comm-steps", "1",
+                       "--comm-batch", "2", "--set", "data.crop_sizes=[16]",
+                       "--set", "moco.projection_hidden_dim=32", "--set", "moco.projection_dim=8",
+                       "--set", "moco.queue_size=64"]) == 0
+    _, r = _last_json(capsys)
+    assert "step" not in r and "pipeline" not in r
+    per = r["comm"]["per_step"]
+    # 2 workers x 2 keys x (512 backbone + 8 projection) float32, gathered from both workers.
+    assert per["queue_keys_all_gather"]["bytes"] == 2 * 2 * (512 + 8) * 4
+    # Shuffled BN gathers the key images (2 x 2 x 3 x 16 x 16 floats) and the outputs back.
+    assert per["shuffled_bn"]["bytes"] >= 2 * 2 * 3 * 16 * 16 * 4
+
+
+def test_bench_refuses_bad_arguments_with_one_line(capsys):
+    assert bench.main(["--steps", "0"]) == 2
+    assert "--steps must be >= 1" in capsys.readouterr().err
+    assert bench.main(["--set", "swav.epsilon=-1", "--skip", "pipeline", "--skip", "comm"]) == 2
+    assert "swav.epsilon" in capsys.readouterr().err

@@ -1,0 +1,253 @@
+"""Running at scale (issue 6): cluster/aws.yaml passes Ray's own cluster-config validation,
+`ray job submit` runs rayssl on a loopback head started with `ray start --head`, and a
+simulated 2-node cluster (ray.cluster_utils.Cluster) trains with one worker per node,
+checkpoints to a path both nodes see, resumes, and refuses a node-local --output.
+
+The heads these tests start are separate Ray clusters: they run in subprocesses with their
+own temp dir (RAY_TMPDIR, so no address file of theirs is ever found by another
+``ray.init``), loopback addresses and free ports, and are always stopped (processes found
+by their temp dir, ended by pid; never ``ray stop``, which ends every Ray on the machine).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import tiny_args
+from rayssl.checkpoint import load_rank_state, load_shared_state, verify_checkpoint_dir
+
+REPO = Path(__file__).resolve().parents[1]
+RAY_CLI = str(Path(sys.executable).parent / "ray")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def end_processes_under(temp_dir: str) -> None:
+    """End the processes whose command line names ``temp_dir`` (one test's own Ray), by pid."""
+    def matching() -> list[int]:
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                if temp_dir.encode() in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                pass
+        return pids
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in matching():
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        deadline = time.monotonic() + 10
+        while matching() and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+
+def _wait_for_http(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
+    """Until the head's dashboard (which hosts the job server) answers HTTP at ``url``."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"`ray start --head` exited with {proc.returncode}"
+        try:
+            urllib.request.urlopen(f"{url}/api/version", timeout=5)
+            return
+        except urllib.error.HTTPError:
+            return  # it answers (401 without the token is an answer)
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.5)
+    raise AssertionError(f"no Ray dashboard at {url} after {timeout_s} s")
+
+
+def _isolated_env(temp_dir: str, **extra: str) -> dict:
+    env = {**os.environ, "RAY_TMPDIR": temp_dir, **extra}
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+# --------------------------------------------------------------------------- cluster/aws.yaml
+
+
+def test_aws_yaml_passes_rays_cluster_config_validation():
+    import ray
+    from jsonschema import ValidationError
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load((REPO / "cluster" / "aws.yaml").read_text())
+    # What `ray up` does before it talks to AWS: merge the provider defaults, then validate
+    # against ray/autoscaler/ray-schema.json and the node-type rules.
+    validate_config(prepare_config(copy.deepcopy(raw)))
+    # The same validation refuses a typo, so the check above can fail.
+    typo = copy.deepcopy(raw)
+    typo["idle_timeout_minute"] = typo.pop("idle_timeout_minutes")
+    with pytest.raises(ValidationError):
+        validate_config(prepare_config(typo))
+
+    assert raw["provider"]["type"] == "aws"
+    image = raw["docker"]["image"]
+    m = re.fullmatch(r"rayproject/ray:(\d+\.\d+\.\d+)-py3\d+-cu\d+", image)
+    assert m, f"{image}: want a current rayproject/ray CUDA image (not ray-ml)"
+    assert m.group(1) == ray.__version__  # the cluster runs the Ray the client has
+    head_type = raw["head_node_type"]
+    workers = {k: v for k, v in raw["available_node_types"].items() if k != head_type}
+    assert workers and all(re.match(r"(g\d|p\d)", w["node_config"]["InstanceType"]) for w in workers.values())
+    assert all(w["min_workers"] == 0 < w["max_workers"] <= raw["max_workers"] for w in workers.values())
+    assert 0 < raw["idle_timeout_minutes"] <= 30
+    assert any("pip install" in c and "rayssl" in c for c in raw["setup_commands"])
+    assert raw["file_mounts"] == {"~/rayssl": "."}
+
+
+# --------------------------------------------------------------------------- ray job submit
+
+
+def test_ray_job_submit_runs_rayssl_on_a_loopback_head(tmp_path):
+    temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths
+    # Token authentication (the default for local clusters in Ray 2.60): the head and the
+    # submitting client share a token through the environment, nothing under ~/.ray.
+    env = _isolated_env(temp_dir, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=uuid.uuid4().hex)
+    dash = _free_port()
+    ports = {"--port": _free_port(), "--dashboard-port": dash, "--ray-client-server-port": _free_port(),
+             "--dashboard-agent-listen-port": _free_port(), "--dashboard-agent-grpc-port": _free_port(),
+             "--metrics-export-port": _free_port(), "--runtime-env-agent-port": _free_port()}
+    head = subprocess.Popen(
+        [RAY_CLI, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
+         "--num-cpus", "2", "--temp-dir", temp_dir, "--include-dashboard", "true", "--disable-usage-stats",
+         *[str(x) for kv in ports.items() for x in kv]],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+    out = tmp_path / "run"
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        _wait_for_http(address, head, timeout_s=180)
+        submit = subprocess.run(
+            [RAY_CLI, "job", "submit", "--address", address, "--submission-id", "rayssl-test", "--working-dir", ".",
+             "--", sys.executable, "-m", "rayssl.train", *tiny_args(out, "--epochs", "1")],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
+        logs = submit.stdout + submit.stderr
+        status = subprocess.run([RAY_CLI, "job", "status", "--address", address, "rayssl-test"],
+                                env=env, capture_output=True, text=True, timeout=60)
+    finally:
+        head.send_signal(signal.SIGINT)  # --block: Ctrl-C stops the head's processes
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            head.kill()
+        end_processes_under(temp_dir)
+    assert submit.returncode == 0, logs[-4000:]
+    assert "Job 'rayssl-test' succeeded" in re.sub(r"\x1b\[[0-9;]*m", "", status.stdout + status.stderr), logs[-4000:]
+    # The job's output is the run's: its last JSON line is the summary, also in summary.json.
+    summary = json.loads([ln for ln in logs.splitlines() if ln.startswith('{"method"')][-1])
+    assert summary == json.loads((out / "summary.json").read_text())
+    assert summary["epochs"] == 1 and summary["steps"] == 128 // 32 and summary["output"] == str(out)
+    ckpt = Path(summary["checkpoint"])
+    assert ckpt.parent == out and verify_checkpoint_dir(ckpt)["world_size"] == 2
+    assert (out / "config.yaml").is_file()
+
+
+# --------------------------------------------------------------------------- two nodes
+
+
+def _two_node_session(shared: str, local: str, report: str) -> None:
+    """Runs in a subprocess: a 2-node cluster, three `python -m rayssl.train` runs on it."""
+    import contextlib
+    import io
+
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from rayssl import train
+
+    # 3 CPUs per node and 2 per training worker: the two workers cannot share a node, and
+    # each node keeps one CPU for Ray Data.
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 3, "node_ip_address": "127.0.0.1", "include_dashboard": False})
+    cluster.add_node(num_cpus=3, node_ip_address="127.0.0.1")
+    cluster.wait_for_nodes()
+    os.environ["RAY_ADDRESS"] = cluster.address  # as under `ray job submit`
+    out: dict = {}
+
+    def main(args):
+        stdout, stderr = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                rc = train.main(args)
+            except SystemExit as exc:  # argparse's error exit
+                rc = exc.code
+        return {"rc": rc, "stdout": stdout.getvalue(), "stderr": stderr.getvalue()[-4000:]}
+
+    try:
+        ray.init(address=cluster.address)
+        out["nodes"] = sorted(n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"])
+        ray.shutdown()
+        workers = ["--cpus-per-worker", "2", "--epochs", "1"]
+        out["refused"] = main(tiny_args(local, *workers))
+        out["first"] = main(tiny_args(shared, *workers, "--shared-output"))
+        out["resumed"] = main(["--output", shared, "--resume", "--epochs", "2"])
+    finally:
+        Path(report).write_text(json.dumps(out))
+        cluster.shutdown()
+
+
+def test_two_node_cluster_trains_resumes_and_refuses_a_local_output(tmp_path):
+    temp_dir = tempfile.mkdtemp(prefix="rn", dir="/tmp")
+    shared, local, report = tmp_path / "shared-run", tmp_path / "local-run", tmp_path / "report.json"
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import test_cluster as t; "
+            "t._two_node_session(*sys.argv[2:])")
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent), str(shared), str(local),
+                               str(report)], cwd=REPO, capture_output=True, text=True,
+                              # Every node is on loopback: without this, Ray resolves a 127.0.0.1
+                              # cluster address to the machine's network address, which the
+                              # loopback-only GCS does not listen on.
+                              env=_isolated_env(temp_dir, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0"),
+                              timeout=540)
+    finally:
+        end_processes_under(temp_dir)
+    assert report.is_file(), (proc.stdout + proc.stderr)[-4000:]
+    r = json.loads(report.read_text())
+    assert r["nodes"] == [3.0, 3.0]
+
+    # A node-local --output is refused before training, saying why and what to do.
+    refused = r["refused"]
+    assert refused["rc"] == 2
+    assert "--output (run.output)" in refused["stderr"] and "2 nodes" in refused["stderr"]
+    assert "s3://" in refused["stderr"] and "--shared-output" in refused["stderr"]
+    assert not (local / "config.yaml").exists()
+
+    # A path both nodes see: two workers (one per node) checkpoint into it ...
+    first = r["first"]
+    assert first["rc"] == 0, first["stderr"]
+    s1 = json.loads(first["stdout"].strip().splitlines()[-1])
+    assert s1["epochs"] == 1 and s1["steps"] == 128 // 32
+    ckpt1 = Path(s1["checkpoint"])
+    assert ckpt1.parent == shared and verify_checkpoint_dir(ckpt1)["world_size"] == 2
+    assert all(load_rank_state(ckpt1, rank) is not None for rank in (0, 1))  # each worker's own file
+    # ... and --resume continues from there on the same cluster.
+    resumed = r["resumed"]
+    assert resumed["rc"] == 0, resumed["stderr"]
+    s2 = json.loads(resumed["stdout"].strip().splitlines()[-1])
+    assert s2["epochs"] == 2 and s2["steps"] == 2 * s1["steps"] and s2["images_seen"] == 2 * s1["images_seen"]
+    assert load_shared_state(Path(s2["checkpoint"]))["step"] == 2 * s1["steps"]

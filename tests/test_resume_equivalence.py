@@ -1,0 +1,127 @@
+"""Resume equivalence (issue 8): a run killed after a checkpoint and continued with --resume
+matches the uninterrupted run with the same seed, on CPU, for every method.
+
+The uninterrupted run trains 2 epochs with a checkpoint after each (2 workers,
+``data.deterministic``). Its directory is then copied and the epoch-2 checkpoint's manifest
+removed -- what a job killed between the two checkpoints leaves behind -- and ``--resume``
+continues from the epoch-1 checkpoint in a fresh trainer (new workers, new Ray Data
+executions, a new epoch counter in the data pipeline). Epoch 2 must then be the same: the
+loss at the first step after the boundary and at the epoch's last step (as reported), and
+the weights, optimiser state and per-worker state (queues, RNG states) at its end.
+
+What makes this hold: the checkpoint restores model, optimiser, counters, per-rank queues
+and RNG states; the augmentations are seeded per sample by (seed, epoch, sample key), so they
+do not depend on which task or worker cuts them; ``data.deterministic`` makes
+``streaming_split`` hand each worker the same rows in the same order.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from rayssl import train
+from rayssl.checkpoint import MANIFEST_FILE, load_rank_state, load_shared_state
+from rayssl.methods import method_names
+
+NUM_IMAGES, BATCH = 64, 32
+STEPS_PER_EPOCH = NUM_IMAGES // BATCH
+
+# Small settings per method, with every piece of state a checkpoint must carry switched on
+# (SwAV's queue from epoch 0; the MLS/MoCo queue, full -- and MLS's multi-label term on --
+# before the boundary). A method added to the registry needs an entry here.
+METHOD_ARGS: dict[str, list[str]] = {
+    "swav": ["--set", "swav.num_prototypes=32", "--set", "swav.projection_hidden_dim=64",
+             "--set", "swav.projection_dim=32", "--set", "swav.queue_length=64",
+             "--set", "swav.queue_start_epoch=0"],
+    "mls": ["--set", "mls.queue_size=64", "--set", "mls.k=5", "--set", "mls.projection_hidden_dim=64",
+            "--set", "mls.projection_dim=32"],
+    "moco": ["--set", "moco.queue_size=64", "--set", "moco.projection_hidden_dim=64",
+             "--set", "moco.projection_dim=32"],
+}
+
+def _args(method: str, out: Path) -> list[str]:
+    return ["--output", str(out), "--method", method, "--num-workers", "2", "--batch-size", str(BATCH),
+            "--epochs", "2", "--checkpoint-every", "1", "--keep-checkpoints", "2",
+            "--set", f"data.scenes_num_images={NUM_IMAGES}", "--set", "data.deterministic=true",
+            "--set", "eval.num_test_images=0", *METHOD_ARGS[method]]
+
+
+def _summary(out: str) -> dict:
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _by_epoch(run: Path) -> dict[int, tuple[Path, dict]]:
+    snap = json.loads((run / train.SNAPSHOT_FILE).read_text())
+    return {r["metrics"]["epoch"]: (run / r["checkpoint_dir_name"], r["metrics"])
+            for r in snap["checkpoint_results"]}
+
+
+def _assert_close(a, b, where: str) -> None:
+    """Nested state dicts / lists / tensors equal to float tolerance; everything else exactly."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"{where}: keys differ"
+        for k in a:
+            _assert_close(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"{where}: lengths differ"
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_close(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert a.shape == b.shape and a.dtype == b.dtype, f"{where}: {a.shape}/{a.dtype} vs {b.shape}/{b.dtype}"
+        if a.is_floating_point():
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), f"{where}: max diff {(a - b).abs().max()}"
+        else:
+            assert torch.equal(a, b), f"{where}: differs"
+    elif hasattr(a, "shape"):  # numpy arrays (the numpy RNG state)
+        assert (a == b).all(), f"{where}: differs"
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def test_every_registered_method_has_resume_settings():
+    """The guarantee covers methods added later: each needs an entry in METHOD_ARGS."""
+    # cdul trains from a pseudo-label table made by a CLIP job; its resume (label store,
+    # seeded crops) is checked in tests/test_pseudolabel_job.py, not by loss equality here.
+    not_here = {"cdul"}
+    assert sorted(set(method_names()) - not_here) == sorted(METHOD_ARGS), "add small settings for the missing methods"
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_ARGS))
+def test_resumed_run_matches_the_uninterrupted_run(ray_session, tmp_path, capsys, method):
+    full = tmp_path / "full"
+    assert train.main(_args(method, full)) == 0
+    captured = capsys.readouterr()
+    s_full = _summary(captured.out)
+    assert s_full["steps"] == 2 * STEPS_PER_EPOCH
+
+    # A job killed after the epoch-1 checkpoint: the epoch-2 checkpoint never got its manifest.
+    killed = tmp_path / "killed"
+    shutil.copytree(full, killed)
+    ckpts = _by_epoch(killed)
+    assert sorted(ckpts) == [1, 2]
+    (ckpts[2][0] / MANIFEST_FILE).unlink()
+
+    assert train.main(["--output", str(killed), "--resume"]) == 0
+    captured = capsys.readouterr()
+    s_res = _summary(captured.out)
+    assert f"resumed from checkpoint at epoch 1, step {STEPS_PER_EPOCH}" in captured.err
+    assert s_res["steps"] == s_full["steps"] and s_res["images_seen"] == s_full["images_seen"]
+
+    # The loss at the first step after the boundary, and at the epoch's last step.
+    full_ckpt, full_metrics = _by_epoch(full)[2]
+    res_ckpt, res_metrics = _by_epoch(killed)[2]
+    assert res_ckpt == Path(s_res["checkpoint"]) and res_ckpt.name != full_ckpt.name
+    for key in ("first_loss", "loss"):
+        assert res_metrics[key] == pytest.approx(full_metrics[key], rel=1e-5, abs=1e-6), key
+    # The whole state at the end of the epoch.
+    a, b = load_shared_state(full_ckpt), load_shared_state(res_ckpt)
+    assert a["step"] == b["step"] == 2 * STEPS_PER_EPOCH
+    _assert_close(a["model"], b["model"], "model")
+    _assert_close(a["optimizer"], b["optimizer"], "optimizer")
+    for r in range(2):
+        _assert_close(load_rank_state(full_ckpt, r), load_rank_state(res_ckpt, r), f"rank_{r}")

@@ -1,0 +1,192 @@
+"""Ray Tune sweeps (issue 6): search spaces, their validation, trial planning, and a real
+2-trial sweep that is interrupted and resumed with the same --output."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import tiny_args
+from test_cluster import end_processes_under
+from rayssl import train
+from rayssl.checkpoint import load_shared_state, verify_checkpoint_dir
+from rayssl.config import ConfigError
+from rayssl.methods import method_names
+from tuning import sweep
+from tuning.spaces import DEFAULT_SPACES, Dim, default_space, load_space_file, randint, validate_space
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _base(method: str, *extra: str) -> dict:
+    """The resolved run config a sweep of ``method`` starts from (quick preset)."""
+    args = train.build_parser().parse_args(["--method", method, *extra])
+    return train.resolve_config(args).to_dict()
+
+
+# --------------------------------------------------------------------------- spaces
+
+
+@pytest.mark.parametrize("method", method_names())
+def test_every_registered_method_has_a_default_space_that_validates(method):
+    # When a method is registered (cdul included), its default space must name real keys
+    # with ranges every trial can run with, under both presets.
+    assert method in DEFAULT_SPACES, f"no default search space for {method}"
+    space = default_space(method)
+    assert any(k == "optim.base_lr" for k in space)
+    extra = ["--set", "cdul.pseudo_labels=s3://bucket/labels"] if method == "cdul" else []  # CDUL requires it
+    validate_space(space, _base(method, *extra))
+    validate_space(space, _base(method, "--preset", "paper", *extra))
+
+
+SPACE_ERRORS = [
+    # (method, yaml text, what the one-line error must say)
+    ("swav", "swav:\n  epsilonn: {uniform: [0.01, 0.1]}\n", "swav.epsilonn: unknown key; valid keys in swav:"),
+    ("swav", "swavv:\n  epsilon: 0.05\n", "swavv.epsilon: unknown section 'swavv'"),
+    ("swav", "swav:\n  temperature: {uniform: [-0.1, 0.2]}\n", "swav.temperature: must be > 0, got -0.1"),
+    ("swav", "optim:\n  base_lr: {loguniform: [0.5, 0.1]}\n", "optim.base_lr: impossible range [0.5, 0.1]"),
+    ("swav", "optim:\n  base_lr: {loguniform: [0, 0.1]}\n", "optim.base_lr: loguniform needs bounds > 0"),
+    ("swav", "swav:\n  epsilon: {normal: [0, 1]}\n", "swav.epsilon: expected one of"),
+    ("swav", "run:\n  output: {choice: [a, b]}\n", "run.output: set by the sweep itself"),
+    # k above the smallest queue a trial could draw: caught at the corner k=2000, D=1024.
+    ("mls", "mls:\n  k: {choice: [10, 2000]}\n  queue_size: {choice: [1024, 4096]}\n",
+     "mls.k: must be smaller than mls.queue_size=1024"),
+]
+
+
+@pytest.mark.parametrize("method,text,message", SPACE_ERRORS)
+def test_bad_search_space_fails_before_any_trial_naming_the_key(tmp_path, capsys, method, text, message):
+    f = tmp_path / "space.yaml"
+    f.write_text(text)
+    out = tmp_path / "sweep"
+    rc = sweep.main(["--method", method, "--num-samples", "2", "--search-space", str(f), "--output", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert message in err and str(f) in err, err
+    assert len(err.strip().splitlines()) == 1  # one line
+    assert not out.exists()  # nothing started, nothing written
+
+
+def test_space_file_replaces_only_its_keys_and_randint_includes_both_bounds(tmp_path):
+    f = tmp_path / "space.yaml"
+    f.write_text("swav:\n  epsilon: {loguniform: [0.03, 0.04]}\n  queue_start_epoch: {randint: [0, 2]}\n"
+                 "  sinkhorn_iterations: 5\n")
+    loaded = load_space_file(f)
+    assert loaded["swav.epsilon"] == Dim("loguniform", (0.03, 0.04)) and loaded["swav.sinkhorn_iterations"] == 5
+    space = {**default_space("swav"), **loaded}
+    assert space["swav.num_prototypes"] == DEFAULT_SPACES["swav"]["swav.num_prototypes"]  # default kept
+    validate_space(space, _base("swav"))
+    draws = {randint(0, 2).to_tune().sample() for _ in range(300)}
+    assert draws == {0, 1, 2}  # Tune's randint excludes its upper bound; ours does not
+    eps = [space["swav.epsilon"].to_tune().sample() for _ in range(200)]
+    assert all(0.03 <= e <= 0.04 for e in eps)
+
+
+def test_sweep_refuses_train_options_it_owns(tmp_path, capsys):
+    assert sweep.main(["--resume", "--output", str(tmp_path / "s")]) == 2
+    assert "--resume: a sweep resumes by itself" in capsys.readouterr().err
+    assert sweep.main(["--set", "eval.every_epochs=3", "--output", str(tmp_path / "s")]) == 2
+    assert "eval.every_epochs" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- planning
+
+
+@pytest.mark.parametrize("cluster,workers,samples,expect_concurrent,expect_cpw", [
+    ({"CPU": 2}, 2, 8, 1, 0.35),             # this machine: one trial, workers share what data leaves
+    ({"CPU": 16}, 2, 8, 4, 1.0),             # 4 x (0.25 + 2 x 1 + 1) = 13 <= 16 < 5 x 3.25
+    ({"CPU": 16}, 2, 3, 3, 1.0),             # never more than the samples
+    ({"CPU": 96, "GPU": 8}, 2, 8, 4, 1.0),   # GPUs bind first: 8 GPUs / 2 per trial
+    ({"CPU": 8, "GPU": 8}, 4, 8, 1, 1.0),    # CPUs bind first: 8 // 5.25
+])
+def test_trials_never_oversubscribe_the_cluster(cluster, workers, samples, expect_concurrent, expect_cpw):
+    concurrent, cpw = sweep.plan_trials(cluster, workers, None, None, samples)
+    assert (concurrent, cpw) == (expect_concurrent, expect_cpw)
+    per_trial = sweep.TRIAL_DRIVER_CPU + workers * cpw + sweep.DATA_CPU
+    assert concurrent * per_trial <= cluster["CPU"] + 1e-9
+    assert concurrent * workers <= cluster.get("GPU", float("inf"))
+    # a user's --max-concurrent wins; a trial needing more GPUs than exist is refused
+    assert sweep.plan_trials(cluster, workers, None, None, samples, max_concurrent=2)[0] == min(2, samples)
+    with pytest.raises(ConfigError, match="--num-workers: each trial needs 16 GPUs"):
+        sweep.plan_trials({"CPU": 64, "GPU": 8}, 16, True, None, 4)
+
+
+# --------------------------------------------------------------------------- a real sweep
+
+
+def _sweep_args(out: Path) -> list[str]:
+    space = out.parent / "space.yaml"
+    space.write_text("swav:\n  num_prototypes: {choice: [16, 32]}\n  epsilon: {loguniform: [0.03, 0.08]}\n"
+                     "  queue_length: 0\noptim:\n  base_lr: {loguniform: [0.05, 0.3]}\n")
+    return ["--num-samples", "2", "--max-concurrent", "1", "--scheduler", "asha", "--search-space", str(space),
+            *tiny_args(out, "--epochs", "2", "--checkpoint-every", "1", "--set", "data.scenes_num_images=64",
+                       "--set", "eval.num_train_images=40", "--set", "eval.num_test_images=20",
+                       "--set", "eval.knn_k=5")]
+
+
+def test_sweep_interrupted_then_resumed_with_the_same_output(ray_session, tmp_path):
+    out = tmp_path / "sweep"
+    args = _sweep_args(out)
+    # 1. A sweep in its own process (own local Ray), interrupted with Ctrl-C once its first
+    #    trial has started training.
+    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "tuning.sweep", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not list(out.glob("trials/*/config.yaml")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None, "the sweep ended before it could be interrupted"
+        started = sorted(p.parent.name for p in out.glob("trials/*/config.yaml"))
+        proc.send_signal(signal.SIGINT)
+        first_log, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        end_processes_under(ray_tmp)
+    stored = json.loads((out / sweep.SPEC_FILE).read_text())
+    assert stored["num_samples"] == 2 and stored["method"] == "swav"
+    assert len(started) == 1, first_log[-3000:]
+    assert not (out / "trials" / started[0] / "summary.json").exists()  # it really was cut short
+
+    # 2. The same command again, in this process: Tune restores the experiment, the
+    #    interrupted trial continues under the same id, the other one runs.
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        rc = sweep.main(args)
+    assert rc == 0, stderr.getvalue()[-3000:]
+    assert "sweep: resuming" in stderr.getvalue()
+    results = json.loads(stdout.getvalue().strip().splitlines()[-1])
+    assert results == json.loads((out / "results.json").read_text())
+    trials = {t["trial"]: t for t in results["trials"]}
+    assert len(trials) == 2 and started[0] in trials
+    assert set(p.name for p in (out / "trials").iterdir()) == set(trials)  # no third run directory
+    for t in trials.values():
+        assert t["status"] in ("FINISHED", "STOPPED"), t  # ASHA may stop the weaker one after epoch 1
+        assert 0.0 <= t["knn_top1"] <= 1.0
+        assert t["params"]["swav.num_prototypes"] in (16, 32) and 0.03 <= t["params"]["swav.epsilon"] <= 0.08
+        run_cfg = yaml.safe_load((out / "trials" / t["trial"] / "config.yaml").read_text())
+        assert run_cfg["swav"]["num_prototypes"] == t["params"]["swav.num_prototypes"]  # the trial trained them
+    assert any(t["status"] == "FINISHED" for t in trials.values())
+    best = results["best"]
+    assert best["knn_top1"] == max(t["knn_top1"] for t in trials.values())
+    ckpt = Path(best["checkpoint"])
+    assert ckpt.parent == out / "trials" / best["trial"]
+    verify_checkpoint_dir(ckpt)
+    assert load_shared_state(ckpt)["epoch"] == best["epochs"]
+    text = (out / "results.txt").read_text()
+    assert f"best: {best['trial']}" in text and str(ckpt) in text and "swav.epsilon" in text.splitlines()[0]
