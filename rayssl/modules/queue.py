@@ -43,6 +43,9 @@ class FeatureQueue(nn.Module):
         for i, d in enumerate(dims):
             self.register_buffer(f"field_{i}", torch.zeros(self.length, d, dtype=torch.float32))
         self.register_buffer("filled", torch.zeros((), dtype=torch.long))
+        # Host copy of ``filled``: ``len``/``is_full`` are asked every step, and reading the
+        # device buffer would sync the GPU each time. None = re-read once (after a load).
+        self._filled_host: int | None = 0
 
     @property
     def num_fields(self) -> int:
@@ -64,7 +67,9 @@ class FeatureQueue(nn.Module):
 
     def __len__(self) -> int:
         """Number of valid (filled) rows, at most ``length``."""
-        return int(self.filled)
+        if self._filled_host is None:
+            self._filled_host = int(self.filled)
+        return self._filled_host
 
     def __bool__(self) -> bool:
         # Without this, an empty queue would be falsy through __len__, and
@@ -117,7 +122,13 @@ class FeatureQueue(nn.Module):
             if b < self.length:
                 buf[b:] = buf[: self.length - b].clone()
             buf[:b] = k
+        before = len(self)
         self.filled.add_(b).clamp_(max=self.length)
+        self._filled_host = min(self.length, before + b)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._filled_host = None  # ``filled`` was replaced: read it once, lazily
 
     def extra_repr(self) -> str:
         return f"length={self.length}, dims={self.dims}"
