@@ -151,7 +151,19 @@ def resolve_config(args: argparse.Namespace) -> Config:
     raw = deep_merge(deep_merge(preset, file_cfg), overrides)
     raw.setdefault("run", {})["method"] = method
     cfg = Config.from_dict(raw)
+    _absolute_local_paths(cfg)
     return cfg
+
+
+def _absolute_local_paths(cfg: Config) -> None:
+    """Local paths the training workers open themselves, made absolute: Ray's workers do not
+    run in the shell's directory, so ``--pseudo-labels runs/labels`` would not resolve there."""
+    import os
+
+    for key in ("pseudo_labels", "store_dir"):
+        value = getattr(cfg.method, key, "")
+        if value and "://" not in value:
+            setattr(cfg.method, key, os.path.abspath(os.path.expanduser(value)))
 
 
 def default_output(method: str) -> str:

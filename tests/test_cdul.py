@@ -209,6 +209,24 @@ def test_cli_refuses_cdul_without_pseudo_labels(capsys):
     assert "--pseudo-labels: only used by --method cdul" in capsys.readouterr().err
 
 
+def test_relative_pseudo_labels_path_is_made_absolute(tmp_path, monkeypatch):
+    """Ray's training workers do not run in the shell's directory: a relative path must be
+    resolved on the driver, or the workers look for the labels somewhere else."""
+    import argparse
+
+    from rayssl.train import build_parser, resolve_config
+
+    monkeypatch.chdir(tmp_path)
+    args = build_parser().parse_args(["--method", "cdul", "--pseudo-labels", "runs/labels",
+                                      "--set", "cdul.store_dir=store"])
+    assert isinstance(args, argparse.Namespace)
+    cfg = resolve_config(args)
+    assert cfg.method.pseudo_labels == str(tmp_path / "runs" / "labels")
+    assert cfg.method.store_dir == str(tmp_path / "store")
+    args = build_parser().parse_args(["--method", "cdul", "--pseudo-labels", "s3://bucket/labels"])
+    assert resolve_config(args).method.pseudo_labels == "s3://bucket/labels"  # URIs untouched
+
+
 def test_backbone_initialised_from_a_rayssl_checkpoint(tmp_path):
     from rayssl.checkpoint import write_rank_state, write_shared_state
     from rayssl.methods.cdul import load_backbone_from_checkpoint
@@ -229,3 +247,18 @@ def test_backbone_initialised_from_a_rayssl_checkpoint(tmp_path):
         load_backbone_from_checkpoint(other, str(tmp_path))
     with pytest.raises(ValueError, match="cdul.init_checkpoint: "):
         load_backbone_from_checkpoint(other, str(tmp_path / "nope"))
+
+
+def test_scene_ground_truth_follows_the_users_class_list():
+    """The labelling job's ``gt`` columns are the user's classes in the user's order; a class that
+    is not a scene shape leaves no ground truth rather than a misaligned one."""
+    from rayssl.data.scenes import SHAPES, generate_batch
+    from rayssl.pseudolabel.job import load_scenes
+
+    ids = np.arange(6)
+    truth = generate_batch(ids, seed=3, size=32)["labels"]
+    out = load_scenes({"id": ids}, seed=3, size=32, side=32, classes=["star", "circle", "ring"])
+    want = truth[:, [SHAPES.index("star"), SHAPES.index("circle"), SHAPES.index("ring")]]
+    np.testing.assert_array_equal(out["gt"], want)
+    np.testing.assert_array_equal(load_scenes({"id": ids}, seed=3, size=32, side=32)["gt"], truth)
+    assert "gt" not in load_scenes({"id": ids}, seed=3, size=32, side=32, classes=["star", "zebra"])

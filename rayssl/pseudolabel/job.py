@@ -31,17 +31,25 @@ def _resize_square(img: np.ndarray, side: int) -> np.ndarray:
     return np.asarray(Image.fromarray(img).resize((side, side), Image.BICUBIC))
 
 
-def load_scenes(batch: dict, *, seed: int, size: int, side: int, stats=None) -> dict:
-    """``{"id"}`` scene numbers (from ``ray.data.range``) -> ``{index, id, path, image, gt}``."""
+def load_scenes(batch: dict, *, seed: int, size: int, side: int, stats=None,
+                classes: list[str] | None = None) -> dict:
+    """``{"id"}`` scene numbers (from ``ray.data.range``) -> ``{index, id, path, image, gt}``.
+
+    ``gt`` has one column per name of ``classes`` (the user's class list, in its order); it is
+    left out when a name is not a scene shape, since there is then no ground truth to give.
+    """
     from rayssl.data.pipeline import _report
-    from rayssl.data.scenes import generate_batch
+    from rayssl.data.scenes import SHAPES, generate_batch
 
     idx = np.asarray(batch["id"], dtype=np.int64)
     scenes = generate_batch(idx, seed=seed, size=size)
     _report(stats, Counter(seen=len(idx)))
-    return {"index": idx, "id": scenes["key"], "path": np.asarray([""] * len(idx)),
-            "image": np.stack([_resize_square(im, side) for im in scenes["image"]]),
-            "gt": scenes["labels"]}
+    out = {"index": idx, "id": scenes["key"], "path": np.asarray([""] * len(idx)),
+           "image": np.stack([_resize_square(im, side) for im in scenes["image"]])}
+    classes = list(SHAPES) if classes is None else list(classes)
+    if all(c in SHAPES for c in classes):
+        out["gt"] = scenes["labels"][:, [SHAPES.index(c) for c in classes]]
+    return out
 
 
 def load_files(batch: dict, *, fs, side: int, stats=None, max_bad_fraction: float = 1.0, uri: str = "") -> dict:
@@ -150,7 +158,8 @@ def run_job(args, classes: list[str], source, stats_cls=None) -> dict:
         ds = ray.data.range(n, override_num_blocks=max(1, min(64, n // args.batch_size)))
         ds = ds.map_batches(
             load_scenes, batch_size=args.batch_size,
-            fn_kwargs={"seed": seed, "size": args.scenes_size, "side": side, "stats": stats})
+            fn_kwargs={"seed": seed, "size": args.scenes_size, "side": side, "stats": stats,
+                       "classes": classes})
         meta_source = {"kind": "scenes", "uri": "scenes", "seed": seed, "size": args.scenes_size, "num_images": n}
         num_rows = n
     else:

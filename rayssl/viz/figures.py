@@ -141,8 +141,9 @@ def _check_images(images: np.ndarray, name: str) -> np.ndarray:
     return x
 
 
-def _tile(ax, image, title: str = "", colour: str | None = None, fontsize: int = 7) -> None:
-    ax.imshow(image)
+def _tile(ax, image, title: str = "", colour: str | None = None, fontsize: int = 7,
+          interpolation: str | None = None) -> None:
+    ax.imshow(image, interpolation=interpolation)
     ax.set_xticks([])
     ax.set_yticks([])
     if colour:
@@ -205,7 +206,8 @@ def top_labels(scores: np.ndarray, class_names: Sequence[str], top: int) -> list
 
 
 def plot_cdul_labels(images: np.ndarray, before: np.ndarray, after: np.ndarray, class_names: Sequence[str],
-                     out: str, top: int = 3, truth: np.ndarray | None = None, title: str | None = None) -> dict:
+                     out: str, top: int = 3, truth: np.ndarray | None = None, title: str | None = None,
+                     captions: Sequence[str] | None = None) -> dict:
     """CDUL: sample images with their top pseudo-labels before and after gradient alignment.
 
     Args:
@@ -214,6 +216,7 @@ def plot_cdul_labels(images: np.ndarray, before: np.ndarray, after: np.ndarray, 
         class_names: C names.
         top: labels listed per image.
         truth: optional (N, C) {0, 1}; labels that are true are marked with a check mark.
+        captions: optional N short texts drawn above the images (e.g. the image id).
     Returns:
         ``{"before": [[(name, score)]...], "after": [...], "changed": rows whose top label changed}``.
     """
@@ -225,6 +228,8 @@ def plot_cdul_labels(images: np.ndarray, before: np.ndarray, after: np.ndarray, 
                          f"got {b.shape} and {a.shape}")
     if truth is not None and np.asarray(truth).shape != (n, c):
         raise ValueError(f"truth must be ({n}, {c}), got {np.asarray(truth).shape}")
+    if captions is not None and len(captions) != n:
+        raise ValueError(f"captions must hold {n} texts, got {len(captions)}")
     if not 1 <= top <= c:
         raise ValueError(f"top must be in [1, {c}], got {top}")
     tb, ta = top_labels(b, class_names, top), top_labels(a, class_names, top)
@@ -235,10 +240,11 @@ def plot_cdul_labels(images: np.ndarray, before: np.ndarray, after: np.ndarray, 
         return "\n".join(f"{name} {score:.2f}{mark(name)}" for name, score in rows)
 
     plt = _plt()
-    fig, axes = plt.subplots(n, 3, figsize=(6.6, 1.7 * n), squeeze=False,
+    fig, axes = plt.subplots(n, 3, figsize=(5.4, 1.4 * n), squeeze=False, layout="constrained",
                              gridspec_kw={"width_ratios": [1.0, 1.3, 1.3]})
     for r in range(n):
-        _tile(axes[r][0], x[r])
+        # nearest: the pixels as they are (small scenes stay sharp, and the PNG stays small)
+        _tile(axes[r][0], x[r], captions[r] if captions is not None else "", interpolation="nearest")
         for col, (name, rows) in enumerate((("before alignment", tb[r]), ("after alignment", ta[r])), start=1):
             ax = axes[r][col]
             ax.axis("off")
@@ -248,6 +254,6 @@ def plot_cdul_labels(images: np.ndarray, before: np.ndarray, after: np.ndarray, 
                 ax.set_title(name, fontsize=9)
     if title:
         fig.suptitle(title, fontsize=10)
-    save_figure(fig, out)
+    save_figure(fig, out, dpi=100)
     changed = [r for r in range(n) if tb[r][0][0] != ta[r][0][0]]
     return {"before": tb, "after": ta, "changed": changed}

@@ -2,7 +2,8 @@
 
 ``load_method`` rebuilds the whole method module (backbone + heads + prototypes / momentum
 encoder) from a rayssl checkpoint; ``swav_assignments`` and ``mls_positives`` compute what
-``rayssl.viz.figures`` draws, in eval mode (BatchNorm running statistics), without gradients.
+``rayssl.viz.figures`` draws, in eval mode (BatchNorm running statistics), without gradients;
+``load_label_store`` reads a CDUL checkpoint's label store (the labels after gradient alignment).
 """
 
 from __future__ import annotations
@@ -63,3 +64,28 @@ def mls_positives(model, queries: np.ndarray, gallery: np.ndarray, k: int) -> tu
     qg = torch.cat([model.keys(x)[0] for x in _batches(gallery)])
     sims, idx = (g1 @ qg.T).topk(k, dim=1)
     return idx.numpy(), sims.numpy()
+
+
+def load_label_store(ckpt: LoadedCheckpoint, options=None) -> dict:
+    """CDUL: the label store saved with checkpoint ``ckpt`` (``latent`` (N, C), ``known`` (N,),
+    ``updates``), read from the same ``model.pt`` that ``load_checkpoint`` read.
+
+    ``LoadedCheckpoint`` keeps only the model state, so the shared method state is read again
+    here; CheckpointError (one line) when the checkpoint holds no label store.
+    """
+    import io
+
+    from rayssl.checkpoint import MODEL_FILE, CheckpointError
+    from rayssl.storage import filesystem
+
+    fs, path = filesystem(ckpt.uri, options)
+    with fs.open(f"{path.rstrip('/')}/{MODEL_FILE}", "rb") as f:
+        state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=False)
+    store = (state.get("method_state") or {}).get("label_store")
+    if not isinstance(store, dict) or not {"latent", "known"} <= set(store):
+        raise CheckpointError(f"--checkpoint {ckpt.uri}: holds no CDUL label store (method_state.label_store)")
+    latent = store["latent"]
+    if latent.ndim != 2 or store["known"].shape != (latent.shape[0],):
+        raise CheckpointError(f"--checkpoint {ckpt.uri}: malformed label store "
+                              f"(latent {tuple(latent.shape)}, known {tuple(store['known'].shape)})")
+    return {"latent": latent, "known": store["known"].bool(), "updates": int(store.get("updates", 0))}
