@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None,
                    help="directory (local path or s3:// URI) for the resolved config, checkpoints and summary; "
                         "default ./runs/<method>-<timestamp>")
-    p.add_argument("--epochs", type=int, default=None, help="number of epochs (quick preset: 4)")
+    p.add_argument("--epochs", type=int, default=None, help="number of epochs (quick preset: 8)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="GLOBAL batch size, split evenly over the workers (quick preset: 64)")
     p.add_argument("--num-workers", type=int, default=None, help="number of Ray Train workers (default 2)")
