@@ -58,7 +58,9 @@ def test_pseudolabel_job_then_cdul_training_with_resume(ray_session, tiny_clip, 
     assert label_main(args) == 0
     summary = _last_json(capsys.readouterr().out)
     assert summary["images_labelled"] == 32
-    assert summary["actors_used"] == 2
+    # A pool of 2 labelling actors; which of them gets the 9 small blocks is Ray Data's
+    # scheduling (seen once in CI: one actor took all), so only the pool size is exact.
+    assert summary["num_actors"] == 2 and 1 <= summary["actors_used"] <= 2
     assert summary["data"]["seen"] == 34
     assert summary["data"]["skipped.decode_error"] == 1 and summary["data"]["skipped.empty"] == 1
     for key in ("map_global", "map_aggregated", "map_final"):
