@@ -39,16 +39,16 @@ import argparse
 import json
 import os
 import resource
-import socket
 import statistics
 import sys
 import tempfile
 import time
 from contextlib import nullcontext
-from datetime import timedelta
 from typing import Callable, Sequence
 
 import torch
+
+from rayssl.dist import free_port, init_local_gloo
 
 # Settings layered on rayssl.presets' "quick" (cpu) or "paper" (gpu) preset.
 BENCH_PRESETS: dict[str, dict] = {
@@ -374,28 +374,6 @@ def _record_collectives(log: list) -> None:
     wrap("all_gather", 0)  # args[0] is the output list: world x input bytes
 
 
-def _loopback_interface() -> str | None:
-    names = [name for _, name in socket.if_nameindex() if name.startswith("lo")]
-    return names[0] if names else None
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_gloo(rank: int, world: int, port: int, timeout_s: float = 120) -> None:
-    """A gloo process group over ``world`` local processes on loopback."""
-    import torch.distributed as tdist
-
-    iface = _loopback_interface()
-    if iface:
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", iface)
-    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                             timeout=timedelta(seconds=timeout_s))
-
-
 def _comm_worker(rank: int, world: int, port: int, cfg_dict: dict, steps: int, grad_numel: int, out_dir: str) -> None:
     import torch.distributed as tdist
 
@@ -403,7 +381,7 @@ def _comm_worker(rank: int, world: int, port: int, cfg_dict: dict, steps: int, g
     from rayssl.methods import get_method
 
     torch.set_num_threads(1)
-    init_gloo(rank, world, port)
+    init_local_gloo(rank, world, port)
     try:
         cfg = Config.from_dict(cfg_dict)
         torch.manual_seed(cfg.run.seed)

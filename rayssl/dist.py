@@ -6,6 +6,10 @@ Nothing here imports Ray.
 """
 from __future__ import annotations
 
+import os
+import socket
+from datetime import timedelta
+
 import torch
 import torch.distributed as dist
 
@@ -59,3 +63,24 @@ def broadcast_(t: torch.Tensor, src: int = 0) -> torch.Tensor:
     if is_distributed() and world_size() > 1:
         dist.broadcast(t, src=src)
     return t
+
+
+# --------------------------------------------------------------------------- local process groups
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 (for a local process group's rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_local_gloo(rank: int, world: int, port: int, timeout_s: float = 120) -> None:
+    """A gloo process group over ``world`` processes of this machine, kept on loopback (the
+    host name may resolve to an address that must not be used). Used by the benchmark and
+    the multi-process tests; a hang past ``timeout_s`` becomes an error."""
+    names = [name for _, name in socket.if_nameindex() if name.startswith("lo")]
+    if names:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", names[0])
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=timeout_s))

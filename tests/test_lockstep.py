@@ -9,7 +9,7 @@ import torch
 import torch.distributed as tdist
 import torch.multiprocessing as mp
 
-from rayssl.bench import free_port, init_gloo
+from rayssl.dist import free_port, init_local_gloo
 from rayssl.lockstep import control_group, lockstep
 
 # (batches on rank 0, batches on rank 1, limit) -> every rank must take min(..., limit) steps.
@@ -18,7 +18,7 @@ CASES = [(5, 3, None), (3, 5, None), (4, 4, None), (6, 6, 2), (0, 3, None), (7, 
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
-    init_gloo(rank, world, port, timeout_s=60)  # a hang becomes an error, not a stuck test
+    init_local_gloo(rank, world, port, timeout_s=60)  # a hang becomes an error, not a stuck test
     try:
         control = control_group()
         results = []

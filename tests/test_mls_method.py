@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
-from datetime import timedelta
 
 import pytest
 import torch
@@ -15,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rayssl.config import Config, ConfigError, ModelSection
+from rayssl.dist import free_port, init_local_gloo
 from rayssl.methods import get_method
 from rayssl.methods import mls as mls_module
 from rayssl.methods.mls import MLS, MLSConfig, MoCoConfig, _shuffle_across_workers
@@ -272,19 +271,9 @@ def test_config_accepts_small_moco_queue():
 WORLD, LOCAL_BATCH, STEPS, D = 2, 2, 6, 16  # global batch 4: the queue holds the last 4 steps
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _dist_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    names = [n for _, n in socket.if_nameindex() if n.startswith("lo")]
-    if names:
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", names[0])
     torch.set_num_threads(1)
-    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                             timeout=timedelta(seconds=60))
+    init_local_gloo(rank, world, port, timeout_s=60)
     try:
         model = tiny()  # identical init on both ranks, like the training loop
         recorded = []
@@ -337,7 +326,7 @@ def _dist_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def two_workers(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("mls_dist")
-    mp.spawn(_dist_worker, args=(WORLD, _free_port(), str(out_dir)), nprocs=WORLD, join=True)
+    mp.spawn(_dist_worker, args=(WORLD, free_port(), str(out_dir)), nprocs=WORLD, join=True)
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 

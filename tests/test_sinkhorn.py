@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import os
-import socket
-from datetime import timedelta
 
 import pytest
 import torch
@@ -182,30 +180,9 @@ def _rank_keys(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return base[:, None].repeat(1, QUEUE_DIMS[0]), -base[:, None].repeat(1, QUEUE_DIMS[1])
 
 
-def _loopback_interface() -> str | None:
-    names = [name for _, name in socket.if_nameindex() if name.startswith("lo")]
-    return names[0] if names else None
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _dist_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    # Keep gloo on loopback: the host name may resolve to an address we must not use.
-    iface = _loopback_interface()
-    if iface:
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", iface)
     torch.set_num_threads(1)
-    tdist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=60),  # a hang becomes an error instead of a stuck test
-    )
+    dist.init_local_gloo(rank, world, port, timeout_s=60)  # a hang becomes an error, not a stuck test
     try:
         out = {"is_distributed": dist.is_distributed(), "world": dist.world_size(), "rank": dist.rank()}
 
@@ -243,7 +220,7 @@ def _dist_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def dist_results(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("dist")
-    mp.spawn(_dist_worker, args=(2, _free_port(), str(out_dir)), nprocs=2, join=True)
+    mp.spawn(_dist_worker, args=(2, dist.free_port(), str(out_dir)), nprocs=2, join=True)
     return [torch.load(out_dir / f"rank{r}.pt") for r in range(2)]
 
 
