@@ -1,5 +1,6 @@
 """Running at scale (issue 6): cluster/aws.yaml passes Ray's own cluster-config validation,
-`ray job submit` runs rayssl on a loopback head started with `ray start --head`, and a
+`ray job submit` runs rayssl on a loopback head started with `ray start --head` (and leaks
+no credential planted in the head's environment), and a
 simulated 2-node cluster (ray.cluster_utils.Cluster) trains with one worker per node,
 checkpoints to a path both nodes see, resumes, and refuses a node-local --output.
 
@@ -15,6 +16,7 @@ import copy
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -27,8 +29,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import tiny_args
-from rayssl.checkpoint import load_rank_state, load_shared_state, verify_checkpoint_dir
+from conftest import find_needles, scan_tree, tiny_args
+from rayssl.checkpoint import MODEL_FILE, load_rank_state, load_shared_state, verify_checkpoint_dir
 
 REPO = Path(__file__).resolve().parents[1]
 RAY_CLI = str(Path(sys.executable).parent / "ray")
@@ -125,10 +127,17 @@ def test_aws_yaml_passes_rays_cluster_config_validation():
 
 
 def test_ray_job_submit_runs_rayssl_on_a_loopback_head(tmp_path):
+    """A run submitted as a job; also the leak check of a whole run: an AWS secret and session
+    token planted in the head's environment (so every Ray process of the run, workers and the
+    job's driver included, inherits them) never reach the job's output, the run directory
+    (raw bytes and unpickled checkpoints) or the head's session logs."""
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths
+    secret, token = f"planted-secret-{uuid.uuid4().hex}", f"planted-token-{uuid.uuid4().hex}"
+    needles = [secret.encode(), token.encode()]
     # Token authentication (the default for local clusters in Ray 2.60): the head and the
     # submitting client share a token through the environment, nothing under ~/.ray.
-    env = _isolated_env(temp_dir, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=uuid.uuid4().hex)
+    env = _isolated_env(temp_dir, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=uuid.uuid4().hex,
+                        AWS_SECRET_ACCESS_KEY=secret, AWS_SESSION_TOKEN=token)
     dash = _free_port()
     ports = {"--port": _free_port(), "--dashboard-port": dash, "--ray-client-server-port": _free_port(),
              "--dashboard-agent-listen-port": _free_port(), "--dashboard-agent-grpc-port": _free_port(),
@@ -165,6 +174,18 @@ def test_ray_job_submit_runs_rayssl_on_a_loopback_head(tmp_path):
     ckpt = Path(summary["checkpoint"])
     assert ckpt.parent == out and verify_checkpoint_dir(ckpt)["world_size"] == 2
     assert (out / "config.yaml").is_file()
+
+    # Nothing the run printed, wrote or logged holds the planted credentials.
+    assert find_needles(needles, logs.encode()) == []
+    written = {p.name for p in out.rglob("*") if p.is_file()}
+    assert {"config.yaml", "summary.json", MODEL_FILE, "rank_0.pt", "rank_1.pt"} <= written
+    assert scan_tree(out, needles) == {}
+    sessions = [p for p in Path(temp_dir).rglob("session_*") if p.is_dir() and not p.is_symlink()]
+    assert len(sessions) == 1, sessions
+    # The right place: the workers' own log lines are in there.
+    assert any(b"[rayssl]" in p.read_bytes() for p in (sessions[0] / "logs").rglob("*") if p.is_file())
+    assert scan_tree(sessions[0], needles) == {}
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- two nodes

@@ -5,7 +5,8 @@
 - --resume skips checkpoint directories made incomplete on purpose and falls back to the
   newest complete one (Ray Train's own snapshot would hand the workers the damaged one).
 - A planted AWS secret and session token never reach stdout/stderr, the run directory
-  (config, summary, checkpoints: raw bytes and the unpickled objects) or Ray's session logs.
+  (config, summary, checkpoints: raw bytes and the unpickled objects) or Ray's session logs
+  (the run is tests/test_cluster.py's `ray job submit`; the scanner is checked here).
 - A non-finite loss or Sinkhorn code stops the step with a message naming the step, and
   stops the run without spending --max-failures on retries (the NaN would recur).
 - The manifest records every rank file's size: a truncated rank_<r>.pt makes the
@@ -18,13 +19,9 @@ import contextlib
 import io
 import json
 import os
-import pickle
 import re
 import shutil
 import signal
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -33,7 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_args
+from conftest import scan_tree, tiny_args
 from rayssl import train
 from rayssl.checkpoint import (
     MANIFEST_FILE,
@@ -256,69 +253,17 @@ def test_snapshot_rewrite_drops_missing_and_incomplete_checkpoints(tmp_path, cap
 # --------------------------------------------------------------------------- secrets
 
 
-def _find(needles: list[bytes], data: bytes) -> list[bytes]:
-    return [n for n in needles if n in data]
-
-
-def _scan_tree(root: Path, needles: list[bytes]) -> dict[str, list[bytes]]:
-    """Every regular file under root: its bytes, and for *.pt the unpickled objects re-pickled."""
-    hits: dict[str, list[bytes]] = {}
-    for p in sorted(root.rglob("*")):
-        if p.is_symlink() or not p.is_file():
-            continue
-        try:
-            data = p.read_bytes()
-        except OSError:
-            continue
-        found = _find(needles, data)
-        if p.suffix == ".pt":
-            obj = torch.load(p, map_location="cpu", weights_only=False)
-            found += _find(needles, pickle.dumps(obj)) + _find(needles, repr(obj).encode())
-        if found:
-            hits[str(p)] = sorted(set(found))
-    return hits
-
-
 def test_scanner_finds_a_planted_value(tmp_path):
     """The leak check below can see a secret in a plain file and inside a checkpoint."""
     secret = f"canary-{uuid.uuid4().hex}"
     (tmp_path / "a.log").write_text(f"x {secret} y")
     torch.save({"nested": {"env": {"AWS_SECRET_ACCESS_KEY": secret}}}, tmp_path / "m.pt")
-    assert set(_scan_tree(tmp_path, [secret.encode()])) == {str(tmp_path / "a.log"), str(tmp_path / "m.pt")}
+    assert set(scan_tree(tmp_path, [secret.encode()])) == {str(tmp_path / "a.log"), str(tmp_path / "m.pt")}
 
 
-def test_planted_secret_never_leaks(tmp_path):
-    """A whole run in a fresh process and a fresh Ray (so every Ray process, workers
-    included, inherits the planted credentials), then a grep of everything it wrote."""
-    secret = f"planted-secret-{uuid.uuid4().hex}"
-    token = f"planted-token-{uuid.uuid4().hex}"
-    needles = [secret.encode(), token.encode()]
-    # A short private Ray temp dir: the new Ray cannot join the session's, and its
-    # session logs are all in one known place (short: Unix socket paths are limited).
-    ray_tmp = Path(tempfile.mkdtemp(prefix="rs-", dir="/tmp"))
-    try:
-        env = {**os.environ, "AWS_SECRET_ACCESS_KEY": secret, "AWS_SESSION_TOKEN": token,
-               "RAY_TMPDIR": str(ray_tmp)}
-        env.pop("RAY_ADDRESS", None)
-        out = tmp_path / "run"
-        proc = subprocess.run([sys.executable, "-m", "rayssl.train", *tiny_args(out, "--epochs", "1")],
-                              cwd=tmp_path, env=env, capture_output=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-3000:]
-        assert _summary(proc.stdout.decode())["steps"] == STEPS_PER_EPOCH
-        assert _find(needles, proc.stdout) == [] and _find(needles, proc.stderr) == []
-
-        written = [p for p in out.rglob("*") if p.is_file()]
-        assert {"config.yaml", "summary.json", MODEL_FILE, "rank_0.pt", "rank_1.pt"} <= {p.name for p in written}
-        assert _scan_tree(out, needles) == {}
-
-        sessions = [p for p in (ray_tmp / "ray").glob("session_*") if p.is_dir() and not p.is_symlink()]
-        assert len(sessions) == 1, sessions
-        logs = sessions[0] / "logs"
-        # The right place: the workers' own log lines are in there.
-        assert any(b"[rayssl]" in p.read_bytes() for p in logs.rglob("*") if p.is_file())
-        assert _scan_tree(sessions[0], needles) == {}
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+# A planted secret and session token in the environment of every Ray process of a whole run
+# (a fresh head, then `ray job submit`) never reach the job's output, the run directory or
+# Ray's session logs: tests/test_cluster.py::test_ray_job_submit_runs_rayssl_on_a_loopback_head.
 
 
 # --------------------------------------------------------------------------- numerics, no Ray

@@ -1,6 +1,12 @@
 """Resume equivalence (issue 8): a run killed after a checkpoint and continued with --resume
 matches the uninterrupted run with the same seed, on CPU, for every method.
 
+These runs are also the end-to-end tests of training on Ray (issue 2): 2 TorchTrainer
+workers fed by Ray Data on 128 generated scenes, the JSON summary on the last stdout line,
+the held-out evaluation, checkpoints with every rank's state, then --resume continuing the
+step counter. (Resuming with more --epochs than stored is in tests/test_s3_data.py and
+tests/test_pseudolabel_job.py.)
+
 The uninterrupted run trains 2 epochs with a checkpoint after each (2 workers,
 ``data.deterministic``). Its directory is then copied and the epoch-2 checkpoint's manifest
 removed -- what a job killed between the two checkpoints leaves behind -- and ``--resume``
@@ -25,10 +31,10 @@ import pytest
 import torch
 
 from rayssl import train
-from rayssl.checkpoint import MANIFEST_FILE, load_rank_state, load_shared_state
+from rayssl.checkpoint import MANIFEST_FILE, load_rank_state, load_shared_state, verify_checkpoint_dir
 from rayssl.methods import method_names
 
-NUM_IMAGES, BATCH = 64, 32
+NUM_IMAGES, BATCH = 128, 32
 STEPS_PER_EPOCH = NUM_IMAGES // BATCH
 
 # Small settings per method, with every piece of state a checkpoint must carry switched on
@@ -46,7 +52,9 @@ def _args(method: str, out: Path) -> list[str]:
     return ["--output", str(out), "--method", method, "--num-workers", "2", "--batch-size", str(BATCH),
             "--epochs", "2", "--checkpoint-every", "1", "--keep-checkpoints", "2",
             "--set", f"data.scenes_num_images={NUM_IMAGES}", "--set", "data.deterministic=true",
-            "--set", "eval.num_test_images=0", *METHOD_ARGS[method]]
+            # The method's held-out metric (SwAV kNN, MLS linear probe) on a few scenes.
+            "--set", "eval.num_train_images=100", "--set", "eval.num_test_images=50",
+            "--set", "eval.random_baseline=false", *METHOD_ARGS[method]]
 
 
 def _summary(out: str) -> dict:
@@ -97,7 +105,27 @@ def test_resumed_run_matches_the_uninterrupted_run(ray_session, tmp_path, capsys
     assert train.main(_args(method, full)) == 0
     captured = capsys.readouterr()
     s_full = _summary(captured.out)
-    assert s_full["steps"] == 2 * STEPS_PER_EPOCH
+    # The summary (the last stdout line, also summary.json) and the checkpoint it names.
+    assert s_full["method"] == method and s_full["epochs"] == 2 and s_full["steps"] == 2 * STEPS_PER_EPOCH
+    assert s_full["images_seen"] == 2 * NUM_IMAGES and s_full["images_per_s"] > 0 and s_full["final_loss"] > 0
+    assert s_full["data"]["seen"] >= NUM_IMAGES
+    assert json.loads((full / "summary.json").read_text())["checkpoint"] == s_full["checkpoint"]
+    last = Path(s_full["checkpoint"])
+    manifest = verify_checkpoint_dir(last)
+    assert manifest["world_size"] == 2 and manifest["step"] == 2 * STEPS_PER_EPOCH
+    assert load_shared_state(last)["config"]["run"]["num_workers"] == 2
+    q0, q1 = (load_rank_state(last, r)["method"]["queue"] for r in (0, 1))
+    if method == "swav":
+        assert s_full["metric"] == "knn_top1" and 0.0 <= s_full["knn_top1"] <= 1.0
+        # SwAV's queue is per worker (64 / 2 workers = 32 rows each): saved by each rank, different.
+        assert q0["field_0"].shape == (32, 32) and int(q0["filled"]) == 32
+        assert not torch.equal(q0["field_0"], q1["field_0"])
+    else:
+        # MLS reports linear-probe mAP; its queue is global: every worker holds the same full
+        # queue of the last 64 keys, Q_g and Q_z aligned.
+        assert s_full["metric"] == "linear_map" and 0.0 < s_full["linear_map"] <= 1.0
+        assert torch.equal(q0["field_0"], q1["field_0"]) and torch.equal(q0["field_1"], q1["field_1"])
+        assert int(q0["filled"]) == 64
 
     # A job killed after the epoch-1 checkpoint: the epoch-2 checkpoint never got its manifest.
     killed = tmp_path / "killed"
