@@ -46,6 +46,8 @@ METHOD_ARGS: dict[str, list[str]] = {
              "--set", "swav.queue_start_epoch=0"],
     "mls": ["--set", "mls.queue_size=64", "--set", "mls.k=5", "--set", "mls.projection_hidden_dim=64",
             "--set", "mls.projection_dim=32"],
+    "moco": ["--set", "moco.queue_size=64", "--set", "moco.projection_hidden_dim=64",
+             "--set", "moco.projection_dim=32"],
 }
 
 def _args(method: str, out: Path) -> list[str]:
@@ -93,9 +95,7 @@ def test_every_registered_method_has_resume_settings():
     """The guarantee covers methods added later: each needs an entry in METHOD_ARGS."""
     # cdul trains from a pseudo-label table made by a CLIP job; its resume (label store,
     # seeded crops) is checked in tests/test_pseudolabel_job.py, not by loss equality here.
-    # moco is the mls module with lambda = 0 (same class, queue, momentum encoder and
-    # checkpoint state); it was dropped here to keep the suite under 15 minutes.
-    not_here = {"cdul", "moco"}
+    not_here = {"cdul"}
     assert sorted(set(method_names()) - not_here) == sorted(METHOD_ARGS), "add small settings for the missing methods"
 
 
@@ -121,8 +121,8 @@ def test_resumed_run_matches_the_uninterrupted_run(ray_session, tmp_path, capsys
         assert q0["field_0"].shape == (32, 32) and int(q0["filled"]) == 32
         assert not torch.equal(q0["field_0"], q1["field_0"])
     else:
-        # MLS reports linear-probe mAP; its queue is global: every worker holds the same full
-        # queue of the last 64 keys, Q_g and Q_z aligned.
+        # MLS and MoCo report linear-probe mAP; their queue is global: every worker holds the
+        # same full queue of the last 64 keys, Q_g and Q_z aligned.
         assert s_full["metric"] == "linear_map" and 0.0 < s_full["linear_map"] <= 1.0
         assert torch.equal(q0["field_0"], q1["field_0"]) and torch.equal(q0["field_1"], q1["field_1"])
         assert int(q0["filled"]) == 64
