@@ -1,8 +1,8 @@
-"""Running at scale (issue 6): cluster/aws.yaml passes Ray's own cluster-config validation,
+"""Running at scale (issue 6): cluster/aws.yaml passes Ray's own cluster-config validation;
 `ray job submit` runs rayssl on a loopback head started with `ray start --head` (and leaks
-no credential planted in the head's environment), and a
-simulated 2-node cluster (ray.cluster_utils.Cluster) trains with one worker per node,
-checkpoints to a path both nodes see, resumes, and refuses a node-local --output.
+no credential planted in the head's environment); a simulated 2-node cluster
+(ray.cluster_utils.Cluster) trains with one worker per node, checkpoints to a path both
+nodes see, and refuses a node-local --output.
 
 The heads these tests start are separate Ray clusters: they run in subprocesses with their
 own temp dir (RAY_TMPDIR, so no address file of theirs is ever found by another
