@@ -188,7 +188,7 @@ class OptimSection:
 
     # lars | sgd | adamw. AdamW (decoupled weight decay; momentum unused) is not in the
     # papers; at the quick preset's 256 steps it is what lets *labels* learn the scenes
-    # (benchmarks/supervised_reference.py: kNN 0.212 with Adam vs 0.146 with SGD).
+    # (benchmarks/supervised_reference.py; figures in the README).
     optimizer: str = "lars"
     base_lr: float = 0.3  # per 256 images; scaled linearly with the global batch (all optimisers)
     final_lr_ratio: float = 0.001  # final lr = base lr x ratio (SwAV: 0.0048 / 4.8)

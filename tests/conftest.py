@@ -113,14 +113,13 @@ def aws_test_env(tmp_path_factory):
 def s3_endpoint():
     """moto's S3 server on 127.0.0.1 (a free port) for the session; yields its URL."""
     import logging
-    import socket
 
     from moto.server import ThreadedMotoServer
 
+    from rayssl.dist import free_port
+
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no access log per request
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     yield f"http://127.0.0.1:{port}"

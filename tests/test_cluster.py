@@ -18,7 +18,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,15 +30,10 @@ import yaml
 
 from conftest import find_needles, scan_tree, tiny_args
 from rayssl.checkpoint import MODEL_FILE, load_rank_state, load_shared_state, verify_checkpoint_dir
+from rayssl.dist import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 RAY_CLI = str(Path(sys.executable).parent / "ray")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def end_processes_under(temp_dir: str) -> None:
@@ -138,10 +132,10 @@ def test_ray_job_submit_runs_rayssl_on_a_loopback_head(tmp_path):
     # submitting client share a token through the environment, nothing under ~/.ray.
     env = _isolated_env(temp_dir, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=uuid.uuid4().hex,
                         AWS_SECRET_ACCESS_KEY=secret, AWS_SESSION_TOKEN=token)
-    dash = _free_port()
-    ports = {"--port": _free_port(), "--dashboard-port": dash, "--ray-client-server-port": _free_port(),
-             "--dashboard-agent-listen-port": _free_port(), "--dashboard-agent-grpc-port": _free_port(),
-             "--metrics-export-port": _free_port(), "--runtime-env-agent-port": _free_port()}
+    dash = free_port()
+    ports = {"--port": free_port(), "--dashboard-port": dash, "--ray-client-server-port": free_port(),
+             "--dashboard-agent-listen-port": free_port(), "--dashboard-agent-grpc-port": free_port(),
+             "--metrics-export-port": free_port(), "--runtime-env-agent-port": free_port()}
     head = subprocess.Popen(
         [RAY_CLI, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
          "--num-cpus", "2", "--temp-dir", temp_dir, "--include-dashboard", "true", "--disable-usage-stats",

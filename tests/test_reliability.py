@@ -254,7 +254,7 @@ def test_snapshot_rewrite_drops_missing_and_incomplete_checkpoints(tmp_path, cap
 
 
 def test_scanner_finds_a_planted_value(tmp_path):
-    """The leak check below can see a secret in a plain file and inside a checkpoint."""
+    """The leak check (tests/test_cluster.py) can see a secret in a plain file and inside a checkpoint."""
     secret = f"canary-{uuid.uuid4().hex}"
     (tmp_path / "a.log").write_text(f"x {secret} y")
     torch.save({"nested": {"env": {"AWS_SECRET_ACCESS_KEY": secret}}}, tmp_path / "m.pt")
