@@ -14,7 +14,6 @@ from contextlib import nullcontext
 
 import torch
 
-from rayssl import dist
 from rayssl.checkpoint import (
     CheckpointError,
     gather_rank_sizes,

@@ -79,6 +79,29 @@ def _wait_for_http(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
     raise AssertionError(f"no Ray dashboard at {url} after {timeout_s} s")
 
 
+def _holders_of(needle: bytes) -> set[str]:
+    """Which kinds of live process carry ``needle`` in their environment: "train worker"
+    (Ray Train's worker actors, titled ``ray::RayTrainWorker...``) and "job driver" (the
+    ``python -m rayssl.train`` a job runs)."""
+    kinds = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            if b"RayTrainWorker" in cmdline:
+                kind = "train worker"
+            elif b"rayssl.train" in cmdline:
+                kind = "job driver"
+            else:
+                continue
+            if needle in (entry / "environ").read_bytes():
+                kinds.add(kind)
+        except OSError:  # gone meanwhile, or not ours to read
+            pass
+    return kinds
+
+
 def _isolated_env(temp_dir: str, **extra: str) -> dict:
     env = {**os.environ, "RAY_TMPDIR": temp_dir, **extra}
     env.pop("RAY_ADDRESS", None)
@@ -122,9 +145,10 @@ def test_aws_yaml_passes_rays_cluster_config_validation():
 
 def test_ray_job_submit_runs_rayssl_on_a_loopback_head(tmp_path):
     """A run submitted as a job; also the leak check of a whole run: an AWS secret and session
-    token planted in the head's environment (so every Ray process of the run, workers and the
-    job's driver included, inherits them) never reach the job's output, the run directory
-    (raw bytes and unpickled checkpoints) or the head's session logs."""
+    token planted in the head's environment never reach the job's output, the run directory
+    (raw bytes and unpickled checkpoints) or the head's session logs. The positive control:
+    while the job runs, its driver and Ray Train workers are seen holding the secret in their
+    own environments, so the run had it within reach."""
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths
     secret, token = f"planted-secret-{uuid.uuid4().hex}", f"planted-token-{uuid.uuid4().hex}"
     needles = [secret.encode(), token.encode()]
@@ -145,11 +169,21 @@ def test_ray_job_submit_runs_rayssl_on_a_loopback_head(tmp_path):
     address = f"http://127.0.0.1:{dash}"
     try:
         _wait_for_http(address, head, timeout_s=180)
-        submit = subprocess.run(
-            [RAY_CLI, "job", "submit", "--address", address, "--submission-id", "rayssl-test", "--working-dir", ".",
-             "--", sys.executable, "-m", "rayssl.train", *tiny_args(out, "--epochs", "1")],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
-        logs = submit.stdout + submit.stderr
+        log_path = tmp_path / "submit.log"
+        with open(log_path, "wb") as log_file:
+            submit = subprocess.Popen(
+                [RAY_CLI, "job", "submit", "--address", address, "--submission-id", "rayssl-test",
+                 "--working-dir", ".", "--", sys.executable, "-m", "rayssl.train", *tiny_args(out, "--epochs", "1")],
+                cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+            holders: set[str] = set()
+            deadline = time.monotonic() + 420
+            while submit.poll() is None and time.monotonic() < deadline:
+                holders |= _holders_of(secret.encode())
+                time.sleep(0.5)
+            if submit.poll() is None:
+                submit.kill()
+            submit.wait()
+        logs = log_path.read_text(errors="replace")
         status = subprocess.run([RAY_CLI, "job", "status", "--address", address, "rayssl-test"],
                                 env=env, capture_output=True, text=True, timeout=60)
     finally:
@@ -169,6 +203,8 @@ def test_ray_job_submit_runs_rayssl_on_a_loopback_head(tmp_path):
     assert ckpt.parent == out and verify_checkpoint_dir(ckpt)["world_size"] == 2
     assert (out / "config.yaml").is_file()
 
+    # The secret was within the run's reach: its driver and workers inherited it.
+    assert holders == {"train worker", "job driver"}, holders
     # Nothing the run printed, wrote or logged holds the planted credentials.
     assert find_needles(needles, logs.encode()) == []
     written = {p.name for p in out.rglob("*") if p.is_file()}
