@@ -36,19 +36,22 @@ REPO = Path(__file__).resolve().parents[1]
 RAY_CLI = str(Path(sys.executable).parent / "ray")
 
 
+def _other_processes():
+    """(``/proc/PID`` path, command line) of every live process but this one; a process that
+    ends meanwhile, or is not ours to read, is left out."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            yield entry, (entry / "cmdline").read_bytes()
+        except OSError:
+            pass
+
+
 def end_processes_under(temp_dir: str) -> None:
     """End the processes whose command line names ``temp_dir`` (one test's own Ray), by pid."""
     def matching() -> list[int]:
-        pids = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit() or int(entry.name) == os.getpid():
-                continue
-            try:
-                if temp_dir.encode() in (entry / "cmdline").read_bytes():
-                    pids.append(int(entry.name))
-            except OSError:
-                pass
-        return pids
+        return [int(entry.name) for entry, cmdline in _other_processes() if temp_dir.encode() in cmdline]
 
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in matching():
@@ -84,22 +87,19 @@ def _holders_of(needle: bytes) -> set[str]:
     (Ray Train's worker actors, titled ``ray::RayTrainWorker...``) and "job driver" (the
     ``python -m rayssl.train`` a job runs, not the ``ray job submit`` client that names it)."""
     kinds = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
+    for entry, cmdline in _other_processes():
+        if b"\0submit\0" in cmdline:  # the `ray job submit` client: given the secret by the test
+            continue
+        if b"RayTrainWorker" in cmdline:
+            kind = "train worker"
+        elif b"rayssl.train" in cmdline:
+            kind = "job driver"
+        else:
             continue
         try:
-            cmdline = (entry / "cmdline").read_bytes()
-            if b"\0submit\0" in cmdline:  # the `ray job submit` client: given the secret by the test
-                continue
-            if b"RayTrainWorker" in cmdline:
-                kind = "train worker"
-            elif b"rayssl.train" in cmdline:
-                kind = "job driver"
-            else:
-                continue
             if needle in (entry / "environ").read_bytes():
                 kinds.add(kind)
-        except OSError:  # gone meanwhile, or not ours to read
+        except OSError:  # gone meanwhile
             pass
     return kinds
 
@@ -180,7 +180,8 @@ def test_ray_job_submit_runs_rayssl_on_a_loopback_head(tmp_path):
             holders: set[str] = set()
             deadline = time.monotonic() + 420
             while submit.poll() is None and time.monotonic() < deadline:
-                holders |= _holders_of(secret.encode())
+                if holders != {"train worker", "job driver"}:  # no more /proc walks once both are seen
+                    holders |= _holders_of(secret.encode())
                 time.sleep(0.5)
             if submit.poll() is None:
                 submit.kill()
