@@ -254,7 +254,16 @@ def worker_resources(cfg: Config, cluster: dict) -> tuple[bool, dict]:
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train V2's list of registered checkpoints
 
 
-def skip_incomplete_checkpoints(output: str) -> str | None:
+def carried_data_counts(point: dict | None) -> dict:
+    """The data counts (images seen, skipped by reason, converted) that the run had reached
+    at the checkpoint ``point``, as rank 0 reported them with it; so a resumed run's summary
+    and its bad-data check count the whole run, not only the part after the resume. The
+    count of worker-group starts stays behind: restarts are counted per process."""
+    counts = ((point or {}).get("metrics") or {}).get("data") or {}
+    return {k: v for k, v in counts.items() if k != "train.worker_group_starts"}
+
+
+def resume_point(output: str) -> dict | None:
     """On --resume, make Ray Train restore the newest *complete* checkpoint under ``output``.
 
     Ray Train V2 hands the workers the checkpoint that ``<output>/checkpoint_manager_snapshot.json``
@@ -264,8 +273,9 @@ def skip_incomplete_checkpoints(output: str) -> str | None:
     So each checkpoint the snapshot lists is verified here (``verify_checkpoint_dir``);
     incomplete ones are dropped from the snapshot, which is rewritten with the newest complete
     one as latest. Their directories are left in place, untouched, and named in the log.
-    Returns the directory name that will be resumed from; None when no complete checkpoint
-    is left (the run then starts from epoch 0, with a warning).
+    Returns the snapshot's record of the checkpoint that will be resumed from (its
+    ``checkpoint_dir_name`` and the ``metrics`` reported with it); None when there is no
+    snapshot or no complete checkpoint is left (the run then starts from epoch 0, with a warning).
     """
     from rayssl.checkpoint import CheckpointError, verify_checkpoint_dir
     from rayssl.loop import log
@@ -286,9 +296,8 @@ def skip_incomplete_checkpoints(output: str) -> str | None:
             verify_checkpoint_dir(f"{root.rstrip('/')}/{dir_name}", fs=fs)
         except CheckpointError as exc:
             bad[dir_name] = str(exc)
-    latest = (snap.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
     if not bad:
-        return latest
+        return snap.get("latest_checkpoint_result")
     for dir_name, why in bad.items():
         log(f"--resume: skipping incomplete checkpoint {base}/{dir_name} ({why})")
     kept = [(r, i) for r, i in zip(results, indices) if r["checkpoint_dir_name"] not in bad]
@@ -310,7 +319,7 @@ def skip_incomplete_checkpoints(output: str) -> str | None:
         log(f"--resume: WARNING no complete checkpoint in {base}; training starts again from epoch 0")
         return None
     log(f"--resume: resuming from {base}/{newest['checkpoint_dir_name']}")
-    return newest["checkpoint_dir_name"]
+    return newest
 
 
 def cluster_capacity(ray) -> tuple[dict, int]:
@@ -428,7 +437,9 @@ def run(cfg: Config, callbacks: Sequence = (), source=None) -> dict:
         )
     write_text(f"{cfg.run.output.rstrip('/')}/config.yaml", cfg.to_yaml())
     if cfg.run.resume:
-        skip_incomplete_checkpoints(cfg.run.output)
+        carried = carried_data_counts(resume_point(cfg.run.output))
+        if carried:  # before any map task reports: the totals include the run so far
+            ray.get(data.stats.add.remote(carried))
     storage_path, name, fs = run_location(cfg.run.output)
     log(f"{cfg.run.method}: {data.num_images} images, {steps_per_epoch} steps/epoch x {cfg.run.epochs} epochs, "
         f"{cfg.run.num_workers} workers ({'GPU' if use_gpu else 'CPU'}, {resources['CPU']} CPU each), "

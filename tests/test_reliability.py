@@ -204,7 +204,10 @@ def _fake_run(root: Path, epochs: int) -> list[str]:
         write_shared_state(d, {"epoch": e, "step": 4 * e, "model": {"w": torch.ones(3)}}, world_size=2,
                            rank_sizes=sizes)
         names.append(name)
-    results = [_TrainingResultState(checkpoint_dir_name=n, metrics={"epoch": i + 1}) for i, n in enumerate(names)]
+    # Rank 0 reports the data counts so far with each checkpoint (train.worker_group_starts is per process).
+    results = [_TrainingResultState(checkpoint_dir_name=n, metrics={
+        "epoch": i + 1, "data": {"seen": 64 * (i + 1), "skipped.decode_error": i, "train.worker_group_starts": 1}})
+        for i, n in enumerate(names)]
     state = _CheckpointManagerState(
         checkpoint_results=results, checkpoint_report_indices=list(range(1, epochs + 1)),
         latest_checkpoint_result=results[-1], pending_training_results=[], pending_validation_specs=[],
@@ -213,6 +216,12 @@ def _fake_run(root: Path, epochs: int) -> list[str]:
     )
     (root / train.SNAPSHOT_FILE).write_text(state.json())
     return names
+
+
+def _resumed(root: Path) -> str | None:
+    """The checkpoint directory --resume would restore under ``root``."""
+    point = train.resume_point(str(root))
+    return None if point is None else point["checkpoint_dir_name"]
 
 
 def _parse_snapshot(root: Path):
@@ -225,9 +234,9 @@ def _parse_snapshot(root: Path):
 def test_snapshot_rewrite_keeps_complete_runs_untouched(tmp_path):
     names = _fake_run(tmp_path, 2)
     before = (tmp_path / train.SNAPSHOT_FILE).read_bytes()
-    assert train.skip_incomplete_checkpoints(str(tmp_path)) == names[-1]
+    assert _resumed(tmp_path) == names[-1]
     assert (tmp_path / train.SNAPSHOT_FILE).read_bytes() == before
-    assert train.skip_incomplete_checkpoints(str(tmp_path / "no-such-run")) is None
+    assert _resumed(tmp_path / "no-such-run") is None
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray's own pydantic v1 calls
@@ -235,16 +244,18 @@ def test_snapshot_rewrite_drops_missing_and_incomplete_checkpoints(tmp_path, cap
     names = _fake_run(tmp_path, 3)
     shutil.rmtree(tmp_path / names[2])  # gone: Ray itself would refuse to start
     (tmp_path / names[1] / "rank_1.pt").unlink()
-    assert train.skip_incomplete_checkpoints(str(tmp_path)) == names[0]
+    assert _resumed(tmp_path) == names[0]
     snap = _parse_snapshot(tmp_path)
     assert [r.checkpoint_dir_name for r in snap.checkpoint_results] == [names[0]]
     assert snap.checkpoint_report_indices == [1] and snap.latest_checkpoint_result.checkpoint_dir_name == names[0]
+    # The counts a resumed run starts from are the restored checkpoint's, not the newest one's.
+    assert train.carried_data_counts(train.resume_point(str(tmp_path))) == {"seen": 64, "skipped.decode_error": 0}
     err = capsys.readouterr().err
     assert "rank_1.pt is missing" in err and f"{names[2]} is not a complete rayssl checkpoint" in err
 
     # Nothing complete left: the snapshot lists nothing, the run starts over, with a warning.
     (tmp_path / names[0] / MANIFEST_FILE).write_text("{not json")
-    assert train.skip_incomplete_checkpoints(str(tmp_path)) is None
+    assert _resumed(tmp_path) is None
     snap = _parse_snapshot(tmp_path)
     assert snap.checkpoint_results == [] and snap.latest_checkpoint_result is None
     assert "no complete checkpoint" in capsys.readouterr().err
@@ -349,7 +360,7 @@ def test_truncated_rank_file_is_caught_by_the_manifest_and_skipped(tmp_path, cap
     with pytest.raises(CheckpointError, match=r"rank_1\.pt is missing or truncated \(\d+ bytes where the "
                                               r"manifest records \d+\)"):
         verify_checkpoint_dir(latest)
-    assert train.skip_incomplete_checkpoints(str(tmp_path)) == names[0]
+    assert _resumed(tmp_path) == names[0]
     assert f"skipping incomplete checkpoint {latest}" in capsys.readouterr().err
 
 

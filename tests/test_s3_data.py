@@ -295,4 +295,5 @@ def test_parquet_shards_with_s3_output_and_resume(ray_session, s3_endpoint, buck
     assert train.main(["--output", run, "--resume", "--epochs", "2"]) == 0
     s2 = _summary(capsys)
     assert s2["epochs"] == 2 and s2["steps"] == 4 and s2["checkpoint"] != s1["checkpoint"]
+    assert s2["data"] == {"seen": 128}  # the whole run's count: the first epoch's 64 carried over the resume
     assert json.loads(fs.cat_file(f"{bucket}/runs/pq/summary.json"))["steps"] == 4
