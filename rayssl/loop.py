@@ -27,6 +27,7 @@ from rayssl.checkpoint import (
 from rayssl.config import Config
 from rayssl.losses import loss_at_uniform
 from rayssl.eval.features import evaluate_on_scenes, scenes_eval_sets, to_float_images
+from rayssl.datawait import DataWait
 from rayssl.lockstep import control_group, lockstep
 from rayssl.methods import get_method
 from rayssl.optim import LARS, param_groups_for_lars, scaled_lr, warmup_cosine
@@ -193,6 +194,7 @@ def train_loop_per_worker(payload: dict) -> None:
 
         device_augment = DeviceMultiCrop(crop_spec(cfg), device, channels_last=channels_last)
     last_loss = float("nan")
+    waits = DataWait()  # time blocked on the next batch: is the input pipeline keeping up?
 
     for epoch in range(start_epoch, cfg.run.epochs):
         if stats is not None and rank == 0:
@@ -201,6 +203,7 @@ def train_loop_per_worker(payload: dict) -> None:
         t0 = time.perf_counter()
         epoch_steps, epoch_images = 0, 0
         win_loss, win_n, win_t = torch.zeros((), device=device), 0, time.perf_counter()
+        waits.take_window()
         shuffle = {"local_shuffle_buffer_size": cfg.data.shuffle_buffer or None,
                    "local_shuffle_seed": (cfg.run.seed * 100003 + epoch * 101 + rank) if cfg.data.shuffle_buffer
                    else None}
@@ -215,7 +218,7 @@ def train_loop_per_worker(payload: dict) -> None:
         # Every rank must take the same number of steps (collectives inside the step): all
         # stop as soon as one runs out of data, decided on the host one step ahead (no
         # device sync per step; see rayssl.lockstep).
-        for batch in lockstep(source, control, limit=steps_per_epoch):
+        for batch in waits.wrap(lockstep(source, control, limit=steps_per_epoch)):
             crops = batch.pop("crops", None) or [to_float_images(batch[k], channels_last=channels_last)
                                                  for k in crop_keys]
             lr = schedule(step)
@@ -239,14 +242,16 @@ def train_loop_per_worker(payload: dict) -> None:
             win_n += 1
             if rank == 0 and step % cfg.run.log_every_steps == 0:
                 mean_loss = (win_loss / win_n).item()
-                ips = win_n * local_batch * world / (time.perf_counter() - win_t)
+                win_s = time.perf_counter() - win_t
+                ips = win_n * local_batch * world / win_s
+                wait_pct = 100.0 * waits.take_window() / win_s
                 extra = ""
                 if "prototypes_used_in_batch" in metrics:
                     extra = f" protos_used={int(metrics['prototypes_used_in_batch'].item())}"
                 if stats is not None:
                     extra += _skip_text(stats)
                 log(f"epoch {epoch + 1}/{cfg.run.epochs} step {epoch_steps}/{steps_per_epoch} "
-                    f"loss={mean_loss:.4f} lr={lr:.4g} {ips:.1f} img/s{extra}")
+                    f"loss={mean_loss:.4f} lr={lr:.4g} {ips:.1f} img/s data_wait={wait_pct:.0f}%{extra}")
                 warn = watch.update(mean_loss, step)
                 if warn:
                     log("WARNING " + warn)
@@ -270,6 +275,9 @@ def train_loop_per_worker(payload: dict) -> None:
             "images_seen": images_seen,
             "images_per_s": epoch_images / elapsed,
             "lr": lr,
+            # Of the epoch's wall time: blocked on the next batch, and of that the first one.
+            "data_wait_s": waits.epoch_s,
+            "first_batch_s": waits.first_batch_s,
         }
         do_eval = is_last or (cfg.eval.every_epochs and (epoch + 1) % cfg.eval.every_epochs == 0)
         if do_eval and cfg.eval.num_test_images > 0 and rank == 0:
@@ -316,7 +324,8 @@ def train_loop_per_worker(payload: dict) -> None:
             ray.train.report(report)
         if rank == 0:
             log(f"epoch {epoch + 1} done: {epoch_steps} steps, loss {last_loss:.4f}, "
-                f"{report['images_per_s']:.1f} img/s" + (", checkpoint saved" if save else ""))
+                f"{report['images_per_s']:.1f} img/s, {waits.epoch_s:.1f} of {elapsed:.1f} s waiting for data "
+                f"(first batch {waits.first_batch_s:.1f} s)" + (", checkpoint saved" if save else ""))
 
 
 def _random_init_score(cfg: Config, metric: str, eval_sets, size: int, device) -> float:

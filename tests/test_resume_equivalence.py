@@ -142,6 +142,9 @@ def test_resumed_run_matches_the_uninterrupted_run(ray_session, tmp_path, capsys
 
     # The loss at the first step after the boundary, and at the epoch's last step.
     full_ckpt, full_metrics = _by_epoch(full)[2]
+    # The epoch's time blocked on the input pipeline, the wait for its first batch included.
+    epoch_s = NUM_IMAGES / full_metrics["images_per_s"]
+    assert 0 < full_metrics["first_batch_s"] <= full_metrics["data_wait_s"] < epoch_s
     res_ckpt, res_metrics = _by_epoch(killed)[2]
     assert res_ckpt == Path(s_res["checkpoint"]) and res_ckpt.name != full_ckpt.name
     for key in ("first_loss", "loss"):
