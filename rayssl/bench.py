@@ -49,6 +49,7 @@ from typing import Callable, Sequence
 import torch
 
 from rayssl.dist import free_port, init_local_gloo
+from rayssl.storage import add_s3_flags, s3_data_overrides
 
 # Settings layered on rayssl.presets' "quick" (cpu) or "paper" (gpu) preset.
 BENCH_PRESETS: dict[str, dict] = {
@@ -538,8 +539,7 @@ def _pipeline_part(args, cfg, preset: str, device: torch.device, step_ips, ray) 
             source = write_jpeg_shards(os.path.join(d, "shards"), n, BENCH_PRESETS[preset]["scene_size"],
                                        seed=cfg.run.seed)
         data = {"source": source}
-        if args.s3_endpoint:
-            data["s3_endpoint"] = args.s3_endpoint
+        data.update(s3_data_overrides(args))
         pcfg = Config.from_dict(deep_merge(cfg.to_dict(), {"data": data}))
         out = measure_pipeline(pcfg, device, args.steps, args.warmup, args.repeats, step_ips, args.ingest_seconds)
         out["ray_cpus"] = ray.cluster_resources().get("CPU", 0)
@@ -594,7 +594,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="pipeline part: multi-crop in Ray Data (cpu) or on the training device (device)")
     p.add_argument("--data", default="", help="pipeline source (folder, s3:// prefix, shards); default: "
                                               "local JPEG shards written by the bench")
-    p.add_argument("--s3-endpoint", default="", metavar="URL")
+    add_s3_flags(p)
     p.add_argument("--num-images", type=int, default=0, help="images in the bench's own shards (default: enough)")
     p.add_argument("--ingest-seconds", type=float, default=5.0, help="ingest-alone measurement (0: skip)")
     p.add_argument("--comm-workers", type=int, default=2, help="processes for the communication measurement")

@@ -41,7 +41,7 @@ from rayssl.checkpoint import CheckpointError
 from rayssl.eval.loading import LoadedCheckpoint, backbone_state_dict, load_checkpoint
 from rayssl.modules.backbone import BACKBONES
 from rayssl.outfile import OutputError, check_writable, write_bytes
-from rayssl.storage import S3Options, configure_s3
+from rayssl.storage import S3Options, add_s3_flags, configure_s3
 
 FORMATS = ("torchvision", "timm", "detectron2")
 
@@ -186,13 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", choices=sorted(BACKBONES), default=None,
                    help="expected backbone; refused if the checkpoint holds another one (default: the checkpoint's)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    p.add_argument("--s3-endpoint", default=None, metavar="URL", help="S3-compatible endpoint for s3:// URIs")
+    add_s3_flags(p, anonymous=False)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    options = S3Options(endpoint=args.s3_endpoint or "")
+    options = S3Options.from_args(args)
     configure_s3(options)
     try:
         check_writable(args.out, "--out", overwrite=args.overwrite, options=options)

@@ -20,6 +20,7 @@ from typing import Sequence
 from rayssl.config import Config, ConfigError, deep_merge, load_yaml, parse_assignment
 from rayssl.methods import get_method, method_names
 from rayssl.presets import preset_names, resolve_preset
+from rayssl.storage import add_s3_flags
 
 # flag -> config key, for both building the config and naming the flag in errors
 FLAG_KEYS: dict[str, str] = {
@@ -79,11 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=None, metavar="EPOCHS",
                    help="checkpoint every N epochs (always at the end)")
     p.add_argument("--keep-checkpoints", type=int, default=None, help="how many latest checkpoints to keep")
-    p.add_argument("--s3-endpoint", default=None, metavar="URL",
-                   help="S3-compatible endpoint for s3:// data and output (default: AWS_ENDPOINT_URL if set, "
-                        "else AWS); credentials always come from the AWS chain, never from the config")
-    p.add_argument("--s3-anonymous", action="store_const", const=True, default=None,
-                   help="read s3:// data without signing requests (public buckets)")
+    add_s3_flags(p)
     p.add_argument("--shared-output", action="store_const", const=True, default=None,
                    help="the local --output path is a shared filesystem (NFS, EFS...) mounted at the same place "
                         "on every node; without it a local --output is refused on a multi-node cluster")

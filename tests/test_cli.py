@@ -89,3 +89,29 @@ def test_help_documents_every_option():
                 "--config", "--resume", "--seed", "--max-failures", "--preset", "--set"]:
         assert opt in out
     assert "{swav" in out  # choices come from the method registry
+
+
+@pytest.mark.parametrize("module, argv", [
+    ("rayssl.train", []),
+    ("rayssl.pseudolabel.__main__", []),
+    ("rayssl.eval.__main__", []),
+    ("rayssl.export", []),
+    ("rayssl.viz.__main__", ["curves"]),
+    ("rayssl.data.shards", []),
+    ("rayssl.data.bench_ingest", []),
+    ("rayssl.bench", []),
+])
+def test_every_command_checks_the_s3_endpoint_the_same_way(module, argv, capsys):
+    """One --s3-endpoint in every command: an endpoint without a scheme is refused while the
+    arguments are parsed (before Ray, S3 or any file is touched), naming the flag."""
+    import importlib
+
+    main = importlib.import_module(module).main
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--s3-endpoint", "127.0.0.1:9000"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--s3-endpoint" in err and "must be a URL such as http://127.0.0.1:9000, got '127.0.0.1:9000'" in err
+    with pytest.raises(SystemExit):
+        main([*argv, "--help"])
+    assert "--s3-endpoint URL" in capsys.readouterr().out

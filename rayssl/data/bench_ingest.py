@@ -22,6 +22,8 @@ import threading
 import time
 from typing import Sequence
 
+from rayssl.storage import add_s3_flags, s3_data_overrides
+
 
 def _config(args):
     from rayssl.config import Config, deep_merge, parse_assignment
@@ -29,11 +31,7 @@ def _config(args):
 
     preset = resolve_preset(args.preset, args.data)
     raw = {k: v for k, v in preset.items() if k in ("run", "data", "model", "optim", "eval")}
-    data = {"source": args.data}
-    if args.s3_endpoint:
-        data["s3_endpoint"] = args.s3_endpoint
-    if args.s3_anonymous:
-        data["s3_anonymous"] = True
+    data = {"source": args.data, **s3_data_overrides(args)}
     raw = deep_merge(raw, {"data": data, "run": {"method": "swav", "num_workers": 1,
                                                   "batch_size": args.batch_size}})
     for assignment in args.set:
@@ -128,8 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--consumers", type=int, default=1, help="parallel consumers (streaming_split), like workers")
     p.add_argument("--batch-size", type=int, default=32, help="rows per consumer batch")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    p.add_argument("--s3-endpoint", default="", metavar="URL")
-    p.add_argument("--s3-anonymous", action="store_true")
+    add_s3_flags(p)
     args = p.parse_args(argv)
 
     from rayssl.config import ConfigError

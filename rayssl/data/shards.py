@@ -50,7 +50,7 @@ from rayssl.data.sources import (
     resolve_source,
     translate_errors,
 )
-from rayssl.storage import S3Options, filesystem
+from rayssl.storage import S3Options, add_s3_flags, filesystem
 
 FORMATS = {"webdataset": "tar", "parquet": "parquet"}
 
@@ -323,16 +323,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--labels", default="", help="labels table or ImageFolder root for a file source (optional)")
     p.add_argument("--prefix", default="train", help="shard name prefix (default train: train-000000.tar)")
     p.add_argument("--overwrite", action="store_true", help="replace existing shards under --out")
-    p.add_argument("--s3-endpoint", default="", metavar="URL",
-                   help="S3-compatible endpoint (default: AWS_ENDPOINT_URL if set, else AWS)")
-    p.add_argument("--s3-anonymous", action="store_true", help="read the source without signing requests")
+    add_s3_flags(p)
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     try:
         manifest = write_shards(args.source, args.out, args.format, args.shard_size, num_scenes=args.num_scenes,
                                 scene_size=args.scene_size, seed=args.seed, image_format=args.image_format,
                                 prefix=args.prefix, labels=args.labels, overwrite=args.overwrite,
-                                s3=S3Options(args.s3_endpoint, args.s3_anonymous))
+                                s3=S3Options.from_args(args))
     except (ShardError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

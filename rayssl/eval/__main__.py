@@ -30,7 +30,7 @@ import torch
 from rayssl.checkpoint import CheckpointError
 from rayssl.data.sources import DataError, resolve_source
 from rayssl.eval.loading import LoadedCheckpoint, backbone_state_dict, load_checkpoint
-from rayssl.storage import S3Options, configure_s3
+from rayssl.storage import S3Options, add_s3_flags, configure_s3
 
 PROTOCOLS = ("knn", "linear", "multilabel-linear")
 METRIC = {"knn": "knn_top1", "linear": "linear_top1", "multilabel-linear": "linear_map"}
@@ -70,8 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", action="store_true",
                    help="also score a randomly initialised backbone of the same architecture")
     p.add_argument("--parquet-image-column", default="image", help="Parquet column holding encoded images")
-    p.add_argument("--s3-endpoint", default=None, metavar="URL", help="S3-compatible endpoint for s3:// URIs")
-    p.add_argument("--s3-anonymous", action="store_true", help="read s3:// data without signing requests")
+    add_s3_flags(p)
     return p
 
 
@@ -279,7 +278,7 @@ def format_table(result: dict) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    options = S3Options(endpoint=args.s3_endpoint or "", anonymous=args.s3_anonymous)
+    options = S3Options.from_args(args)
     configure_s3(options)
     prog = "python -m rayssl.eval: error:"
     try:

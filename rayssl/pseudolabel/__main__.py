@@ -14,6 +14,8 @@ import json
 import os
 import sys
 
+from rayssl.storage import add_s3_flags
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m rayssl.pseudolabel",
@@ -40,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="--data scenes: base seed (as rayssl.train's --seed)")
     p.add_argument("--max-bad-fraction", type=float, default=0.5,
                    help="stop when more than this fraction of images is unusable (default 0.5)")
-    p.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL")
+    add_s3_flags(p)
     return p
 
 
@@ -84,7 +86,7 @@ def main(argv=None) -> int:
     from rayssl.storage import S3Options, configure_s3, exists
 
     try:
-        configure_s3(S3Options(endpoint=args.s3_endpoint or ""))
+        configure_s3(S3Options.from_args(args))
         classes = parse_classes(args.classes, args.data)
         for name in ("grid", "num_actors", "batch_size", "num_scenes"):
             if getattr(args, name) < 1:
@@ -99,7 +101,7 @@ def main(argv=None) -> int:
         if args.data != "scenes":
             from rayssl.data.sources import resolve_source
 
-            source = resolve_source(args.data, S3Options(endpoint=args.s3_endpoint or ""))
+            source = resolve_source(args.data, S3Options.from_args(args))
             if source.kind != "images":
                 raise ValueError(f"--data: {args.data} holds {source.kind} shards; the labelling job reads "
                                  "image files (a folder or prefix) or 'scenes'")

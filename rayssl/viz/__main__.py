@@ -29,7 +29,7 @@ import numpy as np
 from rayssl.checkpoint import CheckpointError
 from rayssl.data.sources import DataError
 from rayssl.outfile import OutputError, check_writable
-from rayssl.storage import S3Options, configure_s3
+from rayssl.storage import S3Options, add_s3_flags, configure_s3
 
 
 def sample_images(data: str, n: int, size: int, scene_size: int, seed: int,
@@ -227,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     for s in sub.choices.values():
         s.add_argument("--out", required=True, help="PNG file to write (local or s3://)")
         s.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-        s.add_argument("--s3-endpoint", default=None, metavar="URL", help="S3-compatible endpoint")
+        add_s3_flags(s, anonymous=False)
     return p
 
 
@@ -285,7 +285,7 @@ def run(args, options: S3Options) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    options = S3Options(endpoint=args.s3_endpoint or "")
+    options = S3Options.from_args(args)
     configure_s3(options)
     try:
         check_writable(args.out, "--out", overwrite=args.overwrite, options=options)
