@@ -33,6 +33,11 @@ class S3Options:
         return (self.endpoint or os.environ.get("AWS_ENDPOINT_URL_S3")
                 or os.environ.get("AWS_ENDPOINT_URL") or None)
 
+    def signed(self) -> "S3Options":
+        """The same endpoint, never anonymous: for writes (outputs go to the user's own bucket
+        even when ``--s3-anonymous`` reads a public dataset)."""
+        return S3Options(endpoint=self.endpoint)
+
     @classmethod
     def from_args(cls, args) -> "S3Options":
         """From the flags ``add_s3_flags`` declared (``--s3-anonymous`` where the command has it)."""

@@ -115,3 +115,20 @@ def test_every_command_checks_the_s3_endpoint_the_same_way(module, argv, capsys)
     with pytest.raises(SystemExit):
         main([*argv, "--help"])
     assert "--s3-endpoint URL" in capsys.readouterr().out
+
+
+def test_labelling_job_reads_anonymously_but_never_writes_so(capsys):
+    """--s3-anonymous is for a public --data bucket; --out (the user's bucket) stays signed."""
+    from rayssl import storage
+    from rayssl.pseudolabel.__main__ import main as pseudolabel_main
+
+    before = storage._default_s3
+    try:
+        with pytest.raises(SystemExit):  # refused after the S3 options are set: no job runs
+            pseudolabel_main(["--data", "scenes", "--clip-model", "m", "--clip-pretrained", "p", "--out",
+                              "s3://bucket/labels", "--s3-endpoint", "http://127.0.0.1:9", "--s3-anonymous",
+                              "--num-actors", "0"])
+        assert "--num-actors: must be >= 1" in capsys.readouterr().err
+        assert storage._default_s3 == storage.S3Options(endpoint="http://127.0.0.1:9", anonymous=False)
+    finally:
+        storage.configure_s3(before)

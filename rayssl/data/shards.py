@@ -224,9 +224,9 @@ def plan_shards(source: str, out: str, fmt: str, shard_size: int, *, num_scenes:
         raise ShardError(f"--shard-size: must be >= 1, got {shard_size}")
     if not re.fullmatch(r"[A-Za-z0-9_-]+", prefix):
         raise ShardError(f"--prefix: use letters, digits, '-' and '_' only, got {prefix!r}")
-    out_fs, out_path = filesystem(out, S3Options(endpoint=s3.endpoint))  # never write anonymously
+    out_fs, out_path = filesystem(out, s3.signed())
     out_path = out_path.rstrip("/")
-    with translate_errors(out, S3Options(endpoint=s3.endpoint), "write to", what="--out"):
+    with translate_errors(out, s3.signed(), "write to", what="--out"):
         existing = _existing_shards(out_fs, out_path, prefix)
     if existing and not overwrite:
         raise ShardError(f"--out: {out} already holds {len(existing)} shard file(s) "
@@ -267,7 +267,7 @@ def write_shards(source: str, out: str, fmt: str = "webdataset", shard_size: int
     tasks, out_fs, out_path, existing, src = plan_shards(
         source, out, fmt, shard_size, num_scenes=num_scenes, prefix=prefix, overwrite=overwrite, s3=s3)
     label_map = load_labels(labels, s3) if labels else None
-    with translate_errors(out, S3Options(endpoint=s3.endpoint), "write to", what="--out"):
+    with translate_errors(out, s3.signed(), "write to", what="--out"):
         for path in existing:  # --overwrite: no stale shard from an earlier, larger run survives
             out_fs.rm_file(path)
     started = False
@@ -300,7 +300,7 @@ def write_shards(source: str, out: str, fmt: str = "webdataset", shard_size: int
         from rayssl.data.scenes import SHAPES
 
         manifest["scenes"] = {"seed": seed, "size": scene_size, "stream": "train", "classes": list(SHAPES)}
-    with translate_errors(out, S3Options(endpoint=s3.endpoint), "write to", what="--out"):
+    with translate_errors(out, s3.signed(), "write to", what="--out"):
         with atomic_open(out_fs, f"{out_path}/{MANIFEST_NAME}") as f:
             f.write(json.dumps(manifest, indent=2).encode("utf-8"))
     return manifest
