@@ -18,6 +18,8 @@ from typing import Any, Mapping, get_type_hints
 
 import yaml
 
+from rayssl.storage import endpoint_problem
+
 
 class ConfigError(ValueError):
     """A configuration value a user gave is invalid; the message names the key."""
@@ -148,11 +150,8 @@ class DataSection:
         _check(0 <= self.color_jitter <= 2, "data.color_jitter", "must be in [0, 2]")
         for key in ("color_jitter_p", "grayscale_p", "blur_p"):
             _check(0 <= getattr(self, key) <= 1, f"data.{key}", "must be a probability in [0, 1]")
-        _check(
-            not self.s3_endpoint or "://" in self.s3_endpoint,
-            "data.s3_endpoint",
-            f"must be a URL such as http://127.0.0.1:9000, got {self.s3_endpoint!r}",
-        )
+        problem = endpoint_problem(self.s3_endpoint)
+        _check(problem is None, "data.s3_endpoint", problem or "")
         _check(bool(self.parquet_image_column), "data.parquet_image_column", "must not be empty")
         _check(self.min_image_side >= 0, "data.min_image_side", "must be >= 0 (0: the largest crop size)")
         _check(0 < self.max_bad_fraction <= 1, "data.max_bad_fraction",

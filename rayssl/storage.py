@@ -53,11 +53,19 @@ class S3Options:
 _default_s3 = S3Options()
 
 
+def endpoint_problem(value: str) -> str | None:
+    """Why ``value`` is no S3 endpoint ("" means none given, which is fine), or None."""
+    if value and "://" not in value:
+        return f"must be a URL such as http://127.0.0.1:9000, got {value!r}"
+    return None
+
+
 def _endpoint_url(value: str) -> str:
-    if "://" not in value:
+    problem = endpoint_problem(value)
+    if problem:
         import argparse
 
-        raise argparse.ArgumentTypeError(f"must be a URL such as http://127.0.0.1:9000, got {value!r}")
+        raise argparse.ArgumentTypeError(problem)
     return value
 
 
@@ -82,9 +90,13 @@ def add_s3_flags(parser, *, anonymous: bool = True) -> None:
 
 def configure_s3(options: S3Options) -> None:
     """Set the S3 options used by ``exists``/``read_text``/``write_text``/``run_location``
-    when they are not given any (the driver calls this once it knows the config)."""
+    when they are not given any (the driver calls this once it knows the config).
+
+    Those defaults only ever reach the command's own files (run directories, checkpoints,
+    outputs, label tables) in the user's bucket, so they are always signed: ``--s3-anonymous``
+    is for a public dataset, whose reads pass their options explicitly."""
     global _default_s3
-    _default_s3 = options
+    _default_s3 = options.signed()
 
 
 def is_remote(uri: str) -> bool:

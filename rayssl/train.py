@@ -199,9 +199,6 @@ def check_data_source(cfg: Config):
 
     Returns the listed ``Source`` (None for the built-in scenes), for ``run`` to reuse.
     """
-    from rayssl.storage import S3Options, configure_s3
-
-    configure_s3(S3Options(endpoint=cfg.data.s3_endpoint))  # --s3-endpoint also serves s3:// outputs
     if cfg.data.builtin_scenes:
         # Real images smaller than a crop are skipped at read time (data.min_image_side); the
         # generated scenes all have one known size, so a crop larger than it is a typo.

@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     from rayssl.storage import S3Options, configure_s3, exists
 
     try:
-        configure_s3(S3Options.from_args(args).signed())  # --out and its checks; --s3-anonymous is for --data
+        configure_s3(S3Options.from_args(args))
         classes = parse_classes(args.classes, args.data)
         for name in ("grid", "num_actors", "batch_size", "num_scenes"):
             if getattr(args, name) < 1:
