@@ -1,0 +1,74 @@
+"""benchmarks/feature_probes.py: attribute labels against the generator's own columns, and a
+probe that must find the one attribute a hand-built feature encodes."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rayssl.data.scenes import COLOURS, SHAPES, generate_batch
+from rayssl.eval.features import scenes_eval_sets
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "feature_probes.py"
+_spec = importlib.util.spec_from_file_location("feature_probes", _PATH)
+fp = importlib.util.module_from_spec(_spec)
+sys.modules["feature_probes"] = fp
+_spec.loader.exec_module(fp)
+
+
+def test_labels_agree_with_the_generators_columns():
+    scenes = generate_batch(range(200), seed=3, size=32)
+    edges = fp.brightness_quartiles(scenes)
+    labels = fp.attribute_labels(scenes, edges)
+    colours = list(COLOURS)
+    for i in range(200):
+        objects = fp._caption_objects(str(scenes["caption"][i]))
+        # The caption lists the dominant object first: its shape is the "label" column, and
+        # the shapes it names are exactly the multi-hot "labels" column.
+        assert objects[0][1] == SHAPES[scenes["label"][i]]
+        assert {s for _, s in objects} == {SHAPES[j] for j in np.flatnonzero(scenes["labels"][i])}
+        assert 1 <= len(objects) <= 4 and labels["objects"][i] == len(objects) - 1
+        assert colours[labels["colour"][i]] == objects[0][0]
+    assert torch.equal(labels["shape"], torch.from_numpy(scenes["label"]))
+    # Quartiles of the set they were computed on split it into four near-equal parts.
+    assert np.bincount(labels["brightness"].numpy(), minlength=4).tolist() == [50, 50, 50, 50]
+    assert set(labels["hue"].tolist()) <= set(range(6))
+    assert len(set(labels["objects"].tolist())) == 4 and len(set(labels["colour"].tolist())) > 5
+
+
+def test_caption_parts_that_do_not_parse_are_refused():
+    with pytest.raises(ValueError, match="unexpected scene caption part 'a mauve star'"):
+        fp._caption_objects("a red ring and a mauve star")
+
+
+class BrightnessOnly(torch.nn.Module):
+    """A 'backbone' whose feature is the image's mean brightness, as an angle in [0, pi/2]:
+    cosine similarity then falls with the brightness difference and with nothing else."""
+
+    def forward(self, x):
+        b = x.mean(dim=(1, 2, 3))
+        theta = (b - b.new_tensor(-2.2)) / 4.9 * (math.pi / 2)  # normalised inputs lie in about [-2.2, 2.7]
+        return torch.stack([theta.cos(), theta.sin()], dim=1)
+
+
+def test_the_probe_finds_what_the_features_encode_and_nothing_else():
+    sets = scenes_eval_sets(0, 32, 400, 200)
+    edges = fp.brightness_quartiles(sets[0])
+    labels = (fp.attribute_labels(sets[0], edges), fp.attribute_labels(sets[1], edges))
+    got = fp.probe(BrightnessOnly(), sets, labels, 32, k=10)
+    assert set(got) == set(fp.ATTRIBUTES)
+    assert got["brightness"] > 0.8  # images and labels line up
+    assert got["shape"] < 0.25  # 12 shapes: brightness says almost nothing about them
+
+
+def test_a_path_that_is_no_checkpoint_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        fp.main([str(tmp_path)])
+    assert exc.value.code == 2
+    assert "not a rayssl checkpoint" in capsys.readouterr().err
