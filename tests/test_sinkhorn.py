@@ -74,6 +74,19 @@ def test_matches_float64_reference():
     )
 
 
+def test_a_stack_solves_each_problem_as_if_alone():
+    a, b = cosine_scores(24, 6, seed=1), cosine_scores(24, 6, seed=2)
+    # The third problem is the first one shifted far down: its codes must be the first's
+    # (Sinkhorn is shift-invariant), which only a per-problem stabilising max gives --
+    # one max over the whole stack would underflow its exp() to zero.
+    stack = torch.stack([a, b, a - 4.0])
+    codes = sinkhorn_knopp(stack, 0.05, 3)
+    assert codes.shape == (3, 24, 6) and codes.dtype == torch.float32
+    for i, alone in enumerate((a, b, a)):
+        torch.testing.assert_close(codes[i], sinkhorn_knopp(alone, 0.05, 3), atol=2e-6, rtol=1e-5)
+        torch.testing.assert_close(codes[i], reference_sinkhorn(alone, 0.05, 3).float(), atol=1e-6, rtol=1e-5)
+
+
 def test_extreme_scores_stay_finite():
     # exp(1 / 0.05) and exp(-1 / 0.05) span 17 orders of magnitude; a half-precision or
     # unshifted implementation overflows here.
@@ -143,8 +156,10 @@ def test_non_finite_scores_raise():
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="expects \\(batch, prototypes\\) scores"):
         sinkhorn_knopp(torch.zeros(4))
+    with pytest.raises(ValueError, match="got shape \\(2, 2, 4, 3\\)"):
+        sinkhorn_knopp(torch.zeros(2, 2, 4, 3))
     with pytest.raises(ValueError):
         sinkhorn_knopp(torch.zeros(4, 3), epsilon=0)
     with pytest.raises(ValueError):
@@ -174,6 +189,10 @@ def _dist_scores() -> torch.Tensor:
     return cosine_scores(sum(SPLITS), 8, seed=3)
 
 
+def _dist_stack() -> torch.Tensor:
+    return torch.stack([_dist_scores(), cosine_scores(sum(SPLITS), 8, seed=4) * 0.5])
+
+
 def _rank_keys(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys a rank enqueues at ``step``: distinct values that encode (rank, step, row)."""
     base = 100 * step + 10 * rank + torch.arange(KEYS_PER_RANK, dtype=torch.float32)
@@ -190,6 +209,8 @@ def _dist_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         local = _dist_scores()[start : start + SPLITS[rank]]
         out["codes"] = sinkhorn_knopp(local, epsilon=0.05, iterations=3)
         out["codes_10"] = sinkhorn_knopp(local, epsilon=0.05, iterations=10)
+        # Two problems at once (SwAV's two code crops), each split unevenly over the ranks.
+        out["codes_stack"] = sinkhorn_knopp(_dist_stack()[:, start : start + SPLITS[rank]])
 
         # Only rank 1 has a sample whose column underflows; with one iteration the NaN
         # never reaches rank 0 through the all-reduced row sums, so only the collective
@@ -231,6 +252,8 @@ def test_distributed_sinkhorn_equals_single_process(dist_results):
         parts = [dist_results[r][key] for r in range(2)]
         assert [p.shape[0] for p in parts] == list(SPLITS)
         torch.testing.assert_close(torch.cat(parts), whole, atol=1e-6, rtol=0)
+    torch.testing.assert_close(torch.cat([r["codes_stack"] for r in dist_results], dim=1),
+                               sinkhorn_knopp(_dist_stack()), atol=1e-6, rtol=0)
     # A per-rank (non-distributed) computation is genuinely different, so the equality
     # above is evidence of the all-reduces, not a coincidence.
     naive = torch.cat([sinkhorn_knopp(scores[:10]), sinkhorn_knopp(scores[10:])])

@@ -22,23 +22,28 @@ def sinkhorn_knopp(scores: torch.Tensor, epsilon: float = 0.05, iterations: int 
     Args:
         scores: (B_local, K) prototype scores of this rank's samples (cosine
             similarities in SwAV), any floating dtype. No gradient flows through.
+            A stack (C, B_local, K) solves C independent problems at once (SwAV's
+            code crops) with the same number of collectives as one.
         epsilon: entropy regularisation; SwAV uses 0.05.
         iterations: number of Sinkhorn-Knopp iterations; SwAV uses 3.
 
     Returns:
-        (B_local, K) float32 codes; each row sums to 1 and, over the *global* batch,
-        each prototype receives about B_global / K of the mass.
+        float32 codes of the shape of ``scores``; each row sums to 1 and, over the
+        *global* batch, each prototype receives about B_global / K of the mass (per
+        problem, for a stack).
 
     When a torch.distributed process group is initialised the prototype marginals,
     the normaliser and the batch size are all-reduced, so the codes of a batch split
     over ranks (even unevenly) equal the codes of the whole batch on one process.
-    Every rank must call this collectively.
+    Every rank must call this collectively, with the same number of problems. Per
+    call: 3 + ``iterations`` all-reduces, whatever the number of problems.
 
     Raises:
-        ValueError: if ``scores`` is not 2-D, or the codes are not finite.
+        ValueError: if ``scores`` is not 2-D or 3-D, or the codes are not finite.
     """
-    if scores.dim() != 2:
-        raise ValueError(f"sinkhorn_knopp expects (batch, prototypes) scores, got shape {tuple(scores.shape)}")
+    if scores.dim() not in (2, 3):
+        raise ValueError("sinkhorn_knopp expects (batch, prototypes) scores or a (problems, batch, "
+                         f"prototypes) stack, got shape {tuple(scores.shape)}")
     if epsilon <= 0:
         raise ValueError(f"sinkhorn epsilon must be > 0, got {epsilon}")
     if iterations < 1:
@@ -48,35 +53,39 @@ def sinkhorn_knopp(scores: torch.Tensor, epsilon: float = 0.05, iterations: int 
     # exp(1 / 0.05) ~ 4.9e8 overflows fp16 and loses everything in bf16: whatever the
     # caller's autocast state, this runs in float32.
     with torch.autocast(device_type=scores.device.type, enabled=False):
-        logits = scores.detach().float() / epsilon  # (B_local, K)
-        b_local, num_prototypes = logits.shape
+        logits = scores.detach().float() / epsilon
+        if scores.dim() == 2:
+            logits = logits.unsqueeze(0)
+        problems, b_local, num_prototypes = logits.shape  # (C, B_local, K)
 
-        # Subtracting a constant from every logit multiplies Q by a constant, which the
-        # first normalisation removes; the *global* max is the same on every rank, so the
-        # distributed result stays identical to the single-process one.
+        # Subtracting a constant from every logit of a problem multiplies its Q by a
+        # constant, which the first normalisation removes; each problem's *global* max is
+        # the same on every rank, so the distributed result stays the single-process one.
         if b_local > 0:
-            shift = logits.max()
+            shift = logits.amax(dim=(1, 2))
         else:  # a rank with an empty shard still joins the collectives
-            shift = torch.tensor(float("-inf"), device=logits.device)
+            shift = torch.full((problems,), float("-inf"), device=logits.device)
         dist.all_reduce_max_(shift)
 
-        q = torch.exp(logits - shift).t()  # (K, B_local)
+        q = torch.exp(logits - shift[:, None, None]).transpose(1, 2)  # (C, K, B_local)
 
-        batch = dist.all_reduce_sum_(torch.tensor(float(b_local), device=q.device))  # B_global
-        total = dist.all_reduce_sum_(q.sum())
-        q /= total
+        # One all-reduce for the global batch size and every problem's total mass.
+        sizes = torch.cat([torch.tensor([float(b_local)], device=q.device), q.sum(dim=(1, 2))])
+        dist.all_reduce_sum_(sizes)
+        batch, total = sizes[0], sizes[1:]
+        q /= total[:, None, None]
 
         for _ in range(iterations):
             # Rows = prototypes: their mass is spread over all ranks' samples.
-            row_sums = dist.all_reduce_sum_(q.sum(dim=1, keepdim=True))  # (K, 1)
+            row_sums = dist.all_reduce_sum_(q.sum(dim=2, keepdim=True))  # (C, K, 1)
             q /= row_sums
             q /= num_prototypes
             # Columns = samples: each lives on exactly one rank, so this stays local.
-            q /= q.sum(dim=0, keepdim=True)  # (1, B_local)
+            q /= q.sum(dim=1, keepdim=True)  # (C, 1, B_local)
             q /= batch
 
         q *= batch  # each sample's code now sums to 1
-        codes = q.t()  # (B_local, K)
+        codes = q.transpose(1, 2)  # (C, B_local, K)
 
         # Decide collectively so that no rank raises while another carries on into the
         # next collective and hangs.
@@ -91,4 +100,4 @@ def sinkhorn_knopp(scores: torch.Tensor, epsilon: float = 0.05, iterations: int 
                 "normalisation, fp16 overflow upstream) or scores spread over far more "
                 "than ~80*epsilon make exp() underflow a whole row or column."
             )
-    return codes
+    return codes if scores.dim() == 3 else codes[0]

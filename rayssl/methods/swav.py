@@ -149,16 +149,19 @@ class SwAV(nn.Module):
 
         queue = self.queue
         use_queue = queue is not None and epoch >= self.cfg.queue_start_epoch
-        codes = []
         with torch.no_grad():
             w = self.prototypes.weight.detach().float()
+            targets = []
             for slot, i in enumerate(self.cfg.assign_crops):
                 s = per_crop[i].detach().float()
                 if use_queue and queue.is_full:
                     # Codes over [queue; batch] smooth the equipartition constraint when the
                     # batch is small; only the batch part is kept.
                     s = torch.cat([queue.field(slot) @ w.t(), s])
-                codes.append(sinkhorn_knopp(s, self.cfg.epsilon, self.cfg.sinkhorn_iterations)[-b:])
+                targets.append(s)
+            # One stacked call: the code crops share each collective instead of repeating it.
+            codes = list(sinkhorn_knopp(torch.stack(targets), self.cfg.epsilon,
+                                        self.cfg.sinkhorn_iterations)[:, -b:].unbind(0))
             if use_queue:
                 zs = z.detach().split(b)
                 queue.enqueue(*[zs[i] for i in self.cfg.assign_crops])
