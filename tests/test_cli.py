@@ -117,6 +117,29 @@ def test_every_command_checks_the_s3_endpoint_the_same_way(module, argv, capsys)
     assert "--s3-endpoint URL" in capsys.readouterr().out
 
 
+def test_eval_reads_the_dataset_anonymously_but_its_own_checkpoint_signed(monkeypatch, capsys):
+    """rayssl.eval --s3-anonymous: the checkpoint (the user's run) is read signed."""
+    from rayssl import storage
+    from rayssl.checkpoint import CheckpointError
+    from rayssl.eval import __main__ as eval_main
+
+    seen = []
+
+    def fake_load(uri, options=None):
+        seen.append(options)
+        raise CheckpointError(f"--checkpoint {uri}: stop here")
+
+    monkeypatch.setattr(eval_main, "load_checkpoint", fake_load)
+    before = storage._default_s3
+    try:
+        assert eval_main.main(["--checkpoint", "s3://mine/run", "--s3-endpoint", "http://127.0.0.1:9",
+                               "--s3-anonymous"]) == 2
+    finally:
+        storage.configure_s3(before)
+    assert "stop here" in capsys.readouterr().err
+    assert seen == [storage.S3Options(endpoint="http://127.0.0.1:9", anonymous=False)]
+
+
 def test_labelling_job_reads_anonymously_but_never_writes_so(capsys):
     """--s3-anonymous is for a public --data bucket; --out (the user's bucket) stays signed."""
     from rayssl import storage

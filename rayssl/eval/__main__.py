@@ -283,7 +283,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     prog = "python -m rayssl.eval: error:"
     try:
         _check_args(args)
-        ckpt = load_checkpoint(args.checkpoint, options)
+        # --s3-anonymous is for a public dataset; the checkpoint is a run of the user's own,
+        # read signed like every command's own files (see storage.configure_s3).
+        ckpt = load_checkpoint(args.checkpoint, options.signed())
         args._train_src = args._test_src = None
         if args.data != "scenes":
             args._train_src = LabelledSource(args.data, args.labels, "--data", "--labels", options,
