@@ -1,7 +1,7 @@
 """Named bundles of settings, applied between the paper defaults and the user's YAML.
 
 ``quick`` makes ``python -m rayssl.train`` with no arguments finish in a few minutes on a
-2-core laptop (small scenes, ResNet-18 with the small-image stem, few prototypes).
+2-core laptop (64 px scenes, ResNet-18 with the standard stem, 256 prototypes, SGD).
 ``paper`` is the SwAV paper's ImageNet recipe (ResNet-50, 2x224 + 6x96 crops, batch 4096
 on 64 GPUs in the paper); it is the dataclass defaults plus nothing, stated explicitly so
 ``--preset paper`` reads as what it is.
