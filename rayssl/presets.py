@@ -64,6 +64,13 @@ METHOD_PRESETS: dict[str, dict[str, dict]] = {
 }
 
 
+# Methods that train on the first crop group only (CDUL classifies the large views): any
+# further group would be decoded, augmented and shipped to the workers for nothing, so their
+# presets keep the first group of the data section they would otherwise get.
+FIRST_CROP_GROUP_ONLY = ("cdul",)
+CROP_GROUP_KEYS = ("crop_sizes", "crop_counts", "min_scale", "max_scale")
+
+
 def preset_names() -> list[str]:
     return list(PRESETS)
 
@@ -79,4 +86,12 @@ def resolve_preset(name: str, data_source: str, method: str = "swav") -> dict:
     if name == "auto":
         name = "quick" if data_source == "scenes" else "paper"
     base = {k: v for k, v in PRESETS[name].items() if k in SECTIONS or k == method}
-    return deep_merge(base, METHOD_PRESETS.get(name, {}).get(method, {}))
+    out = deep_merge(base, METHOD_PRESETS.get(name, {}).get(method, {}))
+    if method in FIRST_CROP_GROUP_ONLY:
+        import dataclasses
+
+        from rayssl.config import DataSection
+
+        data = {**dataclasses.asdict(DataSection()), **out.get("data", {})}
+        out = deep_merge(out, {"data": {k: list(data[k][:1]) for k in CROP_GROUP_KEYS}})
+    return out

@@ -209,6 +209,32 @@ def test_cli_refuses_cdul_without_pseudo_labels(capsys):
     assert "--pseudo-labels: only used by --method cdul" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("preset_args", [[], ["--preset", "paper", "--data", "/data/images"]])
+def test_cdul_presets_keep_only_the_first_crop_group(preset_args):
+    """CDUL classifies the large views only: its presets keep the first crop group that SwAV
+    gets under the same preset, instead of augmenting small crops nobody reads."""
+    from rayssl.train import build_parser, resolve_config
+
+    cdul = resolve_config(build_parser().parse_args(["--method", "cdul", "--pseudo-labels", "s3://b/l",
+                                                     *preset_args])).data
+    swav = resolve_config(build_parser().parse_args(["--method", "swav", *preset_args])).data
+    assert len(swav.crop_sizes) == 2  # the preset itself has small crops
+    for key in ("crop_sizes", "crop_counts", "min_scale", "max_scale"):
+        assert getattr(cdul, key) == getattr(swav, key)[:1], key
+
+
+def test_cdul_refuses_crop_groups_it_would_not_use(capsys):
+    from rayssl.train import main
+
+    with pytest.raises(SystemExit):
+        main(["--method", "cdul", "--pseudo-labels", "s3://b/l", "--print-config",
+              "--set", "data.crop_sizes=[64,32]", "--set", "data.crop_counts=[2,4]",
+              "--set", "data.min_scale=[0.5,0.2]", "--set", "data.max_scale=[1.0,0.5]"])
+    err = capsys.readouterr().err
+    assert "data.crop_sizes: cdul classifies the views of the first crop group only" in err
+    assert "the other 1 group(s) [32]" in err
+
+
 def test_relative_pseudo_labels_path_is_made_absolute(tmp_path, monkeypatch):
     """Ray's training workers do not run in the shell's directory: a relative path must be
     resolved on the driver, or the workers look for the labels somewhere else."""

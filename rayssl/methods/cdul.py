@@ -69,6 +69,11 @@ class CDULConfig:
                "required for --method cdul: the output of `python -m rayssl.pseudolabel --out URI ...`")
         _check(getattr(cfg.data, "augment_on", "cpu") == "cpu", "data.augment_on",
                "cdul reads its rows (image index + crops) from the CPU pipeline; use data.augment_on=cpu")
+        groups = len(cfg.data.crop_sizes)
+        _check(groups == 1, "data.crop_sizes",
+               f"cdul classifies the views of the first crop group only; the other {groups - 1} group(s) "
+               f"{cfg.data.crop_sizes[1:]} would be augmented and shipped for nothing: give one group "
+               "(data.crop_sizes, crop_counts, min_scale and max_scale one entry each; the presets do)")
 
     def update_epoch(self, epoch: int) -> bool:
         """Whether labels are updated during (0-based) ``epoch``."""
