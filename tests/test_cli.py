@@ -140,6 +140,33 @@ def test_eval_reads_the_dataset_anonymously_but_its_own_checkpoint_signed(monkey
     assert seen == [storage.S3Options(endpoint="http://127.0.0.1:9", anonymous=False)]
 
 
+def test_labelling_job_refuses_shards_before_any_work(tmp_path, capsys):
+    """CDUL's second stage re-reads images by path: shards are refused with the reason."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    from rayssl.pseudolabel.__main__ import main as pseudolabel_main
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, format="PNG")
+    with tarfile.open(shards / "train-000000.tar", "w") as tf:
+        info = tarfile.TarInfo("000000.png")
+        info.size = len(png.getvalue())
+        tf.addfile(info, io.BytesIO(png.getvalue()))
+    out = tmp_path / "labels"
+    with pytest.raises(SystemExit) as exc:
+        pseudolabel_main(["--data", str(shards), "--classes", "a,b", "--clip-model", "ViT-B-32",
+                          "--clip-pretrained", "openai", "--out", str(out)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "holds webdataset shards; the labelling job reads image files (a folder or prefix) or 'scenes'" in err
+    assert not out.exists()  # nothing written
+
+
 def test_labelling_job_reads_anonymously_but_never_writes_so(capsys):
     """--s3-anonymous is for a public --data bucket; --out (the user's bucket) stays signed."""
     from rayssl import storage
