@@ -48,7 +48,32 @@ METHOD_ARGS: dict[str, list[str]] = {
             "--set", "mls.projection_dim=32"],
     "moco": ["--set", "moco.queue_size=64", "--set", "moco.projection_hidden_dim=64",
              "--set", "moco.projection_dim=32"],
+    # Label updates in both epochs (so the store moves before and after the boundary); the
+    # pseudo-label table is written by the ``pseudo_labels`` fixture, not by a CLIP job.
+    "cdul": ["--set", "cdul.label_warmup_epochs=0", "--set", "cdul.label_lr=2.0"],
 }
+CLASSES = ["circle", "square", "triangle", "star"]
+
+
+@pytest.fixture(scope="module")
+def pseudo_labels(tmp_path_factory) -> Path:
+    """A labelling job's output for the training scenes, with seeded soft labels."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from rayssl.data.scenes import split_seed
+    from rayssl.pseudolabel.store import META_FILE
+
+    out = tmp_path_factory.mktemp("labels")
+    soft = np.random.default_rng(0).uniform(0.05, 0.95, size=(NUM_IMAGES, len(CLASSES))).astype(np.float32)
+    pq.write_table(pa.table({"index": np.arange(NUM_IMAGES), "path": [""] * NUM_IMAGES,
+                             "soft_label": pa.array(list(soft), pa.list_(pa.float32()))}), out / "part-0.parquet")
+    (out / META_FILE).write_text(json.dumps({
+        "classes": CLASSES, "num_rows": NUM_IMAGES,
+        "source": {"kind": "scenes", "uri": "scenes", "seed": split_seed(0, "train"), "size": 64,
+                   "num_images": NUM_IMAGES}}))
+    return out
 
 def _args(method: str, out: Path) -> list[str]:
     return ["--output", str(out), "--method", method, "--num-workers", "2", "--batch-size", str(BATCH),
@@ -93,16 +118,14 @@ def _assert_close(a, b, where: str) -> None:
 
 def test_every_registered_method_has_resume_settings():
     """The guarantee covers methods added later: each needs an entry in METHOD_ARGS."""
-    # cdul trains from a pseudo-label table made by a CLIP job; its resume (label store,
-    # seeded crops) is checked in tests/test_pseudolabel_job.py, not by loss equality here.
-    not_here = {"cdul"}
-    assert sorted(set(method_names()) - not_here) == sorted(METHOD_ARGS), "add small settings for the missing methods"
+    assert sorted(method_names()) == sorted(METHOD_ARGS), "add small settings for the missing methods"
 
 
 @pytest.mark.parametrize("method", sorted(METHOD_ARGS))
-def test_resumed_run_matches_the_uninterrupted_run(ray_session, tmp_path, capsys, method):
+def test_resumed_run_matches_the_uninterrupted_run(ray_session, tmp_path, capsys, method, request):
     full = tmp_path / "full"
-    assert train.main(_args(method, full)) == 0
+    extra = ["--pseudo-labels", str(request.getfixturevalue("pseudo_labels"))] if method == "cdul" else []
+    assert train.main(_args(method, full) + extra) == 0
     captured = capsys.readouterr()
     s_full = _summary(captured.out)
     # The summary (the last stdout line, also summary.json) and the checkpoint it names.
@@ -114,13 +137,21 @@ def test_resumed_run_matches_the_uninterrupted_run(ray_session, tmp_path, capsys
     manifest = verify_checkpoint_dir(last)
     assert manifest["world_size"] == 2 and manifest["step"] == 2 * STEPS_PER_EPOCH
     assert load_shared_state(last)["config"]["run"]["num_workers"] == 2
-    q0, q1 = (load_rank_state(last, r)["method"]["queue"] for r in (0, 1))
+    if method == "cdul":
+        # CDUL reports the classifier's mAP; its per-image label store is shared state, saved
+        # once, and every image's labels moved in both epochs (updates on from epoch 0).
+        assert s_full["metric"] == "classifier_map" and 0.0 < s_full["classifier_map"] <= 1.0
+        store = load_shared_state(last)["method_state"]["label_store"]
+        assert store["updates"] == 2 * STEPS_PER_EPOCH
+        q0 = q1 = None
+    else:
+        q0, q1 = (load_rank_state(last, r)["method"]["queue"] for r in (0, 1))
     if method == "swav":
         assert s_full["metric"] == "knn_top1" and 0.0 <= s_full["knn_top1"] <= 1.0
         # SwAV's queue is per worker (64 / 2 workers = 32 rows each): saved by each rank, different.
         assert q0["field_0"].shape == (32, 32) and int(q0["filled"]) == 32
         assert not torch.equal(q0["field_0"], q1["field_0"])
-    else:
+    elif method != "cdul":
         # MLS and MoCo report linear-probe mAP; their queue is global: every worker holds the
         # same full queue of the last 64 keys, Q_g and Q_z aligned.
         assert s_full["metric"] == "linear_map" and 0.0 < s_full["linear_map"] <= 1.0
@@ -154,5 +185,6 @@ def test_resumed_run_matches_the_uninterrupted_run(ray_session, tmp_path, capsys
     assert a["step"] == b["step"] == 2 * STEPS_PER_EPOCH
     _assert_close(a["model"], b["model"], "model")
     _assert_close(a["optimizer"], b["optimizer"], "optimizer")
+    _assert_close(a.get("method_state"), b.get("method_state"), "method_state")  # CDUL's label store
     for r in range(2):
         _assert_close(load_rank_state(full_ckpt, r), load_rank_state(res_ckpt, r), f"rank_{r}")

@@ -16,8 +16,8 @@ import numpy as np
 import ray
 
 from rayssl.data.multicrop import multicrop_batch
-from rayssl.data.pipeline import (DataStats, TrainData, _report, augment_generators, crop_spec, min_image_side,
-                                  resolve_cfg_source)
+from rayssl.data.pipeline import (DataStats, TrainData, _report, augment_generators, crop_spec, epoch_block_order,
+                                  min_image_side, resolve_cfg_source)
 from rayssl.data.sources import DataError
 
 
@@ -89,6 +89,6 @@ def build_indexed_train_data(cfg, pseudo_labels: str, stats=None) -> TrainData:
                   "max_bad_fraction": float(d.max_bad_fraction), "seed": cfg.run.seed}
     step = max(1, d.read_batch_size * max(1, -(-len(index) // (2000 * d.read_batch_size))))
     blocks = [table.slice(i, step) for i in range(0, len(index), step)]
-    ds = ray.data.from_arrow(blocks).randomize_block_order().map_batches(
+    ds = epoch_block_order(cfg, ray.data.from_arrow(blocks)).map_batches(
         fn, batch_size=d.read_batch_size, fn_kwargs={"spec": spec, "stats": stats, **kwargs})
     return TrainData(ds, len(index), stats)

@@ -116,6 +116,13 @@ def augment_generators(seed: int, stats, keys) -> list:
     return sample_generators(seed, current_epoch(stats), keys)
 
 
+def epoch_block_order(cfg, ds):
+    """``ds`` with its blocks in a new random order every epoch; in ``data.deterministic``
+    mode, unchanged (the seeded order the caller built), so that ``streaming_split`` hands
+    every worker the same rows each run and a resumed run matches an uninterrupted one."""
+    return ds if getattr(cfg.data, "deterministic", False) else ds.randomize_block_order()
+
+
 def crop_spec(cfg) -> MultiCropSpec:
     d = cfg.data
     return MultiCropSpec(sizes=tuple(d.crop_sizes), counts=tuple(d.crop_counts),
@@ -391,28 +398,24 @@ def build_train_data(cfg, stats=None, source: Source | None = None) -> TrainData
     # where the order is the seeded one every epoch (the local shuffle still varies by epoch).
     rng = np.random.default_rng(cfg.run.seed)
     paths = [source.paths[i] for i in rng.permutation(len(source.paths))]
-    deterministic = bool(getattr(d, "deterministic", False))
-
-    def block_order(ds):
-        return ds if deterministic else ds.randomize_block_order()
 
     if source.kind == "images":
         # Blocks of whole read batches, at most ~2000 of them however large the listing
         # (one task streams through a block a read batch at a time).
         per_block = d.read_batch_size * max(1, -(-len(paths) // (2000 * d.read_batch_size)))
-        ds = block_order(_path_blocks(paths, per_block)).map_batches(
+        ds = epoch_block_order(cfg, _path_blocks(paths, per_block)).map_batches(
             fetch_decode_and_crop, batch_size=d.read_batch_size, fn_kwargs={"fs": source.fs, **common},
         )
         return TrainData(ds, len(paths), stats, source)
     if source.kind == "webdataset":
-        ds = block_order(_path_blocks(paths, 1)).map_batches(
+        ds = epoch_block_order(cfg, _path_blocks(paths, 1)).map_batches(
             tar_shards_to_crops, batch_size=1,
             fn_kwargs={"fs": source.fs, "chunk": d.read_batch_size, **common},
         )
         return TrainData(ds, count_samples(source), stats, source)
     if source.kind == "parquet":
         ds = ray.data.read_parquet(
-            paths, filesystem=source.pyarrow_fs, shuffle=None if deterministic else "files",
+            paths, filesystem=source.pyarrow_fs, shuffle=None if d.deterministic else "files",
         ).select_columns([source.image_column]).map_batches(  # only the image column is read
             decode_and_crop, batch_size=d.read_batch_size, fn_kwargs={"column": source.image_column, **common})
         return TrainData(ds, count_samples(source), stats, source)
