@@ -1,5 +1,6 @@
 """CDUL end to end on Ray: the pseudo-labelling job (2 CLIP actors, undecodable images skipped
-and counted) and 2-worker classifier training with gradient alignment, checkpoint and resume.
+and counted) and 2-worker classifier training with gradient alignment and checkpoints (resume:
+tests/test_resume_equivalence.py).
 
 The CLIP is rayssl's tiny open_clip model, trained once per module for a few steps (its
 quality does not matter here; benchmarks/cdul_scenes.py measures quality) and loaded through
@@ -94,11 +95,5 @@ def test_pseudolabel_job_then_cdul_training_with_resume(ray_session, tiny_clip, 
     assert store["updates"] == 2
     moved = (store["latent"] - initial.latent).abs().amax(1) > 1e-6
     assert int(moved.sum()) == 32 and not bool(moved[32:].any())
-
-    # Resume for one more (update) epoch: the saved labels are the starting point.
-    assert train_main(["--resume", "--output", str(run), "--epochs", "3"]) == 0
-    result = _last_json(capsys.readouterr().out)
-    assert result["steps"] == 6
-    resumed = load_shared_state(_latest_checkpoint(run))["method_state"]["label_store"]
-    assert resumed["updates"] == 4  # 2 restored + 2 new; a fresh store would say 2
-    assert not torch.equal(resumed["latent"], store["latent"])
+    # Resuming restores the label store: tests/test_resume_equivalence.py (cdul) compares it,
+    # and the whole epoch after the boundary, with an uninterrupted run's.
