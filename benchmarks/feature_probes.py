@@ -55,7 +55,7 @@ def _caption_objects(caption: str) -> list[tuple[str, str]]:
 def attribute_labels(scenes: dict, brightness_edges: np.ndarray) -> dict[str, torch.Tensor]:
     """(N,) int64 labels of every attribute for a ``generate_batch`` dict."""
     objects = [_caption_objects(str(c)) for c in scenes["caption"]]
-    mean_rgb = scenes["image"].reshape(len(scenes["image"]), -1, 3).mean(axis=1) / 255.0
+    mean_rgb = _mean_rgb(scenes)
     hue = [int(colorsys.rgb_to_hsv(*rgb)[0] * 6) % 6 for rgb in mean_rgb]
     return {
         "shape": torch.from_numpy(np.asarray(scenes["label"], dtype=np.int64)),
@@ -66,8 +66,13 @@ def attribute_labels(scenes: dict, brightness_edges: np.ndarray) -> dict[str, to
     }
 
 
+def _mean_rgb(scenes: dict) -> np.ndarray:
+    """(N, 3) mean colour of each image in [0, 1]; its mean over channels is the brightness."""
+    return scenes["image"].reshape(len(scenes["image"]), -1, 3).mean(axis=1) / 255.0
+
+
 def brightness_quartiles(scenes: dict) -> np.ndarray:
-    return np.quantile(scenes["image"].reshape(len(scenes["image"]), -1).mean(axis=1) / 255.0, [0.25, 0.5, 0.75])
+    return np.quantile(_mean_rgb(scenes).mean(axis=1), [0.25, 0.5, 0.75])
 
 
 def probe(backbone: torch.nn.Module, sets: tuple[dict, dict], labels: tuple[dict, dict], size: int,

@@ -120,7 +120,7 @@ def epoch_block_order(cfg, ds):
     """``ds`` with its blocks in a new random order every epoch; in ``data.deterministic``
     mode, unchanged (the seeded order the caller built), so that ``streaming_split`` hands
     every worker the same rows each run and a resumed run matches an uninterrupted one."""
-    return ds if getattr(cfg.data, "deterministic", False) else ds.randomize_block_order()
+    return ds if cfg.data.deterministic else ds.randomize_block_order()
 
 
 def crop_spec(cfg) -> MultiCropSpec:
