@@ -288,3 +288,27 @@ def test_scene_ground_truth_follows_the_users_class_list():
     np.testing.assert_array_equal(out["gt"], want)
     np.testing.assert_array_equal(load_scenes({"id": ids}, seed=3, size=32, side=32)["gt"], truth)
     assert "gt" not in load_scenes({"id": ids}, seed=3, size=32, side=32, classes=["star", "zebra"])
+
+
+def test_labelling_listing_of_compressed_tars_says_why_it_is_empty(tmp_path):
+    """A gzip-compressed tar has no byte range per member: the listing finds nothing and says
+    what the job needs, instead of labelling zero images."""
+    import gzip
+    import io
+    import tarfile
+
+    from rayssl.data.sources import DataError, resolve_source
+    from rayssl.pseudolabel.job import listing_table
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        info = tarfile.TarInfo("000.png")
+        info.size = 4
+        tf.addfile(info, io.BytesIO(b"\x89PNG"))
+    (tmp_path / "train-000000.tar").write_bytes(gzip.compress(buf.getvalue()))
+    with pytest.raises(DataError, match="needs uncompressed tars"):
+        listing_table(resolve_source(str(tmp_path)))
+    (tmp_path / "train-000000.tar").write_bytes(buf.getvalue())
+    table = listing_table(resolve_source(str(tmp_path)))
+    assert table.to_pydict() == {"index": [0], "path": [str(tmp_path / "train-000000.tar")], "id": ["000"],
+                                 "offset": [512], "length": [4]}

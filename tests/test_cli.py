@@ -140,11 +140,13 @@ def test_eval_reads_the_dataset_anonymously_but_its_own_checkpoint_signed(monkey
     assert seen == [storage.S3Options(endpoint="http://127.0.0.1:9", anonymous=False)]
 
 
-def test_labelling_job_refuses_shards_before_any_work(tmp_path, capsys):
-    """CDUL's second stage re-reads images by path: shards are refused with the reason."""
+def test_labelling_job_refuses_parquet_shards_before_any_work(tmp_path, capsys):
+    """CDUL's second stage re-reads each image by its address (a file, or a byte range of a tar
+    shard); a Parquet row has none, so Parquet shards are refused with the reason."""
     import io
-    import tarfile
 
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     from PIL import Image
 
     from rayssl.pseudolabel.__main__ import main as pseudolabel_main
@@ -153,17 +155,15 @@ def test_labelling_job_refuses_shards_before_any_work(tmp_path, capsys):
     shards.mkdir()
     png = io.BytesIO()
     Image.new("RGB", (8, 8)).save(png, format="PNG")
-    with tarfile.open(shards / "train-000000.tar", "w") as tf:
-        info = tarfile.TarInfo("000000.png")
-        info.size = len(png.getvalue())
-        tf.addfile(info, io.BytesIO(png.getvalue()))
+    pq.write_table(pa.table({"key": ["000000"], "image": [png.getvalue()]}), shards / "train-000000.parquet")
     out = tmp_path / "labels"
     with pytest.raises(SystemExit) as exc:
         pseudolabel_main(["--data", str(shards), "--classes", "a,b", "--clip-model", "ViT-B-32",
                           "--clip-pretrained", "openai", "--out", str(out)])
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert "holds webdataset shards; the labelling job reads image files (a folder or prefix) or 'scenes'" in err
+    assert "holds parquet shards; the labelling job reads image files (a folder or prefix), uncompressed " \
+           "webdataset .tar shards or 'scenes'" in err
     assert not out.exists()  # nothing written
 
 

@@ -40,6 +40,24 @@ def scene_folder(tmp_path_factory):
     return root
 
 
+CLASSES = "circle,square,triangle,star,cross,ring,diamond,crescent,heart,arrow,hourglass,tee"
+
+
+def _label_args(data, out, clip: str) -> list[str]:
+    return ["--data", str(data), "--classes", CLASSES, "--clip-model", "rayssl-tiny-clip",
+            "--clip-pretrained", clip, "--out", str(out), "--num-actors", "2", "--batch-size", "4"]
+
+
+@pytest.fixture(scope="module")
+def folder_labels(ray_session, tiny_clip, scene_folder, tmp_path_factory):
+    """The labelling job's output for the image folder (its summary is read back from the output)."""
+    from rayssl.pseudolabel.__main__ import main as label_main
+
+    out = tmp_path_factory.mktemp("labels") / "folder"
+    assert label_main(_label_args(scene_folder, out, tiny_clip) + ["--labels", str(scene_folder / "labels.csv")]) == 0
+    return out
+
+
 def _last_json(out: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
@@ -48,16 +66,12 @@ def _latest_checkpoint(run) -> str:
     return str(sorted(p for p in run.iterdir() if p.is_dir() and p.name.startswith("checkpoint_"))[-1])
 
 
-def test_pseudolabel_job_then_cdul_training_with_resume(ray_session, tiny_clip, scene_folder, tmp_path, capsys):
+def test_pseudolabel_job_then_cdul_training(ray_session, tiny_clip, scene_folder, folder_labels, tmp_path, capsys):
     from rayssl.pseudolabel.__main__ import main as label_main
     from rayssl.train import main as train_main
 
-    out = tmp_path / "labels"
-    args = ["--data", str(scene_folder), "--classes", "circle,square,triangle,star,cross,ring,diamond,crescent,"
-            "heart,arrow,hourglass,tee", "--clip-model", "rayssl-tiny-clip", "--clip-pretrained", tiny_clip,
-            "--out", str(out), "--num-actors", "2", "--batch-size", "4", "--labels", str(scene_folder / "labels.csv")]
-    assert label_main(args) == 0
-    summary = _last_json(capsys.readouterr().out)
+    out = folder_labels
+    summary = json.loads((out / "summary.json").read_text())
     assert summary["images_labelled"] == 32
     # A pool of 2 labelling actors; which of them gets the 9 small blocks is Ray Data's
     # scheduling (seen once in CI: one actor took all), so only the pool size is exact.
@@ -74,7 +88,7 @@ def test_pseudolabel_job_then_cdul_training_with_resume(ray_session, tiny_clip, 
     assert meta["num_rows"] == 34 and len(meta["classes"]) == 12
     # Re-running into the same --out is refused (nothing overwritten).
     with pytest.raises(SystemExit):
-        label_main(args)
+        label_main(_label_args(scene_folder, out, tiny_clip))
     assert "already holds pseudo-labels" in capsys.readouterr().err
 
     run = tmp_path / "run"
@@ -97,3 +111,65 @@ def test_pseudolabel_job_then_cdul_training_with_resume(ray_session, tiny_clip, 
     assert int(moved.sum()) == 32 and not bool(moved[32:].any())
     # Resuming restores the label store: tests/test_resume_equivalence.py (cdul) compares it,
     # and the whole epoch after the boundary, with an uninterrupted run's.
+
+
+def test_pseudolabel_job_reads_tar_shards_by_byte_range(ray_session, tiny_clip, scene_folder, folder_labels,
+                                                        tmp_path, capsys):
+    """The same images as webdataset shards (one of them truncated): each image is labelled as
+    from the folder, its row holds the byte range of its member in the shard, and CDUL's
+    training rows read exactly the labelled images back through those ranges."""
+    import tarfile
+
+    from rayssl.data.indexed import build_indexed_train_data
+    from rayssl.data.shards import write_shards
+    from rayssl.data.sources import iter_tar_images
+    from rayssl.pseudolabel.__main__ import main as label_main
+    from rayssl.train import build_parser, resolve_config
+
+    shards = tmp_path / "shards"
+    write_shards(str(scene_folder), str(shards), "webdataset", shard_size=10)
+    capsys.readouterr()
+    files = sorted(shards.glob("*.tar"))
+    assert len(files) == 4  # 34 files: 10 + 10 + 10 + 4
+    whole = files[1].read_bytes()
+    files[1].write_bytes(whole[: len(whole) // 2])  # cut in the middle of a member
+    survivors = []  # what the streaming reader gets out of the cut shard before the damage
+    with pytest.raises((tarfile.TarError, EOFError, OSError)):
+        with open(files[1], "rb") as f:
+            for key, _ in iter_tar_images(f):
+                survivors.append(key)
+    assert 0 < len(survivors) < 10
+
+    out = tmp_path / "labels"
+    assert label_main(_label_args(shards, out, tiny_clip)) == 0
+    summary = _last_json(capsys.readouterr().out)
+    # 34 members listed minus the cut shard's lost ones; the broken PNG and the empty JPG are
+    # members too, skipped and counted at decode as from the folder.
+    listed = 34 - 10 + len(survivors)
+    assert summary["data"]["skipped.unreadable_shard"] == 1
+    assert summary["data"]["seen"] == listed
+    assert summary["data"]["skipped.decode_error"] == 1 and summary["data"]["skipped.empty"] == 1
+    assert summary["images_labelled"] == listed - 2
+
+    meta, cols = read_pseudo_labels(str(out), columns=("index", "id", "path", "offset", "length", "soft_label"))
+    assert meta["source"]["kind"] == "webdataset" and meta["num_rows"] == listed
+    assert sorted(cols["index"].tolist()) == sorted(set(cols["index"].tolist()))
+    assert set(cols["id"]) >= set(survivors) - {"zz-broken", "zz-empty"}
+    for path, key, off, n in zip(cols["path"], cols["id"], cols["offset"], cols["length"]):
+        with open(path, "rb") as f:  # the row's byte range is the original file
+            f.seek(int(off))
+            assert f.read(int(n)) == (scene_folder / f"{key}.png").read_bytes()
+    _, ref = read_pseudo_labels(str(folder_labels), columns=("id", "soft_label"))
+    by_id = dict(zip(ref["id"], ref["soft_label"]))
+    assert np.allclose(cols["soft_label"], np.stack([by_id[k] for k in cols["id"]]), atol=1e-5)
+
+    cfg = resolve_config(build_parser().parse_args([
+        "--method", "cdul", "--data", str(shards), "--pseudo-labels", str(out), "--preset", "quick",
+        "--set", "data.crop_sizes=[32]", "--set", "data.crop_counts=[2]", "--set", "data.min_scale=[0.5]",
+        "--set", "data.max_scale=[1.0]"]))
+    data = build_indexed_train_data(cfg, str(out))
+    rows = list(data.dataset.iter_batches(batch_size=None, batch_format="numpy"))
+    seen = np.concatenate([r["index"] for r in rows])
+    assert sorted(seen.tolist()) == sorted(cols["index"].tolist())  # every labelled image, once
+    assert all(r["crop_0"].shape[1:] == (32, 32, 3) for r in rows)
+    assert not any(k.startswith("skipped.") for k in ray_session.get(data.stats.get.remote()))

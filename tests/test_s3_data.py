@@ -7,6 +7,7 @@ runs are tiny (<= 96 images of 32 px, batch 32, 1 epoch, quick preset).
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import re
@@ -23,6 +24,7 @@ from rayssl.data.sources import (
     DataError,
     count_samples,
     count_tar_images,
+    index_tar_images,
     expand_braces,
     iter_tar_images,
     iter_tar_samples,
@@ -121,6 +123,40 @@ def test_tar_reading_groups_members_by_key_and_streams():
     assert got == [("000", b"img0")]
 
 
+def test_tar_index_addresses_the_bytes_the_stream_yields():
+    """``index_tar_images`` (headers only) gives, per sample, the byte range of the image the
+    streaming reader yields; a long member name (a PAX header before it) shifts the offsets."""
+    long_dir = "x" * 120
+    members = [("d/000.png", b"img0"), ("d/000.json", b"{}"), (f"{long_dir}/001.jpg", b"img1" * 300),
+               ("d/001.png", b"second image of 001"), ("d/002.txt", b"no image"), ("d/003.webp", b"i3")]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        folder = tarfile.TarInfo("d")
+        folder.type = tarfile.DIRTYPE
+        tf.addfile(folder)  # not a file: passed over
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tf.addfile(info, io.BytesIO(payload))
+    data = buf.getvalue()
+    index = index_tar_images(io.BytesIO(data))
+    streamed = list(iter_tar_images(io.BytesIO(data)))
+    assert [k for k, _, _ in index] == [k for k, _ in streamed] == ["000", "001", "003"]
+    assert [data[o:o + n] for _, o, n in index] == [b for _, b in streamed]
+    # Cut inside 001's data: the header index stops where the stream does, keeping what came before.
+    cut = index[1][1] + 10
+    kept: list = []
+    with pytest.raises(tarfile.ReadError, match="truncated"):
+        index_tar_images(io.BytesIO(data[:cut]), kept)
+    assert [k for k, _, _ in kept] == ["000"]
+    # Byte ranges need an uncompressed tar.
+    gz = io.BytesIO()
+    with gzip.GzipFile(fileobj=gz, mode="wb") as z:
+        z.write(data)
+    with pytest.raises(tarfile.ReadError):
+        index_tar_images(io.BytesIO(gz.getvalue()))
+
+
 def test_resolve_kinds_and_clear_errors(s3_endpoint, bucket):
     fs = _fs(s3_endpoint)
     opts = S3Options(endpoint=s3_endpoint)
@@ -156,6 +192,29 @@ def test_resolve_kinds_and_clear_errors(s3_endpoint, bucket):
     # Nothing listening on the endpoint: a one-line error naming the endpoint, quickly.
     with pytest.raises(DataError, match="cannot reach the S3 endpoint http://127.0.0.1:9"):
         resolve_source(f"s3://{bucket}/kinds/img", S3Options(endpoint="http://127.0.0.1:9"))
+
+
+def test_tar_members_on_s3_are_fetched_by_byte_range(s3_endpoint, bucket):
+    """What CDUL's labelling job and training do with tar shards on S3: index the members from
+    the headers (``scan_tar_shards``), then fetch and decode each by its byte range; a shard
+    that is not a tar counts as damaged and contributes nothing."""
+    from rayssl.data.indexed import fetch_decode_count
+    from rayssl.data.sources import scan_tar_shards
+
+    fs = _fs(s3_endpoint)
+    images = {f"{i:03d}": _image(7 + i, size=24) for i in range(5)}
+    keys = list(images)
+    fs.pipe(f"{bucket}/ranged/a.tar", _tar([(f"{k}.png", images[k]) for k in keys[:3]]))
+    fs.pipe(f"{bucket}/ranged/b.tar", _tar([(f"{k}.png", images[k]) for k in keys[3:]] + [("bad.png", b"junk")]))
+    fs.pipe(f"{bucket}/ranged/c.tar", b"not a tar at all" * 100)
+    paths = [f"{bucket}/ranged/{n}.tar" for n in "abc"]
+    rows, damaged = scan_tar_shards(fs, paths)
+    assert damaged == 1 and [r[1] for r in rows] == keys + ["bad"]
+    good = fetch_decode_count([r[0] for r in rows], fs=fs, min_side=8, starts=[r[2] for r in rows],
+                              ends=[r[2] + r[3] for r in rows])
+    assert [i for i, _ in good] == list(range(5))  # "bad" does not decode
+    for (i, img), key in zip(good, keys):
+        assert np.array_equal(img, np.asarray(Image.open(io.BytesIO(images[key])).convert("RGB")))
 
 
 def test_parquet_image_column_is_checked(s3_endpoint, bucket):

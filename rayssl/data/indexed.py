@@ -3,7 +3,7 @@
 ``build_indexed_train_data(cfg, pseudo_labels_uri)`` reads the index (and path) of every
 pseudo-labelled image from the labelling job's Parquet and streams
 ``{"index", "crop_0".."crop_{n-1}"}`` rows: generated scenes are re-generated from their
-number, image files are fetched, decoded and cropped like ``rayssl.data.pipeline`` does
+number, image files (or the members of tar shards, by byte range) are fetched, decoded and cropped like ``rayssl.data.pipeline`` does
 (bad files skipped and counted in the same ``DataStats``). The index is what the label
 store is keyed by, so rows may arrive in any order on any worker.
 """
@@ -31,14 +31,24 @@ def indexed_scenes_to_crops(batch: dict, *, seed: int, size: int, spec, stats=No
     return {"index": idx, **multicrop_batch(list(scenes["image"]), spec, augment_generators(seed, stats, idx.tolist()))}
 
 
+def byte_ranges(batch: dict) -> tuple[list[int] | None, list[int] | None]:
+    """(starts, ends) of rows addressed inside a shard (``offset``, ``length``), else (None, None)."""
+    if "offset" not in batch:
+        return None, None
+    starts = np.asarray(batch["offset"], dtype=np.int64)
+    return starts.tolist(), (starts + np.asarray(batch["length"], dtype=np.int64)).tolist()
+
+
 def fetch_decode_count(paths: list[str], *, fs, min_side: int, stats=None, max_bad_fraction: float = 1.0,
-                       uri: str = "") -> list[tuple[int, np.ndarray]]:
-    """Fetch (one concurrent request per batch) and decode image files -> ``[(row, rgb uint8)]``
-    of those that are usable; the others are counted in ``stats`` by reason (``read_error``,
-    ``decode_error``, ``empty``, ``too_small`` ...), as ``rayssl.data.pipeline`` counts them."""
+                       uri: str = "", starts: list[int] | None = None,
+                       ends: list[int] | None = None) -> list[tuple[int, np.ndarray]]:
+    """Fetch (one concurrent request per batch) and decode images -> ``[(row, rgb uint8)]`` of
+    those that are usable; the others are counted in ``stats`` by reason (``read_error``,
+    ``decode_error``, ``empty``, ``too_small`` ...), as ``rayssl.data.pipeline`` counts them.
+    Whole files, or with ``starts``/``ends`` the byte range of each (a tar shard's member)."""
     from rayssl.data.decode import decode_batch
 
-    fetched = fs.cat_ranges(paths, None, None, on_error="return")
+    fetched = fs.cat_ranges(paths, starts, ends, on_error="return")
     blobs = [None if isinstance(b, BaseException) else bytes(b) for b in fetched]
     keep = [i for i, b in enumerate(blobs) if b is not None]
     counts = Counter(seen=len(blobs))
@@ -52,8 +62,9 @@ def fetch_decode_count(paths: list[str], *, fs, min_side: int, stats=None, max_b
 
 def indexed_files_to_crops(batch: dict, *, fs, spec, min_side: int, stats=None, max_bad_fraction: float = 1.0,
                            uri: str = "", seed: int = 0) -> dict:
+    starts, ends = byte_ranges(batch)
     good = fetch_decode_count([str(p) for p in batch["path"]], fs=fs, min_side=min_side, stats=stats,
-                              max_bad_fraction=max_bad_fraction, uri=uri)
+                              max_bad_fraction=max_bad_fraction, uri=uri, starts=starts, ends=ends)
     if not good:
         return {}
     idx = np.asarray(batch["index"], dtype=np.int64)[[r for r, _ in good]]
@@ -63,10 +74,13 @@ def indexed_files_to_crops(batch: dict, *, fs, spec, min_side: int, stats=None, 
 def build_indexed_train_data(cfg, pseudo_labels: str, stats=None) -> TrainData:
     import pyarrow as pa
 
-    from rayssl.pseudolabel.store import read_pseudo_labels
+    from rayssl.pseudolabel.store import read_meta, read_pseudo_labels
 
-    meta, cols = read_pseudo_labels(pseudo_labels, columns=("index", "path"))
+    meta = read_meta(pseudo_labels)
     src = meta["source"]
+    # Images inside tar shards are addressed by their byte range in the shard file.
+    ranged = src["kind"] == "webdataset"
+    _, cols = read_pseudo_labels(pseudo_labels, columns=("index", "path") + (("offset", "length") if ranged else ()))
     d = cfg.data
     spec = crop_spec(cfg)
     stats = stats if stats is not None else DataStats.remote()
@@ -83,7 +97,9 @@ def build_indexed_train_data(cfg, pseudo_labels: str, stats=None) -> TrainData:
             raise DataError(f"--pseudo-labels: {pseudo_labels} labels {src['uri']}, but --data is {d.source}")
         source = resolve_cfg_source(cfg)
         paths = np.asarray(cols["path"], dtype=object)
-        table = pa.table({"index": pa.array(index[order]), "path": pa.array(list(paths[order]), pa.string())})
+        table = pa.table({"index": pa.array(index[order]), "path": pa.array(list(paths[order]), pa.string()),
+                          **({k: pa.array(cols[k].astype(np.int64)[order]) for k in ("offset", "length")}
+                             if ranged else {})})
         fn = indexed_files_to_crops
         kwargs = {"fs": source.fs, "min_side": min_image_side(cfg), "uri": source.uri,
                   "max_bad_fraction": float(d.max_bad_fraction), "seed": cfg.run.seed}

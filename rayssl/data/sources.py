@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Iterator, Sequence
 
 from rayssl.storage import S3Options, filesystem, is_remote, is_s3, pyarrow_filesystem
 
@@ -386,15 +386,60 @@ def iter_tar_samples(fileobj: BinaryIO) -> Iterator[dict[str, bytes]]:
         yield current
 
 
-def count_tar_images(fileobj: BinaryIO) -> int:
-    """Image samples in a tar, from its headers alone (seeks past member data)."""
-    keys: set[str] = set()
+def index_tar_images(fileobj: BinaryIO, partial: list | None = None) -> list[tuple[str, int, int]]:
+    """``(key, offset, size)`` of each sample's image, from the tar's headers alone (seeks
+    past member data): the bytes ``[offset, offset + size)`` of the shard file are the image
+    ``iter_tar_images`` yields for that key (the same first-image-per-sample rule).
+
+    Byte ranges exist only in an uncompressed tar: a compressed one raises
+    ``tarfile.ReadError``. On a damaged shard the error propagates; pass ``partial`` (a
+    list) to keep the members indexed before the damage, as the streaming reader yields them.
+    """
+    out = partial if partial is not None else []
+    last_key = None
+    file_size = fileobj.seek(0, 2)
+    fileobj.seek(0)
     with tarfile.open(fileobj=fileobj, mode="r:") as tf:
         for member in tf:
+            if member.offset_data + member.size > file_size:  # cut short: the header came, the data did not
+                raise tarfile.ReadError(f"member {member.name} is truncated")
+            if not member.isfile() or member.issparse():
+                continue
             key, ext = sample_key(member.name)
-            if member.isfile() and _is_image_ext(ext):
-                keys.add(key)
-    return len(keys)
+            if not _is_image_ext(ext) or key == last_key:
+                continue
+            last_key = key
+            out.append((key, member.offset_data, member.size))
+    return out
+
+
+def count_tar_images(fileobj: BinaryIO) -> int:
+    """Image samples in a tar, from its headers alone (seeks past member data)."""
+    return len(index_tar_images(fileobj))
+
+
+def _index_shard(fs, path: str) -> tuple[list[tuple[str, int, int]], bool]:
+    """``index_tar_images`` of one shard file -> (members, damaged)."""
+    members: list = []
+    with _open_for_scan(fs, path) as f:
+        try:
+            index_tar_images(f, members)
+        except (tarfile.TarError, EOFError, OSError):
+            return members, True
+    return members, False
+
+
+def scan_tar_shards(fs, paths: Sequence[str], max_threads: int = 16) -> tuple[list[tuple[str, str, int, int]], int]:
+    """Every image of the given tar shards, addressed by byte range: ``([(path, key, offset,
+    size)] in shard order, number of damaged shards)``. Headers only, read concurrently
+    (I/O bound, so threads); a damaged shard contributes the images before the damage."""
+    rows: list[tuple[str, str, int, int]] = []
+    damaged = 0
+    with ThreadPoolExecutor(max(1, min(max_threads, len(paths)))) as pool:
+        for path, (members, broken) in zip(paths, pool.map(lambda p: _index_shard(fs, p), paths)):
+            rows.extend((path, key, off, size) for key, off, size in members)
+            damaged += broken
+    return rows, damaged
 
 
 def open_shard(fs, path: str) -> BinaryIO:
@@ -425,11 +470,8 @@ def count_samples(source: Source, max_threads: int = 16) -> int:
 
             with fs.open(path, "rb") as f:
                 return pq.ParquetFile(f).metadata.num_rows
-        with _open_for_scan(fs, path) as f:
-            try:
-                return count_tar_images(f)
-            except (tarfile.TarError, EOFError, OSError):
-                return 0  # a damaged shard: the reader counts it when it gets there
+        # A damaged shard: the reader yields what precedes the damage, and counts the shard.
+        return len(_index_shard(fs, path)[0])
 
     with translate_errors(source.uri, source.options, "read"):
         with ThreadPoolExecutor(max(1, min(max_threads, len(todo)))) as pool:

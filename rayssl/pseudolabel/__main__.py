@@ -1,6 +1,6 @@
 """``python -m rayssl.pseudolabel``: CDUL's CLIP pseudo-labelling job (stage 1).
 
-    python -m rayssl.pseudolabel --data scenes|FOLDER|s3://bucket/prefix --classes FILE_OR_LIST \
+    python -m rayssl.pseudolabel --data scenes|FOLDER|s3://bucket/prefix|SHARDS.tar --classes FILE_OR_LIST \
         --clip-model NAME --clip-pretrained TAG_OR_PATH --out DIR_OR_URI [--grid 3] [--gamma 0] ...
 
 Writes Parquet + ``pseudolabels.json`` + ``summary.json`` to ``--out`` and prints the summary
@@ -20,7 +20,8 @@ from rayssl.storage import add_s3_flags
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m rayssl.pseudolabel",
                                 description="CDUL stage 1: CLIP global-local pseudo-labels as a Ray Data job.")
-    p.add_argument("--data", required=True, help="'scenes' (built-in generated scenes), a folder or s3:// prefix of images")
+    p.add_argument("--data", required=True, help="'scenes' (built-in generated scenes), a folder or s3:// prefix of images, "
+                   "or uncompressed webdataset .tar shards (a prefix or a brace pattern)")
     p.add_argument("--classes", default=None,
                    help="class names: a file (one per line, or a JSON list) or a comma-separated list; "
                         "default for --data scenes: the scene shapes")
@@ -102,9 +103,10 @@ def main(argv=None) -> int:
             from rayssl.data.sources import resolve_source
 
             source = resolve_source(args.data, S3Options.from_args(args))
-            if source.kind != "images":
-                raise ValueError(f"--data: {args.data} holds {source.kind} shards; the labelling job reads "
-                                 "image files (a folder or prefix) or 'scenes'")
+            if source.kind == "parquet":
+                raise ValueError(f"--data: {args.data} holds parquet shards; the labelling job reads image "
+                                 "files (a folder or prefix), uncompressed webdataset .tar shards or 'scenes' "
+                                 "(training re-reads each image by its address, and a Parquet row has none)")
     except (ValueError, ClipLoadError) as exc:
         parser.error(str(exc))
     from rayssl.pseudolabel.job import run_job

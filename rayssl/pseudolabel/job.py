@@ -1,12 +1,13 @@
 """CDUL stage 1 as a Ray Data batch-inference job: images -> CLIP global-local soft labels.
 
-Pipeline: rows ``{index, id, path}`` (an image listing, or scene numbers) -> a task stage
-that reads and decodes each image and resizes it to ``grid * S`` pixels square (S = the
+Pipeline: rows ``{index, id, path}`` (an image listing, or scene numbers; for tar shards,
+one row per image member with its byte range in the shard, ``offset`` and ``length``, read
+from the shards' headers) -> a task stage that reads and decodes each image and resizes it to ``grid * S`` pixels square (S = the
 CLIP input size; undecodable files are skipped and counted in ``DataStats``, as in
 training) -> ``map_batches`` over a pool of ``ClipLabeller`` actors (one GPU each when the
 cluster has GPUs) that embed the whole image (resized to S) and its ``grid x grid`` tiles
 -> Parquet rows ``index, id, path, soft_label`` (+ ``global``, ``aggregated``; + ``gt`` for
-generated scenes), plus ``pseudolabels.json`` (classes, settings, number of rows).
+generated scenes; + ``offset``, ``length`` for tar members, which training reads again), plus ``pseudolabels.json`` (classes, settings, number of rows).
 
 The image is squashed to a square before it is cut, so the grid covers it all (CLIP's
 own preprocessing would centre-crop it).
@@ -53,20 +54,52 @@ def load_scenes(batch: dict, *, seed: int, size: int, side: int, stats=None,
 
 
 def load_files(batch: dict, *, fs, side: int, stats=None, max_bad_fraction: float = 1.0, uri: str = "") -> dict:
-    """``{"index", "path"}`` image files -> decoded ``{index, id, path, image}``; bad files are
-    skipped and counted (``skipped.read_error`` / ``skipped.decode_error`` ...)."""
-    from rayssl.data.indexed import fetch_decode_count
+    """``{"index", "path"}`` image files, or ``{"index", "path", "id", "offset", "length"}``
+    members of tar shards -> decoded ``{index, id, path, image}`` (+ ``offset``, ``length``);
+    bad images are skipped and counted (``skipped.read_error`` / ``skipped.decode_error`` ...)."""
+    from rayssl.data.indexed import byte_ranges, fetch_decode_count
     from rayssl.data.sources import _image_id
 
     paths = [str(p) for p in batch["path"]]
-    good = fetch_decode_count(paths, fs=fs, min_side=1, stats=stats, max_bad_fraction=max_bad_fraction, uri=uri)
+    starts, ends = byte_ranges(batch)
+    good = fetch_decode_count(paths, fs=fs, min_side=1, stats=stats, max_bad_fraction=max_bad_fraction, uri=uri,
+                              starts=starts, ends=ends)
     if not good:
         return {}
     rows = [r for r, _ in good]
-    return {"index": np.asarray(batch["index"], dtype=np.int64)[rows],
-            "id": np.asarray([_image_id(paths[r]) for r in rows]),
-            "path": np.asarray([paths[r] for r in rows]),
-            "image": np.stack([_resize_square(im, side) for _, im in good])}
+    ids = [str(batch["id"][r]) for r in rows] if "id" in batch else [_image_id(paths[r]) for r in rows]
+    out = {"index": np.asarray(batch["index"], dtype=np.int64)[rows], "id": np.asarray(ids),
+           "path": np.asarray([paths[r] for r in rows]),
+           "image": np.stack([_resize_square(im, side) for _, im in good])}
+    if starts is not None:
+        out["offset"] = np.asarray(batch["offset"], dtype=np.int64)[rows]
+        out["length"] = np.asarray(batch["length"], dtype=np.int64)[rows]
+    return out
+
+
+def listing_table(source, stats=None):
+    """The rows the job labels, each with its dense ``index``: ``{index, path}`` per image file,
+    or ``{index, path, id, offset, length}`` per image of a tar shard (read from the shards'
+    headers; a damaged shard gives the images before the damage and counts
+    ``skipped.unreadable_shard``). Parquet shards are refused before the job starts."""
+    import pyarrow as pa
+
+    from rayssl.data.sources import DataError, scan_tar_shards, translate_errors
+
+    if source.kind == "images":
+        paths = list(source.paths)
+        return pa.table({"index": pa.array(np.arange(len(paths), dtype=np.int64)), "path": pa.array(paths)})
+    with translate_errors(source.uri, source.options, "read"):
+        rows, damaged = scan_tar_shards(source.fs, source.paths)
+    if damaged and stats is not None:
+        stats.add.remote({"skipped.unreadable_shard": damaged})
+    if not rows:
+        raise DataError(f"--data: {source.uri}: no image members found in its {len(source.paths)} tar shard(s) "
+                        f"({damaged} unreadable); the labelling job needs uncompressed tars, since it "
+                        "addresses each image by its byte range in the shard")
+    path, key, off, size = zip(*rows)
+    return pa.table({"index": pa.array(np.arange(len(rows), dtype=np.int64)), "path": pa.array(path),
+                     "id": pa.array(key), "offset": pa.array(off, pa.int64()), "length": pa.array(size, pa.int64())})
 
 
 class ClipLabeller:
@@ -121,6 +154,9 @@ class ClipLabeller:
         cols = {"index": pa.array(np.asarray(batch["index"], dtype=np.int64)),
                 "id": pa.array([str(v) for v in batch["id"]]), "path": pa.array([str(v) for v in batch["path"]]),
                 "soft_label": vec(soft)}
+        for name in ("offset", "length"):  # a tar member's byte range: training reads it again
+            if name in batch:
+                cols[name] = pa.array(np.asarray(batch[name], dtype=np.int64))
         if self.keep_vectors:
             cols["global"], cols["aggregated"] = vec(glob), vec(agg)
         if "gt" in batch:
@@ -141,7 +177,6 @@ def actor_resources(cluster: dict, num_actors: int, use_gpu: bool | None) -> tup
 
 def run_job(args, classes: list[str], source, stats_cls=None) -> dict:
     """Build and run the job, write Parquet + meta, return the summary (see ``__main__``)."""
-    import pyarrow as pa
 
     from rayssl.data.pipeline import DataStats
     from rayssl.data.scenes import split_seed
@@ -163,18 +198,17 @@ def run_job(args, classes: list[str], source, stats_cls=None) -> dict:
         meta_source = {"kind": "scenes", "uri": "scenes", "seed": seed, "size": args.scenes_size, "num_images": n}
         num_rows = n
     else:
-        paths = list(source.paths)
-        table = pa.table({"index": pa.array(np.arange(len(paths), dtype=np.int64)), "path": pa.array(paths)})
+        table = listing_table(source, stats)
+        num_rows = table.num_rows
         # One read batch per block (at most ~2000 blocks): the actor pool gets work in small
         # bundles, so every actor of the pool is fed.
-        per = args.batch_size * max(1, -(-len(paths) // (2000 * args.batch_size)))
-        blocks = [table.slice(i, per) for i in range(0, len(paths), per)]
+        per = args.batch_size * max(1, -(-num_rows // (2000 * args.batch_size)))
+        blocks = [table.slice(i, per) for i in range(0, num_rows, per)]
         ds = ray.data.from_arrow(blocks).map_batches(
             load_files, batch_size=args.batch_size,
             fn_kwargs={"fs": source.fs, "side": side, "stats": stats, "uri": source.uri,
                        "max_bad_fraction": args.max_bad_fraction})
         meta_source = {"kind": source.kind, "uri": source.uri}
-        num_rows = len(paths)
     use_gpu, cpus = actor_resources(ray.cluster_resources(), args.num_actors,
                                     {"auto": None, "true": True, "false": False}[args.use_gpu])
     ds = ds.map_batches(
