@@ -173,3 +173,47 @@ def test_pseudolabel_job_reads_tar_shards_by_byte_range(ray_session, tiny_clip, 
     assert sorted(seen.tolist()) == sorted(cols["index"].tolist())  # every labelled image, once
     assert all(r["crop_0"].shape[1:] == (32, 32, 3) for r in rows)
     assert not any(k.startswith("skipped.") for k in ray_session.get(data.stats.get.remote()))
+
+
+def test_training_order_does_not_depend_on_the_labelling_jobs_row_order(ray_session, tmp_path):
+    """Two labelling outputs with the same rows written in different orders (the job's actors
+    write in whatever order they finish) give the same training stream for the same seed."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from ray.data import DataContext
+
+    from rayssl.data.indexed import build_indexed_train_data
+    from rayssl.data.scenes import split_seed
+    from rayssl.pseudolabel.store import META_FILE
+    from rayssl.train import build_parser, resolve_config
+
+    n, classes = 40, CLASSES.split(",")
+    soft = np.random.default_rng(0).uniform(0.05, 0.95, size=(n, len(classes))).astype(np.float32)
+    outs = []
+    for name, rows in (("ordered", np.arange(n)), ("shuffled", np.random.default_rng(1).permutation(n))):
+        out = tmp_path / name
+        out.mkdir()
+        pq.write_table(pa.table({"index": rows, "path": [""] * n,
+                                 "soft_label": pa.array(list(soft[rows]), pa.list_(pa.float32()))}),
+                       out / "part-0.parquet")
+        (out / META_FILE).write_text(json.dumps({
+            "classes": classes, "num_rows": n,
+            "source": {"kind": "scenes", "uri": "scenes", "seed": split_seed(0, "train"), "size": 32,
+                       "num_images": n}}))
+        outs.append(out)
+    ctx = DataContext.get_current()
+    before = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = True
+    try:
+        streams = []
+        for out in outs:
+            cfg = resolve_config(build_parser().parse_args([
+                "--method", "cdul", "--pseudo-labels", str(out), "--set", "data.deterministic=true",
+                "--set", "data.scenes_image_size=32", "--set", "data.crop_sizes=[32]",
+                "--set", "data.read_batch_size=8"]))
+            rows = build_indexed_train_data(cfg, str(out)).dataset.take_all()
+            streams.append([int(r["index"]) for r in rows])
+    finally:
+        ctx.execution_options.preserve_order = before
+    assert sorted(streams[0]) == list(range(n)) and streams[0] != list(range(n))  # shuffled, all there
+    assert streams[0] == streams[1]

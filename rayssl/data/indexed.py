@@ -86,7 +86,9 @@ def build_indexed_train_data(cfg, pseudo_labels: str, stats=None) -> TrainData:
     stats = stats if stats is not None else DataStats.remote()
     index = cols["index"].astype(np.int64)
     rng = np.random.default_rng(cfg.run.seed)
-    order = rng.permutation(len(index))
+    # Shuffled from index order, not from the order the labelling job happened to write its
+    # rows in: the same images and seed give the same training stream whichever job labelled them.
+    order = np.argsort(index, kind="stable")[rng.permutation(len(index))]
     if src["kind"] == "scenes":
         if not d.builtin_scenes:
             raise DataError(f"--pseudo-labels: {pseudo_labels} labels generated scenes, but --data is {d.source}")
