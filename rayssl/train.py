@@ -185,8 +185,15 @@ def prepare_output(cfg: Config, args: argparse.Namespace) -> Config:
         raw = deep_merge(base, _flag_overrides(args))
         raw["run"]["resume"] = True
         raw["run"]["output"] = cfg.run.output
-        return Config.from_dict(raw)
+        resumed = Config.from_dict(raw)
+        _absolute_local_paths(resumed)  # a flag given again on --resume is as relative as the first time
+        return resumed
     if exists(stored):
+        if not exists(f"{cfg.run.output.rstrip('/')}/{SNAPSHOT_FILE}"):
+            raise ConfigError(
+                f"--output: {cfg.run.output} holds a run that stopped before its first checkpoint; choose "
+                "another --output (or --resume, which starts it again from its stored config.yaml with "
+                "your flags over it, but no --preset) (nothing was overwritten)")
         raise ConfigError(
             f"--output: {cfg.run.output} already holds a run; pass --resume to continue it, "
             "or choose another --output (nothing was overwritten)"

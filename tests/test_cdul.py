@@ -240,7 +240,7 @@ def test_relative_pseudo_labels_path_is_made_absolute(tmp_path, monkeypatch):
     resolved on the driver, or the workers look for the labels somewhere else."""
     import argparse
 
-    from rayssl.train import build_parser, resolve_config
+    from rayssl.train import build_parser, prepare_output, resolve_config
 
     monkeypatch.chdir(tmp_path)
     args = build_parser().parse_args(["--method", "cdul", "--pseudo-labels", "runs/labels",
@@ -251,6 +251,14 @@ def test_relative_pseudo_labels_path_is_made_absolute(tmp_path, monkeypatch):
     assert cfg.method.store_dir == str(tmp_path / "store")
     args = build_parser().parse_args(["--method", "cdul", "--pseudo-labels", "s3://bucket/labels"])
     assert resolve_config(args).method.pseudo_labels == "s3://bucket/labels"  # URIs untouched
+    # --resume starts from the stored config, and the flags given again go over it: the same rule.
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text(cfg.to_yaml())
+    monkeypatch.chdir(tmp_path / "run")
+    args = build_parser().parse_args(["--method", "cdul", "--pseudo-labels", "../runs/other", "--resume",
+                                      "--output", str(tmp_path / "run")])
+    resumed = prepare_output(resolve_config(args), args)
+    assert resumed.run.resume and resumed.method.pseudo_labels == str(tmp_path / "runs" / "other")
 
 
 def test_backbone_initialised_from_a_rayssl_checkpoint(tmp_path):

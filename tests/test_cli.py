@@ -78,6 +78,10 @@ def test_existing_run_is_not_overwritten_and_resume_needs_a_run(tmp_path, capsys
     out.mkdir()
     assert "holds no rayssl run" in _error(capsys, ["--output", str(out), "--resume"])
     (out / "config.yaml").write_text("run: {}\n")
+    # A run that failed before its first checkpoint: nothing to continue, so the message says so.
+    err = _error(capsys, ["--output", str(out)])
+    assert "holds a run that stopped before its first checkpoint; choose another --output" in err
+    (out / train.SNAPSHOT_FILE).write_text("{}")
     err = _error(capsys, ["--output", str(out)])
     assert "already holds a run; pass --resume" in err
     assert (out / "config.yaml").read_text() == "run: {}\n"
