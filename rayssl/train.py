@@ -192,8 +192,8 @@ def prepare_output(cfg: Config, args: argparse.Namespace) -> Config:
         if not exists(f"{cfg.run.output.rstrip('/')}/{SNAPSHOT_FILE}"):
             raise ConfigError(
                 f"--output: {cfg.run.output} holds a run that stopped before its first checkpoint; choose "
-                "another --output (or --resume, which starts it again from its stored config.yaml with "
-                "your flags over it, but no --preset) (nothing was overwritten)")
+                "another --output (nothing was overwritten). --resume would start it again from its stored "
+                "config.yaml with your flags over it, but not a new --preset")
         raise ConfigError(
             f"--output: {cfg.run.output} already holds a run; pass --resume to continue it, "
             "or choose another --output (nothing was overwritten)"

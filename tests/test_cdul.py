@@ -320,3 +320,10 @@ def test_labelling_listing_of_compressed_tars_says_why_it_is_empty(tmp_path):
     table = listing_table(resolve_source(str(tmp_path)))
     assert table.to_pydict() == {"index": [0], "path": [str(tmp_path / "train-000000.tar")], "id": ["000"],
                                  "offset": [512], "length": [4]}
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "pq").mkdir()
+    pq.write_table(pa.table({"key": ["000"], "image": [b"\x89PNG"]}), tmp_path / "pq" / "train-000000.parquet")
+    with pytest.raises(DataError, match="holds parquet shards"):
+        listing_table(resolve_source(str(tmp_path / "pq")))

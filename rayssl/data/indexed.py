@@ -3,9 +3,10 @@
 ``build_indexed_train_data(cfg, pseudo_labels_uri)`` reads the index (and path) of every
 pseudo-labelled image from the labelling job's Parquet and streams
 ``{"index", "crop_0".."crop_{n-1}"}`` rows: generated scenes are re-generated from their
-number, image files (or the members of tar shards, by byte range) are fetched, decoded and cropped like ``rayssl.data.pipeline`` does
-(bad files skipped and counted in the same ``DataStats``). The index is what the label
-store is keyed by, so rows may arrive in any order on any worker.
+number; image files, or the members of tar shards by their byte range, are fetched, decoded
+and cropped like ``rayssl.data.pipeline`` does (bad files skipped and counted in the same
+``DataStats``). The index is what the label store is keyed by, so rows may arrive in any
+order on any worker.
 """
 
 from __future__ import annotations

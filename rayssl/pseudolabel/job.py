@@ -2,12 +2,13 @@
 
 Pipeline: rows ``{index, id, path}`` (an image listing, or scene numbers; for tar shards,
 one row per image member with its byte range in the shard, ``offset`` and ``length``, read
-from the shards' headers) -> a task stage that reads and decodes each image and resizes it to ``grid * S`` pixels square (S = the
-CLIP input size; undecodable files are skipped and counted in ``DataStats``, as in
-training) -> ``map_batches`` over a pool of ``ClipLabeller`` actors (one GPU each when the
-cluster has GPUs) that embed the whole image (resized to S) and its ``grid x grid`` tiles
--> Parquet rows ``index, id, path, soft_label`` (+ ``global``, ``aggregated``; + ``gt`` for
-generated scenes; + ``offset``, ``length`` for tar members, which training reads again), plus ``pseudolabels.json`` (classes, settings, number of rows).
+from the shards' headers) -> a task stage that reads and decodes each image and resizes it
+to ``grid * S`` pixels square (S = the CLIP input size; undecodable files are skipped and
+counted in ``DataStats``, as in training) -> ``map_batches`` over a pool of ``ClipLabeller``
+actors (one GPU each when the cluster has GPUs) that embed the whole image (resized to S)
+and its ``grid x grid`` tiles -> Parquet rows ``index, id, path, soft_label`` (+ ``global``,
+``aggregated``; + ``gt`` for generated scenes; + ``offset``, ``length`` for tar members,
+which training reads again), plus ``pseudolabels.json`` (classes, settings, number of rows).
 
 The image is squashed to a square before it is cut, so the grid covers it all (CLIP's
 own preprocessing would centre-crop it).
@@ -81,7 +82,7 @@ def listing_table(source, stats=None):
     """The rows the job labels, each with its dense ``index``: ``{index, path}`` per image file,
     or ``{index, path, id, offset, length}`` per image of a tar shard (read from the shards'
     headers; a damaged shard gives the images before the damage and counts
-    ``skipped.unreadable_shard``). Parquet shards are refused before the job starts."""
+    ``skipped.unreadable_shard``). Parquet shards have no byte address per image: refused."""
     import pyarrow as pa
 
     from rayssl.data.sources import DataError, scan_tar_shards, translate_errors
@@ -89,6 +90,9 @@ def listing_table(source, stats=None):
     if source.kind == "images":
         paths = list(source.paths)
         return pa.table({"index": pa.array(np.arange(len(paths), dtype=np.int64)), "path": pa.array(paths)})
+    if source.kind != "webdataset":
+        raise DataError(f"--data: {source.uri} holds {source.kind} shards; the labelling job reads image files, "
+                        "uncompressed webdataset .tar shards or 'scenes'")
     with translate_errors(source.uri, source.options, "read"):
         rows, damaged = scan_tar_shards(source.fs, source.paths)
     if damaged and stats is not None:
@@ -177,7 +181,6 @@ def actor_resources(cluster: dict, num_actors: int, use_gpu: bool | None) -> tup
 
 def run_job(args, classes: list[str], source, stats_cls=None) -> dict:
     """Build and run the job, write Parquet + meta, return the summary (see ``__main__``)."""
-
     from rayssl.data.pipeline import DataStats
     from rayssl.data.scenes import split_seed
     from rayssl.pseudolabel.clip import load_clip
