@@ -147,20 +147,21 @@ def resolve_config(args: argparse.Namespace) -> Config:
     preset = resolve_preset(args.preset, source, method)
     raw = deep_merge(deep_merge(preset, file_cfg), overrides)
     raw.setdefault("run", {})["method"] = method
-    cfg = Config.from_dict(raw)
-    _absolute_local_paths(cfg)
-    return cfg
+    return _config_from(raw)
 
 
-def _absolute_local_paths(cfg: Config) -> None:
-    """Local paths the training workers open themselves, made absolute: Ray's workers do not
-    run in the shell's directory, so ``--pseudo-labels runs/labels`` would not resolve there."""
+def _config_from(raw: dict) -> Config:
+    """The Config the CLI runs, fresh or resumed: local paths the training workers open
+    themselves are made absolute, since Ray's workers do not run in the shell's directory
+    (``--pseudo-labels runs/labels`` would not resolve there)."""
     import os
 
+    cfg = Config.from_dict(raw)
     for key in ("pseudo_labels", "store_dir"):
         value = getattr(cfg.method, key, "")
         if value and "://" not in value:
             setattr(cfg.method, key, os.path.abspath(os.path.expanduser(value)))
+    return cfg
 
 
 def default_output(method: str) -> str:
@@ -185,9 +186,7 @@ def prepare_output(cfg: Config, args: argparse.Namespace) -> Config:
         raw = deep_merge(base, _flag_overrides(args))
         raw["run"]["resume"] = True
         raw["run"]["output"] = cfg.run.output
-        resumed = Config.from_dict(raw)
-        _absolute_local_paths(resumed)  # a flag given again on --resume is as relative as the first time
-        return resumed
+        return _config_from(raw)  # a flag given again on --resume is as relative as the first time
     if exists(stored):
         if not exists(f"{cfg.run.output.rstrip('/')}/{SNAPSHOT_FILE}"):
             raise ConfigError(

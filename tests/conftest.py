@@ -39,6 +39,47 @@ def tiny_args(output, *extra: str) -> list[str]:
     ]
 
 
+def make_tar(members: list[tuple[str, bytes]]) -> bytes:
+    """An uncompressed tar holding ``(name, bytes)`` members, in that order."""
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def write_scene_pseudo_labels(out, classes: list[str], soft, rows=None, size: int = 64):
+    """A labelling job's output for the training scenes (seed 0) without a CLIP: one Parquet
+    file of ``index, path, soft_label`` rows (in the order of ``rows``, default 0..N-1) and
+    its ``pseudolabels.json``. Returns ``out``."""
+    import json
+    from pathlib import Path
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from rayssl.data.scenes import split_seed
+    from rayssl.pseudolabel.store import META_FILE
+
+    out, n = Path(out), len(soft)
+    rows = np.arange(n) if rows is None else np.asarray(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"index": rows, "path": [""] * n,
+                             "soft_label": pa.array(list(soft[rows]), pa.list_(pa.float32()))}),
+                   out / "part-0.parquet")
+    (out / META_FILE).write_text(json.dumps({
+        "classes": list(classes), "num_rows": n,
+        "source": {"kind": "scenes", "uri": "scenes", "seed": split_seed(0, "train"), "size": size,
+                   "num_images": n}}))
+    return out
+
+
 # ----------------------------------------------------------------------------- secrets
 
 

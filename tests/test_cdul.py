@@ -302,21 +302,16 @@ def test_labelling_listing_of_compressed_tars_says_why_it_is_empty(tmp_path):
     """A gzip-compressed tar has no byte range per member: the listing finds nothing and says
     what the job needs, instead of labelling zero images."""
     import gzip
-    import io
-    import tarfile
 
+    from conftest import make_tar
     from rayssl.data.sources import DataError, resolve_source
     from rayssl.pseudolabel.job import listing_table
 
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tf:
-        info = tarfile.TarInfo("000.png")
-        info.size = 4
-        tf.addfile(info, io.BytesIO(b"\x89PNG"))
-    (tmp_path / "train-000000.tar").write_bytes(gzip.compress(buf.getvalue()))
+    tar = make_tar([("000.png", b"\x89PNG")])
+    (tmp_path / "train-000000.tar").write_bytes(gzip.compress(tar))
     with pytest.raises(DataError, match="needs uncompressed tars"):
         listing_table(resolve_source(str(tmp_path)))
-    (tmp_path / "train-000000.tar").write_bytes(buf.getvalue())
+    (tmp_path / "train-000000.tar").write_bytes(tar)
     table = listing_table(resolve_source(str(tmp_path)))
     assert table.to_pydict() == {"index": [0], "path": [str(tmp_path / "train-000000.tar")], "id": ["000"],
                                  "offset": [512], "length": [4]}

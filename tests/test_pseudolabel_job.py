@@ -178,29 +178,16 @@ def test_pseudolabel_job_reads_tar_shards_by_byte_range(ray_session, tiny_clip, 
 def test_training_order_does_not_depend_on_the_labelling_jobs_row_order(ray_session, tmp_path):
     """Two labelling outputs with the same rows written in different orders (the job's actors
     write in whatever order they finish) give the same training stream for the same seed."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     from ray.data import DataContext
 
+    from conftest import write_scene_pseudo_labels
     from rayssl.data.indexed import build_indexed_train_data
-    from rayssl.data.scenes import split_seed
-    from rayssl.pseudolabel.store import META_FILE
     from rayssl.train import build_parser, resolve_config
 
     n, classes = 40, CLASSES.split(",")
     soft = np.random.default_rng(0).uniform(0.05, 0.95, size=(n, len(classes))).astype(np.float32)
-    outs = []
-    for name, rows in (("ordered", np.arange(n)), ("shuffled", np.random.default_rng(1).permutation(n))):
-        out = tmp_path / name
-        out.mkdir()
-        pq.write_table(pa.table({"index": rows, "path": [""] * n,
-                                 "soft_label": pa.array(list(soft[rows]), pa.list_(pa.float32()))}),
-                       out / "part-0.parquet")
-        (out / META_FILE).write_text(json.dumps({
-            "classes": classes, "num_rows": n,
-            "source": {"kind": "scenes", "uri": "scenes", "seed": split_seed(0, "train"), "size": 32,
-                       "num_images": n}}))
-        outs.append(out)
+    outs = [write_scene_pseudo_labels(tmp_path / name, classes, soft, rows, size=32)
+            for name, rows in (("ordered", np.arange(n)), ("shuffled", np.random.default_rng(1).permutation(n)))]
     ctx = DataContext.get_current()
     before = ctx.execution_options.preserve_order
     ctx.execution_options.preserve_order = True

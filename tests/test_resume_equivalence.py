@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import write_scene_pseudo_labels
 from rayssl import train
 from rayssl.checkpoint import MANIFEST_FILE, load_rank_state, load_shared_state, verify_checkpoint_dir
 from rayssl.methods import method_names
@@ -59,21 +60,10 @@ CLASSES = ["circle", "square", "triangle", "star"]
 def pseudo_labels(tmp_path_factory) -> Path:
     """A labelling job's output for the training scenes, with seeded soft labels."""
     import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    from rayssl.data.scenes import split_seed
-    from rayssl.pseudolabel.store import META_FILE
-
-    out = tmp_path_factory.mktemp("labels")
     soft = np.random.default_rng(0).uniform(0.05, 0.95, size=(NUM_IMAGES, len(CLASSES))).astype(np.float32)
-    pq.write_table(pa.table({"index": np.arange(NUM_IMAGES), "path": [""] * NUM_IMAGES,
-                             "soft_label": pa.array(list(soft), pa.list_(pa.float32()))}), out / "part-0.parquet")
-    (out / META_FILE).write_text(json.dumps({
-        "classes": CLASSES, "num_rows": NUM_IMAGES,
-        "source": {"kind": "scenes", "uri": "scenes", "seed": split_seed(0, "train"), "size": 64,
-                   "num_images": NUM_IMAGES}}))
-    return out
+    return write_scene_pseudo_labels(tmp_path_factory.mktemp("labels"), CLASSES, soft)
+
 
 def _args(method: str, out: Path) -> list[str]:
     return ["--output", str(out), "--method", method, "--num-workers", "2", "--batch-size", str(BATCH),

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import tiny_args
+from conftest import make_tar, tiny_args
 from rayssl import storage, train
 from rayssl.data import shards
 from rayssl.data.sources import (
@@ -75,16 +75,6 @@ def _tiny(output, data, *extra):
                      "--set", "swav.num_prototypes=16", "--set", "eval.num_test_images=0", *extra)
 
 
-def _tar(members: list[tuple[str, bytes]]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
 # ----------------------------------------------------------------------------- no Ray
 
 
@@ -100,7 +90,7 @@ def test_brace_expansion():
 
 
 def test_tar_reading_groups_members_by_key_and_streams():
-    data = _tar([("d/000.png", b"img0"), ("d/000.json", b"{}"), ("d/001.cls", b"3"),
+    data = make_tar([("d/000.png", b"img0"), ("d/000.json", b"{}"), ("d/001.cls", b"3"),
                  ("d/001.jpg", b"img1"), ("d/001.png", b"second image of 001"), ("d/002.txt", b"no image")])
     assert list(iter_tar_images(io.BytesIO(data))) == [("000", b"img0"), ("001", b"img1")]
     samples = list(iter_tar_samples(io.BytesIO(data)))
@@ -162,9 +152,9 @@ def test_resolve_kinds_and_clear_errors(s3_endpoint, bucket):
     opts = S3Options(endpoint=s3_endpoint)
     fs.pipe({f"{bucket}/kinds/img/a/{i}.png": _image(i) for i in range(3)})
     fs.pipe(f"{bucket}/kinds/img/labels.csv", b"id,classes\n0,x\n")  # ignored: not an image
-    fs.pipe({f"{bucket}/kinds/tar/train-{i:03d}.tar": _tar([(f"{i}.png", _image(i))]) for i in range(3)})
+    fs.pipe({f"{bucket}/kinds/tar/train-{i:03d}.tar": make_tar([(f"{i}.png", _image(i))]) for i in range(3)})
     fs.pipe(f"{bucket}/kinds/mixed/x.png", _image(0))
-    fs.pipe(f"{bucket}/kinds/mixed/y.tar", _tar([]))
+    fs.pipe(f"{bucket}/kinds/mixed/y.tar", make_tar([]))
 
     src = resolve_source(f"s3://{bucket}/kinds/img", opts)
     assert src.kind == "images" and len(src.paths) == 3 and all(p.endswith(".png") for p in src.paths)
@@ -204,8 +194,8 @@ def test_tar_members_on_s3_are_fetched_by_byte_range(s3_endpoint, bucket):
     fs = _fs(s3_endpoint)
     images = {f"{i:03d}": _image(7 + i, size=24) for i in range(5)}
     keys = list(images)
-    fs.pipe(f"{bucket}/ranged/a.tar", _tar([(f"{k}.png", images[k]) for k in keys[:3]]))
-    fs.pipe(f"{bucket}/ranged/b.tar", _tar([(f"{k}.png", images[k]) for k in keys[3:]] + [("bad.png", b"junk")]))
+    fs.pipe(f"{bucket}/ranged/a.tar", make_tar([(f"{k}.png", images[k]) for k in keys[:3]]))
+    fs.pipe(f"{bucket}/ranged/b.tar", make_tar([(f"{k}.png", images[k]) for k in keys[3:]] + [("bad.png", b"junk")]))
     fs.pipe(f"{bucket}/ranged/c.tar", b"not a tar at all" * 100)
     paths = [f"{bucket}/ranged/{n}.tar" for n in "abc"]
     rows, damaged = scan_tar_shards(fs, paths)

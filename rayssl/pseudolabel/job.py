@@ -85,6 +85,7 @@ def listing_table(source, stats=None):
     ``skipped.unreadable_shard``). Parquet shards have no byte address per image: refused."""
     import pyarrow as pa
 
+    from rayssl.data.pipeline import _report
     from rayssl.data.sources import DataError, scan_tar_shards, translate_errors
 
     if source.kind == "images":
@@ -95,8 +96,8 @@ def listing_table(source, stats=None):
                         "uncompressed webdataset .tar shards or 'scenes'")
     with translate_errors(source.uri, source.options, "read"):
         rows, damaged = scan_tar_shards(source.fs, source.paths)
-    if damaged and stats is not None:
-        stats.add.remote({"skipped.unreadable_shard": damaged})
+    if damaged:
+        _report(stats, Counter({"skipped.unreadable_shard": damaged}))
     if not rows:
         raise DataError(f"--data: {source.uri}: no image members found in its {len(source.paths)} tar shard(s) "
                         f"({damaged} unreadable); the labelling job needs uncompressed tars, since it "
