@@ -527,9 +527,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         if started_ray:
             _shutdown_ray()
     print(f"[rayssl] checkpoint: {summary['checkpoint']}", file=sys.stderr)
+    note = baseline_note(summary, cfg.data.builtin_scenes)
+    if note:
+        print(note, file=sys.stderr)
     sys.stdout.flush()
     print(json.dumps(summary), flush=True)
     return 0
+
+
+def baseline_note(summary: dict, builtin_scenes: bool) -> str | None:
+    """A line for a run whose evaluation did not beat its random-init backbone, else None.
+
+    A user who sees the trained score below the untrained one may take it for a broken
+    install; say what it means instead of leaving the two numbers to speak for themselves.
+    """
+    metric = summary.get("metric")
+    score, baseline = summary.get(metric), summary.get(f"{metric}_random_init")
+    if score is None or baseline is None or score > baseline:
+        return None
+    line = f"[rayssl] note: {metric} {score:.3f} is not above the random-init backbone's {baseline:.3f}"
+    if builtin_scenes and summary.get("method") == "swav":
+        return (line + ". On the built-in scenes within the default budget this is what eight rounds of "
+                "measurement found for SwAV (README, 'Measured'); the install is not broken")
+    return line + ": the backbone has not yet learned features this metric rewards; train for longer"
 
 
 def _root_cause(exc: BaseException) -> str:

@@ -186,3 +186,15 @@ def test_labelling_job_reads_anonymously_but_never_writes_so(capsys):
         assert storage._default_s3 == storage.S3Options(endpoint="http://127.0.0.1:9", anonymous=False)
     finally:
         storage.configure_s3(before)
+
+
+def test_a_run_that_does_not_beat_random_init_says_what_that_means():
+    summary = {"method": "swav", "metric": "knn_top1", "knn_top1": 0.098, "knn_top1_random_init": 0.106}
+    scenes = train.baseline_note(summary, builtin_scenes=True)
+    assert "0.098 is not above the random-init backbone's 0.106" in scenes and "Measured" in scenes
+    own_data = train.baseline_note(summary, builtin_scenes=False)
+    assert "train for longer" in own_data and "Measured" not in own_data
+    assert "Measured" not in train.baseline_note({**summary, "method": "moco"}, builtin_scenes=True)
+    # Nothing to explain when it wins, or when there was no baseline to compare with.
+    assert train.baseline_note({**summary, "knn_top1": 0.12}, builtin_scenes=True) is None
+    assert train.baseline_note({"method": "swav", "metric": "knn_top1", "knn_top1": 0.1}, True) is None
