@@ -5,7 +5,7 @@
 
 The training summary reports kNN top-1 of the *dominant shape* on held-out scenes. When that
 number does not move, this asks what the backbone did learn: the same weighted cosine kNN
-(k, T = 0.07, as in training's evaluation) on five attributes of the same held-out scenes,
+(k, T = 0.07, as in training's evaluation) on seven attributes of the same held-out scenes,
 for each checkpoint given and for a random-init backbone of the same architecture (torch
 seed ``--seed``):
 
@@ -14,6 +14,8 @@ seed ``--seed``):
     objects     how many objects the scene holds (1-4)
     brightness  the image's mean brightness, by quartile of the training set (4)
     hue         the hue of the image's mean colour, in sixths of the circle (6)
+    place       the dominant object's centre, in a 3 x 3 grid over the image (9)
+    size        the dominant object's radius, by tercile of the training set (3)
 
 An attribute that falls from random init towards chance is one the training made the
 features invariant to; one that rises is one it learned. Single process, pure PyTorch (no
@@ -36,7 +38,7 @@ from rayssl.data.scenes import COLOURS
 from rayssl.eval.features import extract_features, scenes_eval_sets
 from rayssl.eval.knn import knn_top1
 
-ATTRIBUTES = ("shape", "colour", "objects", "brightness", "hue")
+ATTRIBUTES = ("shape", "colour", "objects", "brightness", "hue", "place", "size")
 _COLOUR_INDEX = {name: i for i, name in enumerate(COLOURS)}
 
 
@@ -52,17 +54,22 @@ def _caption_objects(caption: str) -> list[tuple[str, str]]:
     return out
 
 
-def attribute_labels(scenes: dict, brightness_edges: np.ndarray) -> dict[str, torch.Tensor]:
-    """(N,) int64 labels of every attribute for a ``generate_batch`` dict."""
+def attribute_labels(scenes: dict, edges: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """(N,) int64 labels of every attribute for a ``generate_batch`` dict; ``edges`` from
+    ``quantile_edges`` of the training set."""
     objects = [_caption_objects(str(c)) for c in scenes["caption"]]
     mean_rgb = _mean_rgb(scenes)
+    place = np.asarray(scenes["place"], dtype=np.float64)
+    cell = np.clip((place[:, :2] * 3).astype(np.int64), 0, 2)  # (column, row) of the centre
     hue = [int(colorsys.rgb_to_hsv(*rgb)[0] * 6) % 6 for rgb in mean_rgb]
     return {
         "shape": torch.from_numpy(np.asarray(scenes["label"], dtype=np.int64)),
         "colour": torch.tensor([_COLOUR_INDEX[o[0][0]] for o in objects]),
         "objects": torch.tensor([len(o) - 1 for o in objects]),
-        "brightness": torch.from_numpy(np.digitize(mean_rgb.mean(axis=1), brightness_edges).astype(np.int64)),
+        "brightness": torch.from_numpy(np.digitize(mean_rgb.mean(axis=1), edges["brightness"]).astype(np.int64)),
         "hue": torch.tensor(hue),
+        "place": torch.from_numpy(cell[:, 1] * 3 + cell[:, 0]),
+        "size": torch.from_numpy(np.digitize(place[:, 2], edges["size"]).astype(np.int64)),
     }
 
 
@@ -71,8 +78,10 @@ def _mean_rgb(scenes: dict) -> np.ndarray:
     return scenes["image"].reshape(len(scenes["image"]), -1, 3).mean(axis=1) / 255.0
 
 
-def brightness_quartiles(scenes: dict) -> np.ndarray:
-    return np.quantile(_mean_rgb(scenes).mean(axis=1), [0.25, 0.5, 0.75])
+def quantile_edges(scenes: dict) -> dict[str, np.ndarray]:
+    """Brightness quartiles and dominant-radius terciles of ``scenes`` (the training set)."""
+    return {"brightness": np.quantile(_mean_rgb(scenes).mean(axis=1), [0.25, 0.5, 0.75]),
+            "size": np.quantile(np.asarray(scenes["place"])[:, 2], [1 / 3, 2 / 3])}
 
 
 def probe(backbone: torch.nn.Module, sets: tuple[dict, dict], labels: tuple[dict, dict], size: int,
@@ -107,7 +116,7 @@ def main(argv=None) -> int:
         p.error(f"the checkpoints differ in image size {sorted(sizes)} or backbone {sorted(archs)}; probe them separately")
     size, (arch, small_stem) = sizes.pop(), archs.pop()
     sets = scenes_eval_sets(a.seed, size, a.num_train, a.num_test)
-    edges = brightness_quartiles(sets[0])
+    edges = quantile_edges(sets[0])
     labels = (attribute_labels(sets[0], edges), attribute_labels(sets[1], edges))
     chance = {name: round(float(np.bincount(labels[1][name].numpy()).max() / a.num_test), 4) for name in ATTRIBUTES}
 

@@ -24,7 +24,7 @@ _spec.loader.exec_module(fp)
 
 def test_labels_agree_with_the_generators_columns():
     scenes = generate_batch(range(200), seed=3, size=32)
-    edges = fp.brightness_quartiles(scenes)
+    edges = fp.quantile_edges(scenes)
     labels = fp.attribute_labels(scenes, edges)
     colours = list(COLOURS)
     for i in range(200):
@@ -40,6 +40,16 @@ def test_labels_agree_with_the_generators_columns():
     assert np.bincount(labels["brightness"].numpy(), minlength=4).tolist() == [50, 50, 50, 50]
     assert set(labels["hue"].tolist()) <= set(range(6))
     assert len(set(labels["objects"].tolist())) == 4 and len(set(labels["colour"].tolist())) > 5
+    # The dominant object's place: drawn in relative units, so the same at every size; inside
+    # the generator's ranges; its grid cell and radius tercile follow from it.
+    place = scenes["place"].astype(np.float64)
+    assert np.array_equal(place, generate_batch(range(200), seed=3, size=64)["place"].astype(np.float64))
+    x, y, r = place.T
+    assert ((0.18 <= r) & (r <= 0.26)).all()
+    assert ((0.9 * r - 1e-6 <= x) & (x <= 1 - 0.9 * r + 1e-6) & (0.9 * r - 1e-6 <= y) & (y <= 1 - 0.9 * r + 1e-6)).all()
+    cells = [int(3 * y[i]) * 3 + int(3 * x[i]) for i in range(200)]
+    assert labels["place"].tolist() == cells and len(set(cells)) == 9
+    assert sorted(np.bincount(labels["size"].numpy(), minlength=3).tolist()) == [66, 67, 67]
 
 
 def test_caption_parts_that_do_not_parse_are_refused():
@@ -59,7 +69,7 @@ class BrightnessOnly(torch.nn.Module):
 
 def test_the_probe_finds_what_the_features_encode_and_nothing_else():
     sets = scenes_eval_sets(0, 32, 400, 200)
-    edges = fp.brightness_quartiles(sets[0])
+    edges = fp.quantile_edges(sets[0])
     labels = (fp.attribute_labels(sets[0], edges), fp.attribute_labels(sets[1], edges))
     got = fp.probe(BrightnessOnly(), sets, labels, 32, k=10)
     assert set(got) == set(fp.ATTRIBUTES)

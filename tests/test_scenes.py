@@ -153,7 +153,8 @@ def test_objects_use_distinct_colours(many):
 def test_generate_batch_columns(many):
     idx = np.arange(20, 30)
     batch = generate_batch(idx, seed=0, size=32)
-    assert set(batch) == {"key", "image", "label", "labels", "caption"}
+    assert set(batch) == {"key", "image", "label", "labels", "caption", "place"}
+    assert batch["place"].dtype == np.float32 and batch["place"].shape == (10, 3)
     assert batch["image"].shape == (10, 32, 32, 3) and batch["image"].dtype == np.uint8
     assert batch["label"].dtype == np.int64 and batch["label"].shape == (10,)
     assert batch["labels"].dtype == np.uint8 and batch["labels"].shape == (10, len(SHAPES))
@@ -164,6 +165,7 @@ def test_generate_batch_columns(many):
         assert SHAPES[batch["label"][j]] == s.dominant
         assert {SHAPES[c] for c in np.flatnonzero(batch["labels"][j])} == set(s.classes)
         assert batch["caption"][j] == s.caption
+        assert np.allclose(batch["place"][j], s.dominant_place)
     assert batch["labels"][np.arange(10), batch["label"]].all()
 
 

@@ -189,12 +189,15 @@ class Scene:
         classes: sorted unique class names of the objects present (1-4 names).
         dominant: class of the object with the largest area; always in ``classes``.
         caption: e.g. "a red star, a green cross and a blue ring" (dominant first).
+        dominant_place: the dominant object's centre x, centre y and bounding radius, as
+            fractions of the side (for probes of what features encode besides shape).
     """
 
     image: np.ndarray
     classes: tuple[str, ...]
     dominant: str
     caption: str
+    dominant_place: tuple[float, float, float]
 
 
 @dataclass(frozen=True)
@@ -397,6 +400,7 @@ def generate_scene(index: int, seed: int = 0, size: int = 64) -> Scene:
         classes=tuple(sorted(o.shape for o in objects)),
         dominant=objects[0].shape,
         caption=_caption(objects),
+        dominant_place=(objects[0].cx / side, objects[0].cy / side, objects[0].radius / side),
     )
 
 
@@ -412,19 +416,23 @@ def generate_batch(indices: Iterable[int], seed: int = 0, size: int = 64) -> dic
           "image": (N, size, size, 3) uint8;
           "label": (N,) int64, index of the dominant class in ``SHAPES``;
           "labels": (N, len(SHAPES)) uint8 multi-hot of the classes present;
-          "caption": (N,) str.
+          "caption": (N,) str;
+          "place": (N, 3) float32, the dominant object's centre x, y and radius as fractions
+          of the side.
     """
     idx = [int(i) for i in np.asarray(list(indices), dtype=np.int64).reshape(-1)]
     n = len(idx)
     images = np.empty((n, size, size, 3), dtype=np.uint8)
     label = np.empty(n, dtype=np.int64)
     labels = np.zeros((n, len(SHAPES)), dtype=np.uint8)
+    place = np.empty((n, 3), dtype=np.float32)
     captions, keys = [], []
     for j, i in enumerate(idx):
         scene = generate_scene(i, seed=seed, size=size)
         images[j] = scene.image
         label[j] = _SHAPE_INDEX[scene.dominant]
         labels[j, [_SHAPE_INDEX[c] for c in scene.classes]] = 1
+        place[j] = scene.dominant_place
         captions.append(scene.caption)
         keys.append(f"scene-{int(seed)}-{i}")
     return {
@@ -433,6 +441,7 @@ def generate_batch(indices: Iterable[int], seed: int = 0, size: int = 64) -> dic
         "label": label,
         "labels": labels,
         "caption": np.asarray(captions, dtype=str),
+        "place": place,
     }
 
 
