@@ -547,8 +547,8 @@ def baseline_note(summary: dict, builtin_scenes: bool) -> str | None:
         return None
     line = f"[rayssl] note: {metric} {score:.3f} is not above the random-init backbone's {baseline:.3f}"
     if builtin_scenes and summary.get("method") == "swav":
-        return (line + ". On the built-in scenes within the default budget this is what eight rounds of "
-                "measurement found for SwAV (README, 'Measured'); the install is not broken")
+        return (line + ". On the built-in scenes within the default budget this is what every recipe "
+                "tried so far gave for SwAV (README, 'Measured'); the install is not broken")
     return line + ": the backbone has not yet learned features this metric rewards; train for longer"
 
 
