@@ -57,7 +57,6 @@ def write_scene_pseudo_labels(out, classes: list[str], soft, rows=None, size: in
     """A labelling job's output for the training scenes (seed 0) without a CLIP: one Parquet
     file of ``index, path, soft_label`` rows (in the order of ``rows``, default 0..N-1) and
     its ``pseudolabels.json``. Returns ``out``."""
-    import json
     from pathlib import Path
 
     import numpy as np
@@ -65,7 +64,7 @@ def write_scene_pseudo_labels(out, classes: list[str], soft, rows=None, size: in
     import pyarrow.parquet as pq
 
     from rayssl.data.scenes import split_seed
-    from rayssl.pseudolabel.store import META_FILE
+    from rayssl.pseudolabel.store import scenes_source, write_meta
 
     out, n = Path(out), len(soft)
     rows = np.arange(n) if rows is None else np.asarray(rows)
@@ -73,10 +72,8 @@ def write_scene_pseudo_labels(out, classes: list[str], soft, rows=None, size: in
     pq.write_table(pa.table({"index": rows, "path": [""] * n,
                              "soft_label": pa.array(list(soft[rows]), pa.list_(pa.float32()))}),
                    out / "part-0.parquet")
-    (out / META_FILE).write_text(json.dumps({
-        "classes": list(classes), "num_rows": n,
-        "source": {"kind": "scenes", "uri": "scenes", "seed": split_seed(0, "train"), "size": size,
-                   "num_images": n}}))
+    write_meta(str(out), {"classes": list(classes), "num_rows": n,
+                          "source": scenes_source(split_seed(0, "train"), size, n)})
     return out
 
 

@@ -39,7 +39,7 @@ def cdul_run(tmp_path_factory):
     from rayssl.data.scenes import generate_batch
     from rayssl.methods.cdul import CDUL
     from rayssl.pseudolabel.job import ClipLabeller, load_scenes
-    from rayssl.pseudolabel.store import META_FILE
+    from rayssl.pseudolabel.store import scenes_source, write_meta
     from rayssl.pseudolabel.tiny_clip import train_tiny_clip
 
     root = tmp_path_factory.mktemp("cdul")
@@ -53,10 +53,10 @@ def cdul_run(tmp_path_factory):
     for part, chunk in enumerate((ids[12:], ids[:12])):  # two files, not in index order (as Ray may write)
         batch = load_scenes({"id": chunk}, seed=0, size=SIZE, side=2 * labeller.clip.image_size)
         pq.write_table(labeller(batch), labels / f"part-{part}.parquet")
-    (labels / META_FILE).write_text(json.dumps({
+    write_meta(str(labels), {
         "classes": CLASSES, "template": "a photo of a {}", "grid": 2, "gamma": 0.0, "lam": 0.0,
         "clip_model": "rayssl-tiny-clip", "clip_pretrained": clip.name, "num_rows": NUM_SCENES,
-        "source": {"kind": "scenes", "uri": "scenes", "seed": 0, "size": SIZE, "num_images": NUM_SCENES}}))
+        "source": scenes_source(0, SIZE, NUM_SCENES)})
 
     cfg = Config.from_dict({
         "run": {"method": "cdul", "num_workers": 1, "batch_size": 8},

@@ -24,7 +24,6 @@ from collections import Counter
 import numpy as np
 import ray
 
-from rayssl.pseudolabel.store import META_FILE
 
 
 def _resize_square(img: np.ndarray, side: int) -> np.ndarray:
@@ -185,6 +184,7 @@ def run_job(args, classes: list[str], source, stats_cls=None) -> dict:
     from rayssl.data.pipeline import DataStats
     from rayssl.data.scenes import split_seed
     from rayssl.pseudolabel.clip import load_clip
+    from rayssl.pseudolabel.store import scenes_source, write_meta
     from rayssl.storage import filesystem, pyarrow_filesystem, write_text
 
     t0 = time.perf_counter()
@@ -199,7 +199,7 @@ def run_job(args, classes: list[str], source, stats_cls=None) -> dict:
             load_scenes, batch_size=args.batch_size,
             fn_kwargs={"seed": seed, "size": args.scenes_size, "side": side, "stats": stats,
                        "classes": classes})
-        meta_source = {"kind": "scenes", "uri": "scenes", "seed": seed, "size": args.scenes_size, "num_images": n}
+        meta_source = scenes_source(seed, args.scenes_size, n)
         num_rows = n
     else:
         table = listing_table(source, stats)
@@ -230,7 +230,7 @@ def run_job(args, classes: list[str], source, stats_cls=None) -> dict:
             "clip_pretrained": os.path.basename(args.clip_pretrained) if os.path.isfile(args.clip_pretrained)
             else args.clip_pretrained,
             "num_rows": num_rows, "source": meta_source}
-    write_text(f"{args.out.rstrip('/')}/{META_FILE}", json.dumps(meta, indent=1))
+    write_meta(args.out, meta)
     counts = ray.get(stats.get.remote())
     by_actor = {k: v for k, v in counts.items() if k.startswith("labeller.")}
     summary = {"out": args.out, "classes": len(classes), "num_actors": args.num_actors,

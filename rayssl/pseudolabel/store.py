@@ -117,6 +117,18 @@ class LabelStore:
 # ----------------------------------------------------------------------------- Parquet
 
 
+def scenes_source(seed: int, size: int, num_images: int) -> dict:
+    """The meta's ``source`` for generated scenes: what training needs to re-generate them."""
+    return {"kind": "scenes", "uri": "scenes", "seed": int(seed), "size": int(size), "num_images": int(num_images)}
+
+
+def write_meta(uri: str, meta: dict, options=None) -> None:
+    """Write the side file ``read_meta`` reads (whole or not at all)."""
+    from rayssl.storage import write_text
+
+    write_text(f"{uri.rstrip('/')}/{META_FILE}", json.dumps(meta, indent=1), options)
+
+
 def read_meta(uri: str, options=None) -> dict:
     """The side file the labelling job writes next to its Parquet files."""
     from rayssl.storage import exists, read_text
