@@ -3,10 +3,7 @@ probe that must find the one attribute a hand-built feature encodes."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,11 +12,9 @@ import torch
 from rayssl.data.scenes import COLOURS, SHAPES, generate_batch
 from rayssl.eval.features import scenes_eval_sets
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "feature_probes.py"
-_spec = importlib.util.spec_from_file_location("feature_probes", _PATH)
-fp = importlib.util.module_from_spec(_spec)
-sys.modules["feature_probes"] = fp
-_spec.loader.exec_module(fp)
+from benchmarks_loader import load_benchmark
+
+fp = load_benchmark("feature_probes")
 
 
 def test_labels_agree_with_the_generators_columns():

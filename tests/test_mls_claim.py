@@ -6,19 +6,15 @@ finished run leaves (config.yaml, summary.json) and prints its JSON summary.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "mls_claim.py"
-_spec = importlib.util.spec_from_file_location("mls_claim", _PATH)
-mls_claim = importlib.util.module_from_spec(_spec)
-sys.modules["mls_claim"] = mls_claim
-_spec.loader.exec_module(mls_claim)
+from benchmarks_loader import load_benchmark
+
+mls_claim = load_benchmark("mls_claim")
 
 # Scores a fake run reports, by (method, seed).
 SCORES = {("moco", 0): 0.31, ("mls", 0): 0.35, ("moco", 1): 0.33, ("mls", 1): 0.32,
