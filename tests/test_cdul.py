@@ -211,16 +211,20 @@ def test_cli_refuses_cdul_without_pseudo_labels(capsys):
 
 @pytest.mark.parametrize("preset_args", [[], ["--preset", "paper", "--data", "/data/images"]])
 def test_cdul_presets_keep_only_the_first_crop_group(preset_args):
-    """CDUL classifies the large views only: its presets keep the first crop group that SwAV
-    gets under the same preset, instead of augmenting small crops nobody reads."""
+    """CDUL classifies the large views only: its presets keep the first crop group of the
+    preset's shared data section, instead of augmenting small crops nobody reads."""
+    import dataclasses
+
+    from rayssl.config import DataSection
+    from rayssl.presets import PRESETS
     from rayssl.train import build_parser, resolve_config
 
     cdul = resolve_config(build_parser().parse_args(["--method", "cdul", "--pseudo-labels", "s3://b/l",
                                                      *preset_args])).data
-    swav = resolve_config(build_parser().parse_args(["--method", "swav", *preset_args])).data
-    assert len(swav.crop_sizes) == 2  # the preset itself has small crops
+    shared = {**dataclasses.asdict(DataSection()), **PRESETS["paper" if preset_args else "quick"].get("data", {})}
+    assert len(shared["crop_sizes"]) == 2  # the preset itself has small crops
     for key in ("crop_sizes", "crop_counts", "min_scale", "max_scale"):
-        assert getattr(cdul, key) == getattr(swav, key)[:1], key
+        assert list(getattr(cdul, key)) == list(shared[key][:1]), key
 
 
 def test_cdul_refuses_crop_groups_it_would_not_use(capsys):
