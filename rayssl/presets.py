@@ -53,8 +53,8 @@ _MLS_QUICK = {
 # SwAV's default run: 32 px scenes through the small-image stem (3x3 stride-1 conv, no
 # max-pool), 4 epochs. With the standard stem on 64 px scenes a 32 px crop is 1 x 1 at
 # layer4 and SwAV ended below its random init on every recipe tried (README, "Measured");
-# with the small stem its kNN ended above its own random init on 3 of 4 seeds (mean +0.020)
-# at 128 steps (benchmarks/swav_trials.py). The small stem costs about 2.7x a step, so
+# with the small stem its kNN ended above its own random init on 6 of 8 seeds (mean +0.016,
+# s.e. 0.007) at 128 steps (benchmarks/swav_trials.py). The small stem costs about 2.7x a step, so
 # the run is 4 epochs, not 8, to stay within 10 minutes on 2 CPU cores.
 _SWAV_QUICK = {
     "run": {"epochs": 4},
