@@ -30,22 +30,21 @@ import time
 import numpy as np
 import torch
 
-from rayssl.config import Config, deep_merge, parse_assignment
-from rayssl.data.multicrop import multicrop_batch, sample_generators
-from rayssl.data.pipeline import crop_spec
+from rayssl.config import Config
+from rayssl.data.multicrop import crop_spec, multicrop_batch, sample_generators
 from rayssl.data.scenes import generate_batch, split_seed
 from rayssl.eval.features import evaluate_on_scenes, scenes_eval_sets, to_float_images
-from rayssl.loop import Schedule, build_optimizer
+from rayssl.loop import Schedule, build_optimizer, checked_forward
 from rayssl.methods.swav import SwAV
-from rayssl.presets import resolve_preset
+from rayssl.train import build_parser, resolve_config
 
 
 def build_config(assignments: list[str], seed: int) -> Config:
-    raw = resolve_preset("quick", "scenes", "swav")
+    """The Config ``python -m rayssl.train --seed SEED --set ...`` would run, on one worker."""
+    argv = ["--method", "swav", "--seed", str(seed), "--num-workers", "1"]
     for text in assignments:
-        raw = deep_merge(raw, parse_assignment(text))
-    raw = deep_merge(raw, {"run": {"method": "swav", "seed": seed, "num_workers": 1}})
-    return Config.from_dict(raw)
+        argv += ["--set", text]
+    return resolve_config(build_parser().parse_args(argv))
 
 
 def run_seed(cfg: Config, eval_every: int, n_train: int, n_test: int, device: str) -> dict:
@@ -77,18 +76,20 @@ def run_seed(cfg: Config, eval_every: int, n_train: int, n_test: int, device: st
                                  channels_last=device != "cpu") for c in range(spec.num_crops)]
         for g in opt.param_groups:
             g["lr"] = schedule(step)
-        loss, _ = model(crops, epoch=epoch, step=step)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"seed {seed}: loss is {loss.item()} at step {step}")
+        evaluate = (step + 1) % eval_every == 0 or step + 1 == steps
+        # As rayssl.loop does: the loss is checked every step on CPU, on a GPU only when the
+        # host reads it anyway (here: at evaluations), so a step costs no extra device sync.
+        loss, _ = checked_forward(model, crops, epoch=epoch, step=step, method_name="swav",
+                                  check_loss=device == "cpu" or evaluate)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         model.after_backward(step)
         opt.step()
-        losses.append(loss.item())
-        if (step + 1) % eval_every == 0 or step + 1 == steps:
+        losses.append(loss.detach())
+        if evaluate:
             knn = evaluate_on_scenes("knn_top1", model.backbone, sets, size, device)
             model.train()
-            curve.append({"step": step + 1, "loss": round(float(np.mean(losses[-eval_every:])), 4),
+            curve.append({"step": step + 1, "loss": round(torch.stack(losses[-eval_every:]).mean().item(), 4),
                           "knn_top1": round(knn, 4)})
             print(f"seed {seed} step {step + 1}/{steps}: loss {curve[-1]['loss']:.4f} kNN {knn:.3f} "
                   f"(random init {base:.3f}; {time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)

@@ -261,7 +261,7 @@ def _pipeline_batches(cfg, data, device: torch.device, batch: int, channels_last
     aug = None
     if cfg.data.augment_on == "device":
         from rayssl.data.gpu_augment import DeviceMultiCrop, device_crop_batches
-        from rayssl.data.pipeline import crop_spec
+        from rayssl.data.multicrop import crop_spec
 
         aug = DeviceMultiCrop(crop_spec(cfg), device, channels_last=channels_last)
     epoch = 0

@@ -190,7 +190,7 @@ def train_loop_per_worker(payload: dict) -> None:
     device_augment = None
     if cfg.data.augment_on == "device":
         from rayssl.data.gpu_augment import DeviceMultiCrop
-        from rayssl.data.pipeline import crop_spec
+        from rayssl.data.multicrop import crop_spec
 
         device_augment = DeviceMultiCrop(crop_spec(cfg), device, channels_last=channels_last)
     last_loss = float("nan")

@@ -50,3 +50,18 @@ def test_a_tiny_run_reports_its_own_random_init_and_a_curve(capsys):
     expected = evaluate_on_scenes("knn_top1", net, scenes_eval_sets(3, 32, 60, 30), 32, "cpu")
     assert math.isclose(run["random_init"], round(expected, 4))
     assert out["summary"][0]["seeds"] == 1 and math.isnan(out["summary"][0]["se"])
+
+
+def test_the_harness_and_the_pure_pytorch_parts_import_no_ray():
+    """The harness is meant for a GPU machine that has torch but not Ray; losses, modules
+    and methods are pure PyTorch by design."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from benchmarks_loader import load_benchmark; "
+            "load_benchmark('swav_trials'); import rayssl.losses, rayssl.modules, rayssl.methods; "
+            "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))")
+    out = subprocess.run([sys.executable, "-c", code, str(tests)], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

@@ -32,6 +32,7 @@ __all__ = [
     "MultiCrop",
     "MultiCropSpec",
     "blur_kernel_size",
+    "crop_spec",
     "multicrop_batch",
     "sample_crop_params",
     "sample_generators",
@@ -130,6 +131,16 @@ class MultiCropSpec:
     @property
     def max_size(self) -> int:
         return int(max(self.sizes))
+
+
+def crop_spec(cfg) -> MultiCropSpec:
+    """The spec of a run's ``data`` section (the pipeline, device augmentation and the
+    single-process benchmarks all cut crops from this one)."""
+    d = cfg.data
+    return MultiCropSpec(sizes=tuple(d.crop_sizes), counts=tuple(d.crop_counts),
+                         min_scale=tuple(d.min_scale), max_scale=tuple(d.max_scale),
+                         jitter=d.color_jitter, jitter_p=d.color_jitter_p,
+                         grayscale_p=d.grayscale_p, blur_p=d.blur_p)
 
 
 class CropParams(NamedTuple):

@@ -41,7 +41,7 @@ import numpy as np
 import ray
 
 from rayssl.data.ship import ShipToDevice
-from rayssl.data.multicrop import MultiCropSpec, multicrop_batch, sample_generators, stable_key
+from rayssl.data.multicrop import MultiCropSpec, crop_spec, multicrop_batch, sample_generators, stable_key
 from rayssl.data.scenes import generate_batch, split_seed
 from rayssl.data.sources import (
     IMAGE_EXTENSIONS,
@@ -121,14 +121,6 @@ def epoch_block_order(cfg, ds):
     mode, unchanged (the seeded order the caller built), so that ``streaming_split`` hands
     every worker the same rows each run and a resumed run matches an uninterrupted one."""
     return ds if cfg.data.deterministic else ds.randomize_block_order()
-
-
-def crop_spec(cfg) -> MultiCropSpec:
-    d = cfg.data
-    return MultiCropSpec(sizes=tuple(d.crop_sizes), counts=tuple(d.crop_counts),
-                         min_scale=tuple(d.min_scale), max_scale=tuple(d.max_scale),
-                         jitter=d.color_jitter, jitter_p=d.color_jitter_p,
-                         grayscale_p=d.grayscale_p, blur_p=d.blur_p)
 
 
 def min_image_side(cfg) -> int:
