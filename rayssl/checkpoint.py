@@ -1,4 +1,4 @@
-"""The on-disk checkpoint format (pure PyTorch; Ray only moves the directory).
+"""The on-disk checkpoint format, written and read here only (pure PyTorch; Ray only moves the directory).
 
 A checkpoint directory holds:
 
@@ -13,22 +13,38 @@ A checkpoint directory holds:
   or truncated), so a half-written or damaged checkpoint is never resumed.
 
 Ray Train merges the directories that all ranks report into one checkpoint.
+
+Reading: ``load_shared_state`` / ``load_rank_state`` restore a run (the training engine);
+``load_checkpoint`` takes a checkpoint or a whole run directory (its newest *complete*
+checkpoint), local or ``s3://``, for every command that reads one (``--checkpoint`` of eval,
+export and viz; CDUL's ``init_checkpoint``). Every method stores its online backbone under the
+``backbone.`` prefix of the model state (SwAV: the network; MLS/MoCo: the query encoder, as
+MoCo's own export uses); the architecture comes from the checkpoint's stored config
+(``model.backbone``, ``model.small_stem``), never from a guess on tensor shapes.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import posixpath
 import random
+from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from rayssl.modules.backbone import build_backbone
+from rayssl.storage import S3Options, filesystem
+
 FORMAT_VERSION = 1
 MODEL_FILE = "model.pt"
 MANIFEST_FILE = "manifest.json"
+BACKBONE_PREFIX = "backbone."
 
 
 class CheckpointError(RuntimeError):
@@ -137,6 +153,7 @@ def verify_checkpoint_dir(directory: str | Path, fs=None) -> dict:
 
 
 def load_shared_state(directory: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """The shared state of the complete local checkpoint ``directory`` (rank 0's ``model.pt``)."""
     verify_checkpoint_dir(directory)
     return torch.load(Path(directory) / MODEL_FILE, map_location=map_location, weights_only=False)
 
@@ -146,3 +163,146 @@ def load_rank_state(directory: str | Path, rank: int, map_location: str | torch.
     if not p.is_file():
         return None
     return torch.load(p, map_location=map_location, weights_only=False)
+
+
+# ----------------------------------------------------------------------------- reading by URI
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A checkpoint's shared state, read on the CPU (``load_checkpoint``)."""
+
+    uri: str  # the checkpoint directory actually read
+    state: dict  # everything ``model.pt`` holds (model, optimiser, counters, config, method state)
+
+    @property
+    def method(self) -> str:
+        return self.state["method"]  # "swav" | "mls" | "moco" | ...
+
+    @property
+    def config(self) -> dict:
+        return self.state["config"]  # the run's resolved config (Config.to_dict())
+
+    @property
+    def model_state(self) -> dict:
+        return self.state["model"]  # the method module's state_dict
+
+    @property
+    def method_state(self) -> dict:
+        return self.state.get("method_state") or {}  # state outside the module (CDUL's label store)
+
+    @property
+    def epoch(self) -> int | None:
+        return self.state.get("epoch")
+
+    @property
+    def backbone_name(self) -> str:
+        return self.config["model"]["backbone"]
+
+    @property
+    def small_stem(self) -> bool:
+        return bool(self.config["model"].get("small_stem", False))
+
+    @property
+    def image_size(self) -> int:
+        """The large-crop size the backbone was trained on (the natural evaluation size)."""
+        return int(self.config["data"]["crop_sizes"][0])
+
+
+def _newest_complete(fs, run_dir: str, uri: str, flag: str) -> str:
+    try:
+        entries = fs.ls(run_dir, detail=True)
+    except (FileNotFoundError, OSError):
+        raise CheckpointError(f"{flag} {uri}: does not exist") from None
+    dirs = sorted((e["name"].rstrip("/") for e in entries
+                   if e.get("type") == "directory" and posixpath.basename(e["name"].rstrip("/")).startswith("checkpoint_")),
+                  reverse=True)
+    for d in dirs:
+        try:
+            verify_checkpoint_dir(d, fs=fs)
+            return d
+        except CheckpointError:
+            continue  # an interrupted save: try the one before it
+    if dirs:
+        raise CheckpointError(f"{flag} {uri}: none of its {len(dirs)} checkpoint_* directories is complete")
+    raise CheckpointError(f"{flag} {uri}: not a rayssl checkpoint (no manifest.json) "
+                          "and not a rayssl run (no checkpoint_* directories)")
+
+
+def resolve_checkpoint_dir(uri: str, options: S3Options | None = None,
+                           flag: str = "--checkpoint") -> tuple[object, str]:
+    """``uri`` (a checkpoint or a run directory) -> (fsspec filesystem, checkpoint dir path).
+
+    Raises CheckpointError (one line naming ``uri``) for anything that is not a complete
+    rayssl checkpoint: a missing path, a plain ``.pth`` file, a directory without a manifest.
+    """
+    fs, path = filesystem(str(uri), options)
+    path = path.rstrip("/")
+    try:
+        if fs.isfile(path):
+            raise CheckpointError(f"{flag} {uri}: is a file, not a rayssl checkpoint directory "
+                                  "(expected a directory holding model.pt and manifest.json, or a run directory)")
+        present = fs.exists(path)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - permission / credential errors from s3fs
+        raise CheckpointError(f"{flag} {uri}: cannot be read ({type(exc).__name__}: {exc})") from None
+    if not present:
+        raise CheckpointError(f"{flag} {uri}: does not exist")
+    if fs.exists(f"{path}/{MODEL_FILE}") or fs.exists(f"{path}/manifest.json"):
+        try:
+            verify_checkpoint_dir(path, fs=fs)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{flag} {uri}: {exc}") from None
+        return fs, path
+    return fs, _newest_complete(fs, path, uri, flag)
+
+
+def _read_model_file(fs, path: str, uri: str, flag: str) -> dict:
+    with fs.open(f"{path}/{MODEL_FILE}", "rb") as f:
+        data = f.read()
+    try:
+        # weights_only=False: the state holds the config and optimiser state (plain Python
+        # objects). Only load checkpoints you trust, as with any pickle.
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not ours"
+        raise CheckpointError(f"{flag} {uri}: {MODEL_FILE} is not readable by torch.load ({exc})") from None
+
+
+def load_checkpoint(uri: str, options: S3Options | None = None, flag: str = "--checkpoint") -> LoadedCheckpoint:
+    """Load a rayssl checkpoint's shared state on the CPU; CheckpointError (one line naming
+    ``flag`` and ``uri``) if it is not one.
+
+    ``uri``: a checkpoint directory or a run directory (its newest complete checkpoint), local or ``s3://``.
+    """
+    fs, path = resolve_checkpoint_dir(uri, options, flag)
+    state = _read_model_file(fs, path, uri, flag)
+    if not isinstance(state, dict) or not {"method", "model", "config"} <= set(state):
+        keys = sorted(state)[:6] if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{flag} {uri}: {MODEL_FILE} is not a rayssl checkpoint "
+                              f"(no 'method'/'model'/'config' entries; found {keys})")
+    if not any(k.startswith(BACKBONE_PREFIX) for k in state["model"]):
+        raise CheckpointError(f"{flag} {uri}: the model state holds no '{BACKBONE_PREFIX}*' weights")
+    shown = path if "://" not in str(uri) else f"{str(uri).split('://', 1)[0]}://{path}"
+    return LoadedCheckpoint(shown, state)
+
+
+def backbone_state_dict(ckpt: LoadedCheckpoint) -> "OrderedDict[str, torch.Tensor]":
+    """The online backbone's weights with torchvision's own key names (``conv1.weight``...)."""
+    n = len(BACKBONE_PREFIX)
+    return OrderedDict((k[n:], v) for k, v in ckpt.model_state.items() if k.startswith(BACKBONE_PREFIX))
+
+
+def build_frozen_backbone(ckpt: LoadedCheckpoint) -> torch.nn.Module:
+    """The checkpoint's backbone as a torchvision ResNet (``fc`` = Identity) in eval mode.
+
+    Loaded strictly: a state that does not fit the stored architecture is an error.
+    """
+    net, _ = build_backbone(ckpt.backbone_name, small_stem=ckpt.small_stem)
+    try:
+        net.load_state_dict(backbone_state_dict(ckpt), strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise CheckpointError(f"--checkpoint {ckpt.uri}: the backbone weights do not fit "
+                              f"{ckpt.backbone_name} (small_stem={ckpt.small_stem}): {first}") from None
+    return net.eval()

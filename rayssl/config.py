@@ -1,237 +1,36 @@
-"""Run configuration: one dataclass per concern, validated in ``__post_init__``.
+"""A run's whole configuration: the shared sections plus the chosen method's own section.
 
 Resolution order (later wins): dataclass defaults (the papers' settings) < preset
-(``quick`` for the built-in scenes, ``paper`` otherwise) < ``--config FILE.yaml`` <
-command-line flags. The resolved config is written next to the run's checkpoints.
-
-Every error names the key the user typed (``swav.epsilon``, ``run.batch_size``...), so it
-can be fixed without reading this file. Nothing here imports Ray or torch.
+(``quick`` for the built-in scenes, ``paper`` otherwise; ``rayssl.presets``) <
+``--config FILE.yaml`` < command-line flags < ``--set``. The resolved config is written next
+to the run's checkpoints. The shared sections and the way values are read live in
+``rayssl.sections``; each method's section lives with the method (``rayssl.methods``).
+Nothing here imports Ray.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-from dataclasses import dataclass, field, fields
-from pathlib import Path
-from typing import Any, Mapping, get_type_hints
+from dataclasses import dataclass, field
+from typing import Any, Mapping
 
 import yaml
 
-from rayssl.storage import endpoint_problem
-
-
-class ConfigError(ValueError):
-    """A configuration value a user gave is invalid; the message names the key."""
-
-
-def _check(cond: bool, key: str, msg: str) -> None:
-    if not cond:
-        raise ConfigError(f"{key}: {msg}")
-
-
-@dataclass
-class RunSection:
-    """How the run is executed: where it writes, how long, on how many workers."""
-
-    method: str = "swav"
-    output: str = ""  # local dir or s3:// URI; empty -> ./runs/<method>-<timestamp>
-    epochs: int = 100
-    batch_size: int = 256  # global, split evenly over workers
-    num_workers: int = 2
-    use_gpu: bool | None = None  # None: use GPUs when the cluster has them
-    cpus_per_worker: float | None = None  # None: sized from the cluster's CPUs
-    seed: int = 0
-    resume: bool = False
-    max_failures: int = 0
-    # A local ``output`` is a shared filesystem mounted at the same path on every node;
-    # without it a local output is refused on a multi-node cluster (checkpoints would scatter).
-    shared_output: bool = False
-    checkpoint_every_epochs: int = 1
-    keep_checkpoints: int = 2
-    log_every_steps: int = 10
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
-    # channels_last memory for convolutions on GPUs. Not used on CPU: measured here, torch's
-    # CPU channels_last backward of a ResNet-18 is off by 0.5% (relative, vs float64)
-    # where the contiguous path is off by 7e-6.
-    channels_last: bool = True
-
-    def __post_init__(self) -> None:
-        _check(self.epochs >= 1, "run.epochs", f"must be >= 1, got {self.epochs}")
-        _check(self.batch_size >= 1, "run.batch_size", f"must be >= 1, got {self.batch_size}")
-        _check(self.num_workers >= 1, "run.num_workers", f"must be >= 1, got {self.num_workers}")
-        _check(
-            self.batch_size % self.num_workers == 0,
-            "run.batch_size",
-            f"global batch {self.batch_size} is not divisible by num_workers {self.num_workers}",
-        )
-        _check(
-            self.cpus_per_worker is None or self.cpus_per_worker > 0,
-            "run.cpus_per_worker",
-            f"must be > 0, got {self.cpus_per_worker}",
-        )
-        _check(self.max_failures >= -1, "run.max_failures", "must be >= 0 (or -1 for unlimited)")
-        _check(self.checkpoint_every_epochs >= 1, "run.checkpoint_every_epochs", "must be >= 1")
-        _check(self.keep_checkpoints >= 1, "run.keep_checkpoints", "must be >= 1")
-        _check(self.log_every_steps >= 1, "run.log_every_steps", "must be >= 1")
-        _check(
-            self.precision in ("auto", "fp32", "bf16"),
-            "run.precision",
-            f"must be one of auto, fp32, bf16; got {self.precision!r}",
-        )
-
-
-@dataclass
-class DataSection:
-    """What is read and how each image becomes crops."""
-
-    source: str = "scenes"  # "scenes" (built-in) or a local folder / URI of images
-    scenes_num_images: int = 2048
-    scenes_image_size: int = 64
-    # Multi-crop: one entry per crop group (SwAV: 2 x 224 at (0.14, 1) + 6 x 96 at (0.05, 0.14)).
-    crop_sizes: list[int] = field(default_factory=lambda: [224, 96])
-    crop_counts: list[int] = field(default_factory=lambda: [2, 6])
-    min_scale: list[float] = field(default_factory=lambda: [0.14, 0.05])
-    max_scale: list[float] = field(default_factory=lambda: [1.0, 0.14])
-    shuffle_buffer: int = 1024  # rows held by each worker's local shuffle
-    read_batch_size: int = 32  # rows per Ray Data augmentation task batch
-    # Per-crop photometric augmentation (SwAV: jitter 0.8 with p 0.8, grayscale 0.2, blur 0.5).
-    color_jitter: float = 0.8
-    color_jitter_p: float = 0.8
-    grayscale_p: float = 0.2
-    blur_p: float = 0.5
-    # S3 / S3-compatible stores. Credentials always come from the AWS chain (env vars,
-    # profile, instance role) and are never stored here. An empty endpoint means
-    # AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL when set (read at use time), else AWS.
-    s3_endpoint: str = ""
-    s3_anonymous: bool = False  # unsigned requests, for public buckets
-    parquet_image_column: str = "image"  # binary column (or struct with "bytes") of Parquet shards
-    # Images whose shorter side is below this are skipped as too_small; 0 = the largest
-    # crop size (a smaller image could only be upsampled into its crops).
-    min_image_side: int = 0
-    # Stop with an error when more than this fraction of the images seen is unusable
-    # (checked once 64 images were seen); 1.0 never stops.
-    max_bad_fraction: float = 0.5
-    labels: str = ""  # evaluation labels: CSV/Parquet table (id -> classes) or ImageFolder root
-    # Same seed -> the same rows reach the same worker in the same order every run (Ray Data
-    # preserve_order, seeded file order every epoch): a resumed run then matches an
-    # uninterrupted one. Slower; off by default (augmentations are seeded either way).
-    deterministic: bool = False
-    # Where the multi-crop runs: "cpu" in the Ray Data tasks (crops are shipped), or
-    # "device" in the training worker (Ray Data ships the encoded bytes; the worker decodes,
-    # with nvJPEG on CUDA, and augments batched on its device: rayssl.data.gpu_augment).
-    augment_on: str = "cpu"
-
-    def __post_init__(self) -> None:
-        _check(bool(self.source), "data.source", "must not be empty")
-        _check(self.augment_on in ("cpu", "device"), "data.augment_on",
-               f"must be cpu or device, got {self.augment_on!r}")
-        _check(self.scenes_num_images >= 1, "data.scenes_num_images", "must be >= 1")
-        _check(self.scenes_image_size >= 8, "data.scenes_image_size", "must be >= 8")
-        n = len(self.crop_sizes)
-        for key in ("crop_counts", "min_scale", "max_scale"):
-            _check(
-                len(getattr(self, key)) == n,
-                f"data.{key}",
-                f"needs one entry per crop group ({n}, as data.crop_sizes), got {getattr(self, key)}",
-            )
-        _check(n >= 1, "data.crop_sizes", "needs at least one crop group")
-        _check(all(s > 0 for s in self.crop_sizes), "data.crop_sizes", "sizes must be > 0")
-        _check(all(c >= 1 for c in self.crop_counts), "data.crop_counts", "counts must be >= 1")
-        _check(
-            self.crop_counts[0] >= 2,
-            "data.crop_counts",
-            "the first (large) group needs >= 2 crops: SwAV and MLS compare two views",
-        )
-        for lo, hi in zip(self.min_scale, self.max_scale):
-            _check(0 < lo <= hi <= 1, "data.min_scale", f"need 0 < min_scale <= max_scale <= 1, got ({lo}, {hi})")
-        _check(self.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
-        _check(self.read_batch_size >= 1, "data.read_batch_size", "must be >= 1")
-        _check(0 <= self.color_jitter <= 2, "data.color_jitter", "must be in [0, 2]")
-        for key in ("color_jitter_p", "grayscale_p", "blur_p"):
-            _check(0 <= getattr(self, key) <= 1, f"data.{key}", "must be a probability in [0, 1]")
-        problem = endpoint_problem(self.s3_endpoint)
-        _check(problem is None, "data.s3_endpoint", problem or "")
-        _check(bool(self.parquet_image_column), "data.parquet_image_column", "must not be empty")
-        _check(self.min_image_side >= 0, "data.min_image_side", "must be >= 0 (0: the largest crop size)")
-        _check(0 < self.max_bad_fraction <= 1, "data.max_bad_fraction",
-               f"must be in (0, 1], got {self.max_bad_fraction}")
-
-    @property
-    def builtin_scenes(self) -> bool:
-        return self.source == "scenes"
-
-
-@dataclass
-class ModelSection:
-    """The backbone and its options."""
-
-    backbone: str = "resnet50"  # resnet18 | resnet34 | resnet50
-    small_stem: bool = False  # 3x3 stride-1 stem without max-pool, for 32-96 px inputs
-    sync_batchnorm: bool = False
-    compile: bool = False  # torch.compile the backbone (GPU runs)
-
-    def __post_init__(self) -> None:
-        from rayssl.modules.backbone import BACKBONES  # torch-free table
-
-        _check(
-            self.backbone in BACKBONES,
-            "model.backbone",
-            f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}",
-        )
-
-
-@dataclass
-class OptimSection:
-    """Optimiser and learning-rate schedule."""
-
-    # lars | sgd | adamw. AdamW (decoupled weight decay; momentum unused) is not in the
-    # papers; at the quick preset's 256 steps it is what lets *labels* learn the scenes
-    # (benchmarks/supervised_reference.py; figures in the README).
-    optimizer: str = "lars"
-    base_lr: float = 0.3  # per 256 images; scaled linearly with the global batch (all optimisers)
-    final_lr_ratio: float = 0.001  # final lr = base lr x ratio (SwAV: 0.0048 / 4.8)
-    warmup_epochs: float = 10.0
-    weight_decay: float = 1e-6
-    momentum: float = 0.9
-    lars_eta: float = 0.001  # LARS trust coefficient (SwAV: 0.001)
-    # SwAV wraps every parameter in LARC; excluding biases/norms (solo-learn's choice) lets
-    # them move at the raw learning rate, which collapses the projector at SwAV's lr.
-    lars_exclude_bias_norm: bool = False
-
-    def __post_init__(self) -> None:
-        _check(self.optimizer in ("lars", "sgd", "adamw"), "optim.optimizer",
-               f"must be lars, sgd or adamw, got {self.optimizer!r}")
-        _check(self.base_lr > 0, "optim.base_lr", f"must be > 0, got {self.base_lr}")
-        _check(0 <= self.final_lr_ratio <= 1, "optim.final_lr_ratio", "must be in [0, 1]")
-        _check(self.warmup_epochs >= 0, "optim.warmup_epochs", "must be >= 0")
-        _check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
-        _check(0 <= self.momentum < 1, "optim.momentum", "must be in [0, 1)")
-        _check(self.lars_eta > 0, "optim.lars_eta", "must be > 0")
-
-
-@dataclass
-class EvalSection:
-    """Evaluation on held-out labelled scenes at the end of the run."""
-
-    knn_k: int = 20
-    knn_temperature: float = 0.07
-    num_train_images: int = 1000  # labelled scenes forming the kNN memory bank
-    num_test_images: int = 500  # held-out labelled scenes that are classified
-    every_epochs: int = 0  # 0: only at the end
-    random_baseline: bool = True  # also evaluate a randomly initialised backbone
-
-    def __post_init__(self) -> None:
-        _check(self.knn_k >= 1, "eval.knn_k", "must be >= 1")
-        _check(self.knn_temperature > 0, "eval.knn_temperature", "must be > 0")
-        _check(self.num_train_images >= 1, "eval.num_train_images", "must be >= 1")
-        _check(self.num_test_images >= 0, "eval.num_test_images", "must be >= 0 (0 disables evaluation)")
-        _check(self.every_epochs >= 0, "eval.every_epochs", "must be >= 0")
-        _check(
-            self.knn_k <= self.num_train_images,
-            "eval.knn_k",
-            f"k={self.knn_k} exceeds the {self.num_train_images} memory-bank images",
-        )
+from rayssl.methods import get_method, method_names
+from rayssl.sections import (  # noqa: F401 - the configuration's public names, in one place
+    SECTIONS,
+    ConfigError,
+    DataSection,
+    EvalSection,
+    ModelSection,
+    OptimSection,
+    RunSection,
+    build_section,
+    check,
+    deep_merge,
+    load_yaml,
+    parse_assignment,
+)
 
 
 @dataclass
@@ -246,18 +45,13 @@ class Config:
     method: Any = None  # the method's own dataclass (e.g. SwAVConfig), under its name
 
     def __post_init__(self) -> None:
-        from rayssl.methods import get_method
-
         spec = get_method(self.run.method)
         if self.method is None:
             self.method = spec.config_cls()
-        _check(
-            isinstance(self.method, spec.config_cls),
-            self.run.method,
-            f"expected a {spec.config_cls.__name__} section",
-        )
+        check(isinstance(self.method, spec.config_cls), self.run.method,
+              f"expected a {spec.config_cls.__name__} section")
         # Cross-section checks: the method knows what it needs of data and run.
-        spec.config_cls.validate_with(self.method, self)
+        self.method.validate_with(self.run, self.data)
 
     # -- conversion ---------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -270,8 +64,6 @@ class Config:
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> "Config":
-        from rayssl.methods import get_method, method_names
-
         raw = dict(raw or {})
         method = (raw.get("run") or {}).get("method", RunSection.method)
         if method not in method_names():
@@ -286,113 +78,3 @@ class Config:
         kwargs = {name: build_section(SECTIONS[name], raw.get(name) or {}, name) for name in SECTIONS}
         kwargs["method"] = build_section(spec.config_cls, raw.get(method) or {}, method)
         return cls(**kwargs)
-
-
-SECTIONS: dict[str, type] = {
-    "run": RunSection,
-    "data": DataSection,
-    "model": ModelSection,
-    "optim": OptimSection,
-    "eval": EvalSection,
-}
-
-
-def _coerce(value: Any, typ: Any, key: str) -> Any:
-    """Coerce YAML/CLI scalars to the annotated type, or raise naming the key."""
-    text = str(typ)
-    if value is None:
-        if "None" in text:
-            return None
-        raise ConfigError(f"{key}: must not be null")
-    try:
-        if text.startswith("list[int]"):
-            vals = value if isinstance(value, (list, tuple)) else str(value).split(",")
-            return [int(v) for v in vals]
-        if text.startswith("list[float]"):
-            vals = value if isinstance(value, (list, tuple)) else str(value).split(",")
-            return [float(v) for v in vals]
-        if typ is bool or text.startswith("bool"):
-            if isinstance(value, bool):
-                return value
-            s = str(value).strip().lower()
-            if s in ("1", "true", "yes", "on"):
-                return True
-            if s in ("0", "false", "no", "off"):
-                return False
-            if "None" in text and s in ("auto", "none", "null"):
-                return None
-            raise ValueError(s)
-        if typ is int or text.startswith("int"):
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError(value)
-            return int(value)
-        if typ is float or text.startswith("float"):
-            return float(value)
-        if typ is str:
-            return str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key}: cannot read {value!r} as {text}") from None
-    return value
-
-
-def build_section(cls: type, raw: Mapping[str, Any], prefix: str):
-    """Build one section dataclass from a mapping, rejecting unknown keys by name."""
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"{prefix}: expected a mapping of keys, got {type(raw).__name__}")
-    hints = get_type_hints(cls)
-    names = [f.name for f in fields(cls) if f.init]
-    unknown = [k for k in raw if k not in names]
-    if unknown:
-        raise ConfigError(
-            f"unknown key(s) {', '.join(f'{prefix}.{k}' for k in unknown)}; "
-            f"valid keys in {prefix}: {', '.join(names)}"
-        )
-    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}") for k, v in raw.items()}
-    try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except TypeError as exc:  # pragma: no cover - guarded by the unknown-key check
-        raise ConfigError(f"{prefix}: {exc}") from None
-
-
-def deep_merge(base: dict, override: Mapping[str, Any]) -> dict:
-    """Merge nested mappings; values of ``override`` win."""
-    out = dict(base)
-    for k, v in override.items():
-        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
-            out[k] = deep_merge(out[k], v)
-        else:
-            out[k] = v
-    return out
-
-
-def load_yaml(path: str | Path, option: str = "--config") -> dict:
-    """Read a YAML file of sections; errors name ``option`` and the file."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{option}: file not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{option}: {p} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{option}: {p} must hold a mapping of sections (run:, data:, ...)")
-    return data
-
-
-def parse_assignment(text: str) -> dict:
-    """``section.key=value`` -> nested dict (value parsed as YAML scalar/list)."""
-    if "=" not in text or "." not in text.split("=", 1)[0]:
-        raise ConfigError(f"--set: expected section.key=value, got {text!r}")
-    dotted, value = text.split("=", 1)
-    section, key = dotted.split(".", 1)
-    try:
-        parsed = yaml.safe_load(value)
-    except yaml.YAMLError:
-        parsed = value
-    return {section: {key: parsed}}
-
-
-def dumps_summary(summary: Mapping[str, Any]) -> str:
-    return json.dumps(summary, sort_keys=False, default=str)

@@ -38,17 +38,6 @@ class S3Options:
         even when ``--s3-anonymous`` reads a public dataset)."""
         return S3Options(endpoint=self.endpoint)
 
-    @classmethod
-    def from_args(cls, args) -> "S3Options":
-        """From the flags ``add_s3_flags`` declared (``--s3-anonymous`` where the command has it)."""
-        return cls(endpoint=getattr(args, "s3_endpoint", None) or "",
-                   anonymous=bool(getattr(args, "s3_anonymous", False)))
-
-    @classmethod
-    def from_config(cls, cfg) -> "S3Options":
-        d = cfg.data
-        return cls(endpoint=getattr(d, "s3_endpoint", "") or "", anonymous=bool(getattr(d, "s3_anonymous", False)))
-
 
 _default_s3 = S3Options()
 
@@ -58,34 +47,6 @@ def endpoint_problem(value: str) -> str | None:
     if value and "://" not in value:
         return f"must be a URL such as http://127.0.0.1:9000, got {value!r}"
     return None
-
-
-def _endpoint_url(value: str) -> str:
-    problem = endpoint_problem(value)
-    if problem:
-        import argparse
-
-        raise argparse.ArgumentTypeError(problem)
-    return value
-
-
-def s3_data_overrides(args) -> dict:
-    """The ``data`` config keys for the ``add_s3_flags`` flags that were given."""
-    out = {"s3_endpoint": getattr(args, "s3_endpoint", None), "s3_anonymous": getattr(args, "s3_anonymous", None)}
-    return {k: v for k, v in out.items() if v}
-
-
-def add_s3_flags(parser, *, anonymous: bool = True) -> None:
-    """``--s3-endpoint URL`` and (``anonymous``) ``--s3-anonymous``: the same flags, help and
-    URL check in every command. Both default to None (not given), so a command that layers
-    flags over a config file can tell "not given" from "given"."""
-    parser.add_argument("--s3-endpoint", default=None, type=_endpoint_url, metavar="URL",
-                        help="S3-compatible endpoint for s3:// URIs (default: AWS_ENDPOINT_URL_S3 or "
-                             "AWS_ENDPOINT_URL if set, else AWS); credentials always come from the AWS chain, "
-                             "never from flags or configs")
-    if anonymous:
-        parser.add_argument("--s3-anonymous", action="store_const", const=True, default=None,
-                            help="read s3:// data without signing requests (public buckets)")
 
 
 def configure_s3(options: S3Options) -> None:

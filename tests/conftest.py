@@ -64,7 +64,7 @@ def write_scene_pseudo_labels(out, classes: list[str], soft, rows=None, size: in
     import pyarrow.parquet as pq
 
     from rayssl.data.scenes import split_seed
-    from rayssl.pseudolabel.store import scenes_source, write_meta
+    from rayssl.data.pseudo_labels import scenes_source, write_meta
 
     out, n = Path(out), len(soft)
     rows = np.arange(n) if rows is None else np.asarray(rows)
@@ -162,3 +162,11 @@ def s3_endpoint():
     server.start()
     yield f"http://127.0.0.1:{port}"
     server.stop()
+
+
+def exit_code(main, argv) -> int:
+    """A command's exit code, whether it returned it or argparse exited with it."""
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return exc.code

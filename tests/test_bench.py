@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from rayssl import bench
+from rayssl.cli import bench
 
 TINY = ["--batch-size", "4", "--steps", "1", "--warmup", "1", "--repeats", "2", "--split-steps", "1",
         "--comm-steps", "1", "--comm-batch", "2", "--num-images", "48", "--ingest-seconds", "0.5",
@@ -74,3 +74,25 @@ def test_bench_refuses_bad_arguments_with_one_line(capsys):
     assert "--steps must be >= 1" in capsys.readouterr().err
     assert bench.main(["--set", "swav.epsilon=-1", "--skip", "pipeline", "--skip", "comm"]) == 2
     assert "swav.epsilon" in capsys.readouterr().err
+
+
+def test_the_bench_times_the_step_the_worker_runs(monkeypatch):
+    """The step the bench measures is Engine.train_step, the function the Ray worker calls."""
+    import torch
+
+    from rayssl.bench.config import bench_config
+    from rayssl.bench.step import measure_step
+    from rayssl.engine import Engine
+
+    calls = []
+    original = Engine.train_step
+
+    def counted(self, *args, **kwargs):
+        calls.append(self)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "train_step", counted)
+    cfg = bench_config("swav", "cpu", 4, TINY[TINY.index("--set"):][1::2])
+    out = measure_step(cfg, torch.device("cpu"), steps=2, warmup=1, repeats=2, split_steps=1)
+    assert len(calls) == 1 + 2 * 2 and len({id(e) for e in calls}) == 1  # warm-up + 2 runs of 2 steps, one engine
+    assert out["images_per_s"] > 0 and calls[0].step == 10**6 + 5  # past the queue start and prototype freeze

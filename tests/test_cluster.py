@@ -235,7 +235,7 @@ def _two_node_session(shared: str, local: str, report: str) -> None:
     import ray
     from ray.cluster_utils import Cluster
 
-    from rayssl import train
+    from rayssl.cli import train
 
     # 3 CPUs per node and 2 per training worker: the two workers cannot share a node, and
     # each node keeps one CPU for Ray Data.

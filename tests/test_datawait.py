@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rayssl.datawait import DataWait
+from rayssl.engine.datawait import DataWait
 
 
 class FakeClock:

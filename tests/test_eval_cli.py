@@ -13,9 +13,9 @@ from PIL import Image
 from checkpoints import write_random_checkpoint
 from rayssl.data.scenes import write_image_folder
 from rayssl.eval import knn_top1, linear_probe_map
-from rayssl.eval import __main__ as cli
+from rayssl.cli import eval as cli
 from rayssl.eval.features import extract_features, scenes_eval_sets
-from rayssl.eval.loading import build_frozen_backbone, load_checkpoint
+from rayssl.checkpoint import build_frozen_backbone, load_checkpoint
 from rayssl.eval.preprocess import center_square, label_matrix, split_train_test
 
 

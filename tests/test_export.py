@@ -12,7 +12,8 @@ import torch
 import torchvision
 
 from checkpoints import write_random_checkpoint
-from rayssl import export
+from rayssl.cli import export
+from rayssl.export.formats import torchvision_model
 from rayssl.export import detectron2_key
 
 
@@ -123,7 +124,7 @@ def test_small_stem_exports_to_torchvision_with_instructions_and_is_refused_else
     out = tmp_path / "small.pth"
     err = _export(root / "small", "torchvision", out, capsys)
     assert "small-image stem" in err and "m.maxpool = torch.nn.Identity()" in err
-    net = export.torchvision_model("resnet18", small_stem=True)
+    net = torchvision_model("resnet18", small_stem=True)
     net.load_state_dict(torch.load(out, weights_only=True), strict=True)
     x = torch.randn(2, 3, 32, 32)
     assert torch.allclose(_outputs(net, x), _outputs(models["small"].backbone, x), atol=1e-5)
@@ -188,7 +189,7 @@ def test_checkpoint_and_out_on_s3(ckpts, s3_endpoint, capsys):
     rc, _, err = _run(["--checkpoint", "s3://rayssl-export/run", "--format", "torchvision", "--out", out,
                        "--s3-endpoint", s3_endpoint], capsys)  # a run directory: its newest checkpoint
     assert rc == 0, err
-    net = export.torchvision_model("resnet18", small_stem=True)
+    net = torchvision_model("resnet18", small_stem=True)
     net.load_state_dict(torch.load(io.BytesIO(fs.cat_file(out[5:])), weights_only=True), strict=True)
     x = torch.randn(1, 3, 32, 32)
     assert torch.allclose(_outputs(net, x), _outputs(models["small"].backbone, x), atol=1e-5)

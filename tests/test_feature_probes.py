@@ -1,4 +1,4 @@
-"""benchmarks/feature_probes.py: attribute labels against the generator's own columns, and a
+"""experiments/feature_probes.py: attribute labels against the generator's own columns, and a
 probe that must find the one attribute a hand-built feature encodes."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import torch
 from rayssl.data.scenes import COLOURS, SHAPES, generate_batch
 from rayssl.eval.features import scenes_eval_sets
 
-from benchmarks_loader import load_benchmark
+from experiments_loader import load_experiment
 
-fp = load_benchmark("feature_probes")
+fp = load_experiment("feature_probes")
 
 
 def test_labels_agree_with_the_generators_columns():

@@ -18,7 +18,7 @@ from rayssl.data.gpu_augment import (
     draw_multicrop_params,
 )
 from rayssl.data.multicrop import MultiCropSpec, multicrop_batch, sample_generators
-from rayssl.eval.features import MEAN, STD
+from rayssl.data.tensors import MEAN, STD
 
 GEOMETRY_ONLY = dict(jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)
 

@@ -10,7 +10,7 @@ import torch.distributed as tdist
 import torch.multiprocessing as mp
 
 from rayssl.dist import free_port, init_local_gloo
-from rayssl.lockstep import control_group, lockstep
+from rayssl.engine.lockstep import control_group, lockstep
 
 # (batches on rank 0, batches on rank 1, limit) -> every rank must take min(..., limit) steps.
 CASES = [(5, 3, None), (3, 5, None), (4, 4, None), (6, 6, 2), (0, 3, None), (7, 2, 5)]

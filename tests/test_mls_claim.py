@@ -1,4 +1,4 @@
-"""benchmarks/mls_claim.py without Ray: the table's numbers and the resume/skip logic.
+"""experiments/mls_claim.py without Ray: the table's numbers and the resume/skip logic.
 
 The ``python -m rayssl.train`` subprocess is replaced by a fake runner that writes what a
 finished run leaves (config.yaml, summary.json) and prints its JSON summary.
@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks_loader import load_benchmark
+from experiments_loader import load_experiment
 
-mls_claim = load_benchmark("mls_claim")
+mls_claim = load_experiment("mls_claim")
 
 # Scores a fake run reports, by (method, seed).
 SCORES = {("moco", 0): 0.31, ("mls", 0): 0.35, ("moco", 1): 0.33, ("mls", 1): 0.32,

@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-from rayssl.data import multicrop as mc
+from rayssl.data import photometric as ph
 from rayssl.data.multicrop import (
     CropParams,
     MultiCrop,
@@ -307,10 +307,10 @@ def test_colour_ops_match_torchvision():
     shift = np.array([-0.2, -0.05, 0.0, 0.1, 0.2], dtype=np.float32)
     t = torch.from_numpy(x / 255.0)
     cases = [
-        (mc._brightness, F.adjust_brightness, f),
-        (mc._contrast, F.adjust_contrast, f),
-        (mc._saturation, F.adjust_saturation, f),
-        (mc._hue, F.adjust_hue, shift),
+        (ph._brightness, F.adjust_brightness, f),
+        (ph._contrast, F.adjust_contrast, f),
+        (ph._saturation, F.adjust_saturation, f),
+        (ph._hue, F.adjust_hue, shift),
     ]
     for ours, theirs, params in cases:
         got = ours(x.copy(), params)
@@ -327,7 +327,7 @@ def test_blur_matches_torchvision_gaussian_blur():
         k = blur_kernel_size(size)
         x = rng.uniform(0, 255, size=(3, 3, size, size)).astype(np.float32)
         sigma = np.array([0.1, 0.9, 2.0])
-        got = mc._gaussian_blur(x, sigma, k)
+        got = ph._gaussian_blur(x, sigma, k)
         ref = torch.stack(
             [F.gaussian_blur(torch.from_numpy(x[i]), [k, k], [float(sigma[i])] * 2) for i in range(3)]
         ).numpy()

@@ -144,15 +144,12 @@ def test_adamw_is_built_with_decoupled_weight_decay():
     """optim.optimizer=adamw: torch's AdamW, lr left to the schedule, and its step matches
     the decoupled-decay formula on the first step (|update| = lr for a fresh Adam)."""
     from rayssl.config import OptimSection
-    from rayssl.loop import build_optimizer
-
-    class Cfg:
-        optim = OptimSection(optimizer="adamw", weight_decay=0.1)
+    from rayssl.optim import build_optimizer
 
     w = nn.Parameter(torch.tensor([3.0, -4.0]))
     model = nn.Module()
     model.w = w
-    opt = build_optimizer(model, Cfg())
+    opt = build_optimizer(model, OptimSection(optimizer="adamw", weight_decay=0.1))
     assert isinstance(opt, torch.optim.AdamW)
     assert opt.param_groups[0]["weight_decay"] == 0.1 and opt.param_groups[0]["lr"] == 0.0
     opt.param_groups[0]["lr"] = 0.01

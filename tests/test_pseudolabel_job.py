@@ -3,7 +3,7 @@ and counted) and 2-worker classifier training with gradient alignment and checkp
 tests/test_resume_equivalence.py).
 
 The CLIP is rayssl's tiny open_clip model, trained once per module for a few steps (its
-quality does not matter here; benchmarks/cdul_scenes.py measures quality) and loaded through
+quality does not matter here; experiments/cdul_scenes.py measures quality) and loaded through
 the same ``--clip-pretrained PATH`` path as a real checkpoint.
 """
 
@@ -17,7 +17,8 @@ import torch
 
 from rayssl.checkpoint import load_shared_state
 from rayssl.pseudolabel.labels import initial_labels
-from rayssl.pseudolabel.store import read_pseudo_labels, store_from_pseudo_labels
+from rayssl.data.pseudo_labels import read_pseudo_labels
+from rayssl.pseudolabel.store import store_from_pseudo_labels
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,7 @@ def _label_args(data, out, clip: str) -> list[str]:
 @pytest.fixture(scope="module")
 def folder_labels(ray_session, tiny_clip, scene_folder, tmp_path_factory):
     """The labelling job's output for the image folder (its summary is read back from the output)."""
-    from rayssl.pseudolabel.__main__ import main as label_main
+    from rayssl.cli.label import main as label_main
 
     out = tmp_path_factory.mktemp("labels") / "folder"
     assert label_main(_label_args(scene_folder, out, tiny_clip) + ["--labels", str(scene_folder / "labels.csv")]) == 0
@@ -67,8 +68,8 @@ def _latest_checkpoint(run) -> str:
 
 
 def test_pseudolabel_job_then_cdul_training(ray_session, tiny_clip, scene_folder, folder_labels, tmp_path, capsys):
-    from rayssl.pseudolabel.__main__ import main as label_main
-    from rayssl.train import main as train_main
+    from rayssl.cli.label import main as label_main
+    from rayssl.cli.train import main as train_main
 
     out = folder_labels
     summary = json.loads((out / "summary.json").read_text())
@@ -87,8 +88,7 @@ def test_pseudolabel_job_then_cdul_training(ray_session, tiny_clip, scene_folder
     assert np.allclose(cols["soft_label"], want, atol=1e-6)
     assert meta["num_rows"] == 34 and len(meta["classes"]) == 12
     # Re-running into the same --out is refused (nothing overwritten).
-    with pytest.raises(SystemExit):
-        label_main(_label_args(scene_folder, out, tiny_clip))
+    assert label_main(_label_args(scene_folder, out, tiny_clip)) == 2
     assert "already holds pseudo-labels" in capsys.readouterr().err
 
     run = tmp_path / "run"
@@ -122,9 +122,9 @@ def test_pseudolabel_job_reads_tar_shards_by_byte_range(ray_session, tiny_clip, 
 
     from rayssl.data.indexed import build_indexed_train_data
     from rayssl.data.shards import write_shards
-    from rayssl.data.sources import iter_tar_images
-    from rayssl.pseudolabel.__main__ import main as label_main
-    from rayssl.train import build_parser, resolve_config
+    from rayssl.data.tar import iter_tar_images
+    from rayssl.cli.label import main as label_main
+    from rayssl.cli.train import build_parser, resolve_config
 
     shards = tmp_path / "shards"
     write_shards(str(scene_folder), str(shards), "webdataset", shard_size=10)
@@ -167,12 +167,12 @@ def test_pseudolabel_job_reads_tar_shards_by_byte_range(ray_session, tiny_clip, 
         "--method", "cdul", "--data", str(shards), "--pseudo-labels", str(out), "--preset", "quick",
         "--set", "data.crop_sizes=[32]", "--set", "data.crop_counts=[2]", "--set", "data.min_scale=[0.5]",
         "--set", "data.max_scale=[1.0]"]))
-    data = build_indexed_train_data(cfg, str(out))
+    data = build_indexed_train_data(cfg.data, cfg.run.seed, str(out))
     rows = list(data.dataset.iter_batches(batch_size=None, batch_format="numpy"))
     seen = np.concatenate([r["index"] for r in rows])
     assert sorted(seen.tolist()) == sorted(cols["index"].tolist())  # every labelled image, once
     assert all(r["crop_0"].shape[1:] == (32, 32, 3) for r in rows)
-    assert not any(k.startswith("skipped.") for k in ray_session.get(data.stats.get.remote()))
+    assert not any(k.startswith("skipped.") for k in data.stats.get())
 
 
 def test_training_order_does_not_depend_on_the_labelling_jobs_row_order(ray_session, tmp_path):
@@ -182,7 +182,7 @@ def test_training_order_does_not_depend_on_the_labelling_jobs_row_order(ray_sess
 
     from conftest import write_scene_pseudo_labels
     from rayssl.data.indexed import build_indexed_train_data
-    from rayssl.train import build_parser, resolve_config
+    from rayssl.cli.train import build_parser, resolve_config
 
     n, classes = 40, CLASSES.split(",")
     soft = np.random.default_rng(0).uniform(0.05, 0.95, size=(n, len(classes))).astype(np.float32)
@@ -198,7 +198,7 @@ def test_training_order_does_not_depend_on_the_labelling_jobs_row_order(ray_sess
                 "--method", "cdul", "--pseudo-labels", str(out), "--set", "data.deterministic=true",
                 "--set", "data.scenes_image_size=32", "--set", "data.crop_sizes=[32]",
                 "--set", "data.read_batch_size=8"]))
-            rows = build_indexed_train_data(cfg, str(out)).dataset.take_all()
+            rows = build_indexed_train_data(cfg.data, cfg.run.seed, str(out)).dataset.take_all()
             streams.append([int(r["index"]) for r in rows])
     finally:
         ctx.execution_options.preserve_order = before

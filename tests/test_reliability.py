@@ -31,7 +31,7 @@ import pytest
 import torch
 
 from conftest import scan_tree, tiny_args
-from rayssl import train
+from rayssl.cli import train
 from rayssl.checkpoint import (
     MANIFEST_FILE,
     MODEL_FILE,
@@ -41,7 +41,11 @@ from rayssl.checkpoint import (
     write_shared_state,
 )
 from rayssl.config import ModelSection
-from rayssl.loop import checked_forward
+from rayssl.engine import checked_forward
+from rayssl.runtime.callbacks import StopOnNonFinite
+from rayssl.runtime.driver import carried_data_counts
+from rayssl.runtime.driver import train as run_training
+from rayssl.runtime.internals import SNAPSHOT_FILE, resume_point
 
 STEPS_PER_EPOCH = 128 // 32  # tiny_args: 128 scenes, global batch 32
 EPOCHS = 3
@@ -52,7 +56,7 @@ def _summary(stdout: str) -> dict:
 
 
 def _snapshot(run: Path) -> dict:
-    return json.loads((run / train.SNAPSHOT_FILE).read_text())
+    return json.loads((run / SNAPSHOT_FILE).read_text())
 
 
 def _checkpoints_by_epoch(run: Path) -> dict[int, Path]:
@@ -85,7 +89,7 @@ class _Killer(threading.Thread):
         from ray.util.state import list_actors
 
         deadline = time.monotonic() + self.timeout_s
-        snap = self.run_dir / train.SNAPSHOT_FILE
+        snap = self.run_dir / SNAPSHOT_FILE
         while not self.stop.is_set() and time.monotonic() < deadline:
             if snap.is_file():
                 try:
@@ -214,13 +218,13 @@ def _fake_run(root: Path, epochs: int) -> list[str]:
         current_report_index=epochs, validated_checkpoint_dir_names=[],
         timed_out_validation_checkpoint_dir_names=[], failed_validation_checkpoint_dir_names=[],
     )
-    (root / train.SNAPSHOT_FILE).write_text(state.json())
+    (root / SNAPSHOT_FILE).write_text(state.json())
     return names
 
 
 def _resumed(root: Path) -> str | None:
     """The checkpoint directory --resume would restore under ``root``."""
-    point = train.resume_point(str(root))
+    point = resume_point(str(root))
     return None if point is None else point["checkpoint_dir_name"]
 
 
@@ -233,9 +237,9 @@ def _parse_snapshot(root: Path):
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray's own pydantic v1 calls
 def test_snapshot_rewrite_keeps_complete_runs_untouched(tmp_path):
     names = _fake_run(tmp_path, 2)
-    before = (tmp_path / train.SNAPSHOT_FILE).read_bytes()
+    before = (tmp_path / SNAPSHOT_FILE).read_bytes()
     assert _resumed(tmp_path) == names[-1]
-    assert (tmp_path / train.SNAPSHOT_FILE).read_bytes() == before
+    assert (tmp_path / SNAPSHOT_FILE).read_bytes() == before
     assert _resumed(tmp_path / "no-such-run") is None
 
 
@@ -249,7 +253,7 @@ def test_snapshot_rewrite_drops_missing_and_incomplete_checkpoints(tmp_path, cap
     assert [r.checkpoint_dir_name for r in snap.checkpoint_results] == [names[0]]
     assert snap.checkpoint_report_indices == [1] and snap.latest_checkpoint_result.checkpoint_dir_name == names[0]
     # The counts a resumed run starts from are the restored checkpoint's, not the newest one's.
-    assert train.carried_data_counts(train.resume_point(str(tmp_path))) == {"seen": 64, "skipped.decode_error": 0}
+    assert carried_data_counts(resume_point(str(tmp_path))) == {"seen": 64, "skipped.decode_error": 0}
     err = capsys.readouterr().err
     assert "rank_1.pt is missing" in err and f"{names[2]} is not a complete rayssl checkpoint" in err
 
@@ -376,7 +380,7 @@ def test_rank_sizes_must_match_the_world_size(tmp_path):
 
 
 def test_non_finite_failures_stop_the_run_other_failures_are_retried():
-    cb = train.stop_on_non_finite()
+    cb = StopOnNonFinite()
     wrapped = RuntimeError("ray.exceptions.RayTaskError(FloatingPointError): ...\n"
                            "FloatingPointError: step 3 (epoch 1): the mls loss is not finite (nan); lower optim.base_lr")
     with pytest.raises(FloatingPointError, match=r"^step 3 \(epoch 1\): the mls loss is not finite \(nan\); lower "
@@ -403,14 +407,14 @@ class _FailureLog:
 def test_recurring_nan_is_not_retried(ray_session, tmp_path):
     """lr 1e30 makes step 2's Sinkhorn codes NaN on every attempt: with --max-failures 2 the run
     must stop after the first attempt, with the message naming the step and the quantity."""
-    from rayssl.data.pipeline import wrapped_error_message
+    from rayssl.runtime.errors import wrapped_error_message
 
     out, failures = tmp_path / "nan", tmp_path / "failures.txt"
     args = train.build_parser().parse_args(
         tiny_args(out, "--epochs", "1", "--max-failures", "2", "--set", "optim.base_lr=1e30"))
     cfg = train.prepare_output(train.resolve_config(args), args)
     with pytest.raises(Exception) as exc:
-        train.run(cfg, callbacks=[_FailureLog(failures)])
+        run_training(cfg, callbacks=[_FailureLog(failures)])
     msg = wrapped_error_message(exc.value, FloatingPointError)
     assert msg and re.match(r"step 2 \(epoch 0\): sinkhorn codes are not finite", msg), str(exc.value)[-2000:]
     assert "not retried" in msg

@@ -31,7 +31,8 @@ import pytest
 import torch
 
 from conftest import write_scene_pseudo_labels
-from rayssl import train
+from rayssl.cli import train
+from rayssl.runtime.internals import SNAPSHOT_FILE
 from rayssl.checkpoint import MANIFEST_FILE, load_rank_state, load_shared_state, verify_checkpoint_dir
 from rayssl.methods import method_names
 
@@ -79,7 +80,7 @@ def _summary(out: str) -> dict:
 
 
 def _by_epoch(run: Path) -> dict[int, tuple[Path, dict]]:
-    snap = json.loads((run / train.SNAPSHOT_FILE).read_text())
+    snap = json.loads((run / SNAPSHOT_FILE).read_text())
     return {r["metrics"]["epoch"]: (run / r["checkpoint_dir_name"], r["metrics"])
             for r in snap["checkpoint_results"]}
 

@@ -17,20 +17,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import make_tar, tiny_args
-from rayssl import storage, train
-from rayssl.data import shards
-from rayssl.data.sources import (
-    DataError,
-    count_samples,
-    count_tar_images,
-    index_tar_images,
-    expand_braces,
-    iter_tar_images,
-    iter_tar_samples,
-    load_labels,
-    resolve_source,
-)
+from conftest import exit_code, make_tar, tiny_args
+from rayssl import storage
+from rayssl.cli import train
+from rayssl.cli import shards
+from rayssl.data.labels import load_labels
+from rayssl.data.sources import DataError, count_samples, expand_braces, resolve_source
+from rayssl.data.tar import count_tar_images, index_tar_images, iter_tar_images, iter_tar_samples
 from rayssl.storage import S3Options
 
 # ----------------------------------------------------------------------------- helpers
@@ -60,9 +53,7 @@ def _summary(capsys) -> dict:
 
 
 def _error(capsys, argv) -> str:
-    with pytest.raises(SystemExit) as exc:
-        train.main(argv)
-    assert exc.value.code == 2
+    assert exit_code(train.main, argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     return err[-1]
 
@@ -189,7 +180,7 @@ def test_tar_members_on_s3_are_fetched_by_byte_range(s3_endpoint, bucket):
     the headers (``scan_tar_shards``), then fetch and decode each by its byte range; a shard
     that is not a tar counts as damaged and contributes nothing."""
     from rayssl.data.indexed import fetch_decode_count
-    from rayssl.data.sources import scan_tar_shards
+    from rayssl.data.tar import scan_tar_shards
 
     fs = _fs(s3_endpoint)
     images = {f"{i:03d}": _image(7 + i, size=24) for i in range(5)}
@@ -292,7 +283,8 @@ def test_bucket_of_uncurated_images_trains_and_counts_exactly(ray_session, s3_en
 
 def test_mostly_broken_data_stops_with_the_counts(ray_session, tmp_path):
     from rayssl.config import Config
-    from rayssl.data.pipeline import build_train_data, data_error_message
+    from rayssl.data.pipeline import build_train_data
+    from rayssl.runtime.errors import data_error_message
 
     for i in range(70):
         (tmp_path / f"{i:03d}.jpg").write_bytes(b"<html>404</html>")
@@ -300,7 +292,7 @@ def test_mostly_broken_data_stops_with_the_counts(ray_session, tmp_path):
         (tmp_path / f"ok{i}.png").write_bytes(_image(i))
     cfg = Config.from_dict({"data": {"source": str(tmp_path), "crop_sizes": [32, 16], "crop_counts": [2, 2],
                                      "min_scale": [0.3, 0.1], "max_scale": [1.0, 0.3]}})
-    data = build_train_data(cfg)
+    data = build_train_data(cfg.data, cfg.run.seed)
     with pytest.raises(Exception) as exc:
         for _ in data.dataset.iter_batches(batch_size=8):
             pass

@@ -9,9 +9,11 @@ import tarfile
 import numpy as np
 from PIL import Image
 
-from rayssl.data import shards
+from rayssl.cli import shards
+from rayssl.data.shards import ShardTask, write_one_shard
 from rayssl.data.scenes import SHAPES, generate_scene, split_seed
-from rayssl.data.sources import count_samples, iter_tar_samples, resolve_source
+from rayssl.data.sources import count_samples, resolve_source
+from rayssl.data.tar import iter_tar_samples
 
 
 def _png(seed: int, size: int = 32) -> bytes:
@@ -95,8 +97,8 @@ def test_webdataset_members_follow_the_convention(tmp_path):
     """No Ray: one shard written inline has <key>.png/.json/.cls/.txt per scene."""
     import fsspec
 
-    task = shards.ShardTask("train-000000.tar", str(tmp_path / "s.tar"), "webdataset", indices=[0, 1])
-    assert shards.write_one_shard(task, fsspec.filesystem("file"), size=32) == ("train-000000.tar", 2)
+    task = ShardTask("train-000000.tar", str(tmp_path / "s.tar"), "webdataset", indices=[0, 1])
+    assert write_one_shard(task, fsspec.filesystem("file"), size=32) == ("train-000000.tar", 2)
     with tarfile.open(tmp_path / "s.tar") as tf:
         names = tf.getnames()
     assert names == [f"scene-00000{i}.{e}" for i in (0, 1) for e in ("png", "json", "cls", "txt")]

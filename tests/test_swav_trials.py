@@ -1,4 +1,4 @@
-"""benchmarks/swav_trials.py: the harness behind the README's SwAV trials pairs each seed's
+"""experiments/swav_trials.py: the harness behind the README's SwAV trials pairs each seed's
 trained backbone with its own random init, and summarises the gains over seeds."""
 
 from __future__ import annotations
@@ -8,11 +8,11 @@ import math
 
 import torch
 
-from benchmarks_loader import load_benchmark
+from experiments_loader import load_experiment
 from rayssl.eval.features import evaluate_on_scenes, scenes_eval_sets
 from rayssl.modules.backbone import build_backbone
 
-trials = load_benchmark("swav_trials")
+trials = load_experiment("swav_trials")
 
 
 def test_config_is_the_quick_preset_with_the_users_overrides():
@@ -53,15 +53,16 @@ def test_a_tiny_run_reports_its_own_random_init_and_a_curve(capsys):
 
 
 def test_the_harness_and_the_pure_pytorch_parts_import_no_ray():
-    """The harness is meant for a GPU machine that has torch but not Ray; losses, modules
-    and methods are pure PyTorch by design."""
+    """The harness is meant for a GPU machine that has torch but not Ray; losses, modules,
+    methods, the engine (the training step) and the benchmark's step are pure PyTorch by design."""
     import subprocess
     import sys
     from pathlib import Path
 
     tests = Path(__file__).resolve().parent
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); from benchmarks_loader import load_benchmark; "
-            "load_benchmark('swav_trials'); import rayssl.losses, rayssl.modules, rayssl.methods; "
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from experiments_loader import load_experiment; "
+            "load_experiment('swav_trials'); import rayssl.losses, rayssl.modules, rayssl.methods, rayssl.engine, "
+            "rayssl.bench.step, rayssl.data.feed, rayssl.checkpoint, rayssl.presets, rayssl.eval.features; "
             "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))")
     out = subprocess.run([sys.executable, "-c", code, str(tests)], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout

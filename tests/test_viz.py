@@ -14,9 +14,11 @@ from PIL import Image
 
 from checkpoints import write_random_checkpoint
 from rayssl.viz import figures
-from rayssl.viz import __main__ as viz_cli
+from rayssl.cli import viz as viz_cli
 from rayssl.viz.models import mls_positives
-from rayssl.viz.tracking import RunTracker, read_history, tracking_requirements
+from rayssl.runtime.callbacks import RunTracker
+from rayssl.viz.pictures import sample_images
+from rayssl.viz.tracking import RunRecorder, read_history, tracking_requirements
 
 
 def _png(path) -> tuple[int, int]:
@@ -47,7 +49,7 @@ def test_tracker_writes_history_curves_and_tensorboard_and_keeps_earlier_epochs_
                 "data": {"seen": 3}} for e in (1, 2, 3)]
     reports[2]["knn_top1"] = 0.5
     reports[2]["knn_top1_random_init"] = 0.1
-    tracker = RunTracker(str(tmp_path), "knn_top1", title="t", tensorboard="")
+    tracker = RunTracker(RunRecorder(str(tmp_path), "knn_top1", title="t", tensorboard=""))
     for r in reports:
         tracker.after_report(None, [r, {"epoch": r["epoch"], "loss": -1.0}], None)  # rank 0's report counts
     history = read_history(str(tmp_path))
@@ -59,7 +61,7 @@ def test_tracker_writes_history_curves_and_tensorboard_and_keeps_earlier_epochs_
     assert scalars[("train/lr", 3)] == pytest.approx(0.1 / 3)
     assert scalars[("train/knn_top1", 3)] == pytest.approx(0.5)
     # A resumed run reports epoch 2 again (from the epoch-1 checkpoint): epoch 3 is replaced.
-    resumed = RunTracker(str(tmp_path), "knn_top1")
+    resumed = RunTracker(RunRecorder(str(tmp_path), "knn_top1"))
     resumed.after_report(None, [{"epoch": 2, "loss": 2.5, "lr": 0.05, "images_per_s": 20.0}], None)
     assert [(h["epoch"], h["loss"]) for h in read_history(str(tmp_path))] == [(1, 4.0), (2, 2.5)]
 
@@ -90,11 +92,9 @@ def test_mlflow_requested_but_missing_is_refused_before_ray_starts(tmp_path, cap
     monkeypatch.setattr(builtins, "__import__", no_mlflow)
     with pytest.raises(ValueError, match=r"^--mlflow: mlflow is not installed"):
         tracking_requirements(None, "", str(tmp_path))
-    from rayssl import train
+    from rayssl.cli import train
 
-    with pytest.raises(SystemExit) as exc:
-        train.main(["--output", str(tmp_path / "run"), "--mlflow"])
-    assert exc.value.code == 2
+    assert train.main(["--output", str(tmp_path / "run"), "--mlflow"]) == 2
     assert "--mlflow: mlflow is not installed" in capsys.readouterr().err
     assert not (tmp_path / "run" / "config.yaml").exists()
     with pytest.raises(ValueError, match="--tensorboard: --output s3://b/run is remote"):
@@ -127,7 +127,7 @@ def test_prototypes_cli_counts_match_the_swav_scores(tmp_path, capsys):
                          "--out", str(out)]) == 0
     reported = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     _png(out)
-    images, _ = viz_cli.sample_images("scenes", 64, 32, 64, 0, None)
+    images, _ = sample_images("scenes", 64, 32, 64, 0, None)
     mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
     std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
     x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - mean) / std
@@ -147,7 +147,7 @@ def test_prototypes_cli_counts_match_the_swav_scores(tmp_path, capsys):
 def test_mls_positives_are_top_k_of_online_vs_momentum_backbone_features(tmp_path):
     model = write_random_checkpoint(tmp_path / "ckpt", "mls", crop_size=32, queue_size=64,
                                     projection_hidden_dim=32, projection_dim=16, k=4)
-    images, labels = viz_cli.sample_images("scenes", 3 + 40, 32, 64, 0, None)
+    images, labels = sample_images("scenes", 3 + 40, 32, 64, 0, None)
     idx, sims = mls_positives(model, images[:3], images[3:], k=4)
     mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
     std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]

@@ -18,7 +18,7 @@ from PIL import Image
 from checkpoints import write_random_checkpoint
 from rayssl.checkpoint import load_shared_state, write_rank_state, write_shared_state
 from rayssl.data.scenes import SHAPES
-from rayssl.viz import __main__ as viz_cli
+from rayssl.cli import viz as viz_cli
 
 CLASSES = list(SHAPES)  # the job's default for --data scenes (its ground-truth column assumes it)
 NUM_SCENES, MISSING, SIZE = 24, 5, 32  # scene MISSING is not in the table (as if skipped)
@@ -39,7 +39,7 @@ def cdul_run(tmp_path_factory):
     from rayssl.data.scenes import generate_batch
     from rayssl.methods.cdul import CDUL
     from rayssl.pseudolabel.job import ClipLabeller, load_scenes
-    from rayssl.pseudolabel.store import scenes_source, write_meta
+    from rayssl.data.pseudo_labels import scenes_source, write_meta
     from rayssl.pseudolabel.tiny_clip import train_tiny_clip
 
     root = tmp_path_factory.mktemp("cdul")
@@ -96,7 +96,7 @@ def _png_size(path) -> tuple[int, int]:
 
 def test_cdul_labels_draws_the_table_and_the_store_for_the_most_changed_images(cdul_run, capsys):
     from rayssl.data.scenes import generate_scene
-    from rayssl.pseudolabel.store import read_pseudo_labels
+    from rayssl.data.pseudo_labels import read_pseudo_labels
 
     _, cols = read_pseudo_labels(cdul_run["labels"])
     initial = {int(i): s for i, s in zip(cols["index"], cols["soft_label"])}

@@ -1,2 +1,3 @@
-"""Ray Tune sweeps over rayssl runs: ``python -m tuning.sweep`` (see ``tuning/sweep.py``);
-the default search space of each method is in ``tuning/spaces.py``."""
+"""Ray Tune sweeps over rayssl runs: ``python -m tuning.sweep``. ``runner.py`` runs the sweep
+(one TorchTrainer run per trial); ``spaces.py`` reads, checks and converts search spaces (each
+method registers its default space in ``rayssl/methods/``)."""

@@ -1,8 +1,8 @@
 """Search spaces: the default one per method, the YAML override format, and validation.
 
-A space maps a config key, spelled as for ``--set`` (``section.key``), to a dimension.
-In a YAML file (``--search-space FILE.yaml``) keys are grouped by section, as in a
-``--config`` file; a dimension is one of
+A space maps a config key, spelled as for ``--set`` (``section.key``), to a dimension
+(``rayssl.space``). Each method registers its default space (``rayssl.methods``). In a YAML
+file (``--search-space FILE.yaml``) keys are grouped by section, as in a ``--config`` file::
 
     swav:
       epsilon: {loguniform: [0.02, 0.1]}     # log-uniform between the bounds
@@ -16,153 +16,52 @@ dimensions stay. Before any trial starts the whole space is checked against the 
 config: unknown keys, empty or reversed ranges, and every corner of the space (each
 dimension at its lowest and highest value, in every combination) is built into a
 ``Config`` so that the dataclasses' own checks refuse, naming the key, e.g. a negative
-temperature or ``mls.k`` not below ``mls.queue_size``. Nothing here imports Ray; ``to_tune``
-converts to Ray Tune's sampling objects on demand.
+temperature or ``mls.k`` not below ``mls.queue_size``. Ray is imported only by ``to_tune``,
+which converts to Ray Tune's sampling objects.
 """
 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Mapping
 
 from rayssl.config import SECTIONS, Config, ConfigError, deep_merge, load_yaml
-
-KINDS = ("choice", "uniform", "loguniform", "randint")
-
-
-@dataclass(frozen=True)
-class Dim:
-    """One dimension: ``kind`` in KINDS with its ``values`` (choices, or [low, high])."""
-
-    kind: str
-    values: tuple
-
-    def corners(self) -> list:
-        """The values at which a range is most extreme (every choice for categorical ones)."""
-        if self.kind != "choice":
-            return [self.values[0], self.values[1]]
-        vals = list(self.values)
-        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
-            return sorted({min(vals), max(vals)})
-        return vals
-
-    def to_tune(self):
-        from ray import tune
-
-        if self.kind == "choice":
-            return tune.choice(list(self.values))
-        if self.kind == "uniform":
-            return tune.uniform(*self.values)
-        if self.kind == "loguniform":
-            return tune.loguniform(*self.values)
-        return tune.randint(self.values[0], self.values[1] + 1)  # tune's upper bound is exclusive
-
-    def describe(self) -> str:
-        if self.kind == "choice":
-            return "choice " + ", ".join(map(str, self.values))
-        return f"{self.kind} [{self.values[0]}, {self.values[1]}]"
-
-
-def choice(*values) -> Dim:
-    return Dim("choice", tuple(values))
-
-
-def uniform(low: float, high: float) -> Dim:
-    return Dim("uniform", (low, high))
-
-
-def loguniform(low: float, high: float) -> Dim:
-    return Dim("loguniform", (low, high))
-
-
-def randint(low: int, high: int) -> Dim:
-    """An integer in [low, high], both included."""
-    return Dim("randint", (low, high))
-
-
-# --------------------------------------------------------------------------- defaults
-# What each paper says matters, around the paper's value. Keys are ``--set`` keys; a method
-# whose name is not registered yet (e.g. while it is being built) is skipped by the CLI.
-DEFAULT_SPACES: dict[str, dict[str, Any]] = {
-    # SwAV (Caron et al. 2020): K, epsilon and tau of the swapped prediction; the queue
-    # (length and first epoch) is what makes or breaks small-batch runs.
-    "swav": {
-        "swav.num_prototypes": choice(256, 1000, 3000),
-        "swav.epsilon": loguniform(0.02, 0.1),
-        "swav.temperature": loguniform(0.05, 0.2),
-        "swav.queue_length": choice(0, 3840),
-        "swav.queue_start_epoch": choice(1, 5, 15),
-        "optim.base_lr": loguniform(0.05, 0.6),
-    },
-    # MLS (Zhu, Fu, Wu 2023): k positives (ablated 1/5/20/40), tau, the BCE weight lambda
-    # and the queue size D; k stays below the smallest D.
-    "mls": {
-        "mls.k": choice(1, 5, 20, 40),
-        "mls.temperature": loguniform(0.1, 0.3),
-        "mls.lam": uniform(0.1, 1.0),
-        "mls.queue_size": choice(1024, 4096),
-        "optim.base_lr": loguniform(0.01, 0.3),
-    },
-    # MoCo-v2, the lambda = 0 baseline of MLS.
-    "moco": {
-        "moco.temperature": loguniform(0.1, 0.3),
-        "moco.queue_size": choice(1024, 4096),
-        "optim.base_lr": loguniform(0.01, 0.3),
-    },
-    # CDUL (Abdelfattah et al. 2023), training stage: how often gradient alignment updates
-    # the labels, the sigma of its Gaussian weight around 0.5, its step, and the lr. The
-    # labelling stage's snippet grid, gamma and lambda are options of the separate CLIP job
-    # (`python -m rayssl.pseudolabel --grid --gamma --lam`), whose output a sweep takes as
-    # --set cdul.pseudo_labels=URI: compare label sets by running that job once per setting.
-    "cdul": {
-        "cdul.label_update_every": choice(1, 2, 5),
-        "cdul.label_sigma": loguniform(0.1, 1.0),
-        "cdul.label_lr": loguniform(0.1, 10.0),
-        "optim.base_lr": loguniform(0.001, 0.1),
-    },
-}
+from rayssl.methods import get_method
+from rayssl.space import Dim, parse_dim
 
 # Keys a sweep owns: every trial writes to its own directory and resumes by itself.
 RESERVED_KEYS = ("run.method", "run.output", "run.resume")
 
+__all__ = ["RESERVED_KEYS", "default_space", "describe", "load_space_file", "nest", "space_to_jsonable", "to_tune",
+           "validate_space"]
+
 
 def default_space(method: str) -> dict[str, Any]:
-    if method not in DEFAULT_SPACES:
+    """The space the method registered with (``rayssl.methods``): what its paper says matters."""
+    space = get_method(method).space
+    if not space:
         raise ConfigError(f"--method: no default search space for {method!r}; give one with --search-space FILE.yaml")
-    return dict(DEFAULT_SPACES[method])
+    return dict(space)
+
+
+def to_tune(dim: Any):
+    """A Dim -> Ray Tune's sampling object (a fixed value stays as it is)."""
+    if not isinstance(dim, Dim):
+        return dim
+    from ray import tune
+
+    if dim.kind == "choice":
+        return tune.choice(list(dim.values))
+    if dim.kind == "uniform":
+        return tune.uniform(*dim.values)
+    if dim.kind == "loguniform":
+        return tune.loguniform(*dim.values)
+    return tune.randint(dim.values[0], dim.values[1] + 1)  # tune's upper bound is exclusive
 
 
 # --------------------------------------------------------------------------- files
-
-
-def parse_dim(key: str, value: Any, where: str) -> Any:
-    """A YAML value -> a Dim or a fixed value; errors name the key and the file."""
-    if not isinstance(value, Mapping):
-        if isinstance(value, list):
-            raise ConfigError(f"{where}{key}: a list is ambiguous; write {{choice: {value}}} to sweep over it")
-        return value
-    if len(value) != 1 or next(iter(value)) not in KINDS:
-        raise ConfigError(f"{where}{key}: expected one of {', '.join(f'{{{k}: [...]}}' for k in KINDS)}, "
-                          f"got {dict(value)!r}")
-    kind, args = next(iter(value.items()))
-    if not isinstance(args, list) or not args:
-        raise ConfigError(f"{where}{key}: {kind} needs a non-empty list, got {args!r}")
-    if kind == "choice":
-        return Dim(kind, tuple(args))
-    if len(args) != 2 or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args):
-        raise ConfigError(f"{where}{key}: {kind} needs [low, high] numbers, got {args!r}")
-    low, high = args
-    if kind == "randint" and not all(float(a).is_integer() for a in args):
-        raise ConfigError(f"{where}{key}: randint bounds must be integers, got {args!r}")
-    if low > high:
-        raise ConfigError(f"{where}{key}: impossible range [{low}, {high}]: the low bound is above the high bound")
-    if kind == "loguniform" and low <= 0:
-        raise ConfigError(f"{where}{key}: loguniform needs bounds > 0, got [{low}, {high}]")
-    if kind == "randint":
-        return Dim(kind, (int(low), int(high)))
-    return Dim(kind, (float(low), float(high)))
 
 
 def load_space_file(path: str | Path) -> dict[str, Any]:
@@ -193,8 +92,6 @@ def validate_space(space: Mapping[str, Any], base: Mapping[str, Any], where: str
     ``base`` is the resolved run config as a dict (``Config.to_dict()``) that every trial
     starts from. Checks key names, then builds a ``Config`` at every corner of the space.
     """
-    from rayssl.methods import get_method
-
     method = base["run"]["method"]
     method_cls = get_method(method).config_cls
     sections = [*SECTIONS, method]
@@ -234,7 +131,7 @@ def nest(assignment: Mapping[str, Any]) -> dict:
 
 def space_to_jsonable(space: Mapping[str, Any]) -> dict:
     """The space as plain data (for the sweep's stored spec and the results file)."""
-    return {k: ({v.kind: list(v.values)} if isinstance(v, Dim) else v) for k, v in space.items()}
+    return {k: (v.to_jsonable() if isinstance(v, Dim) else v) for k, v in space.items()}
 
 
 def describe(space: Mapping[str, Any]) -> str:

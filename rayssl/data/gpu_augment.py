@@ -31,14 +31,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rayssl.data.decode import decode_image
+from rayssl.data.multicrop import MultiCropSpec, sample_crop_params, sample_generators
+from rayssl.data.photometric import PhotometricParams, blur_kernel_size, draw_photometric
 from rayssl.data.ship import ShipToDevice, check_encoded  # noqa: F401 - re-exported
-from rayssl.data.multicrop import (
-    MultiCropSpec,
-    _draw_photometric,
-    _PhotometricParams,
-    blur_kernel_size,
-    sample_crop_params,
-)
+from rayssl.data.tensors import MEAN, STD
 
 __all__ = [
     "DeviceMultiCrop",
@@ -51,10 +48,6 @@ __all__ = [
     "is_jpeg",
 ]
 
-# ImageNet statistics, as rayssl.eval.features.to_float_images uses.
-from rayssl.eval.features import MEAN, STD  # noqa: E402
-
-
 class GroupParams(NamedTuple):
     """Every crop of one crop group for a batch of N images (``count`` crops each).
 
@@ -66,7 +59,7 @@ class GroupParams(NamedTuple):
     size: int
     count: int
     boxes: np.ndarray
-    photo: _PhotometricParams
+    photo: PhotometricParams
 
 
 def draw_multicrop_params(shapes: Sequence[tuple[int, int]], spec: MultiCropSpec,
@@ -92,10 +85,10 @@ def draw_multicrop_params(shapes: Sequence[tuple[int, int]], spec: MultiCropSpec
             for c in range(count):
                 boxes[i * count + c] = sample_crop_params(int(h), int(w), (lo, hi), spec.ratio, r)
         if per_image:
-            drawn = [_draw_photometric(count, spec, r) for r in rngs]
-            photo = _PhotometricParams(*(np.concatenate(p) for p in zip(*drawn)))
+            drawn = [draw_photometric(count, spec, r) for r in rngs]
+            photo = PhotometricParams(*(np.concatenate(p) for p in zip(*drawn)))
         else:
-            photo = _draw_photometric(n * count, spec, rng)
+            photo = draw_photometric(n * count, spec, rng)
         out.append(GroupParams(int(size), int(count), boxes, photo))
     return out
 
@@ -115,8 +108,6 @@ def decode_images(blobs: Sequence[bytes], device: torch.device | str, min_side: 
     the CPU decoder of the Ray Data path (``rayssl.data.decode.decode_image``: the same
     conversions and skips) and is copied over. Off CUDA every image takes that CPU path.
     """
-    from rayssl.data.decode import decode_image
-
     device = torch.device(device)
     out: list[torch.Tensor | None] = [None] * len(blobs)
     cpu_idx = list(range(len(blobs)))
@@ -352,8 +343,6 @@ def device_crop_batches(batches: Iterable[dict], augment: DeviceMultiCrop, *, se
     the same batch, so every rank keeps the batch size the collectives expect; the
     replacements are counted in ``failed["decode_error"]``.
     """
-    from rayssl.data.multicrop import sample_generators
-
     for batch in batches:
         keys = [int(k) for k in batch["key"]]
         if "encoded" in batch:

@@ -11,7 +11,7 @@ streams: a tar shard is read sequentially inside one task and emits crops as it 
 image files are fetched a batch at a time (concurrent GETs on S3); nothing is
 materialised, so a long run over a large bucket keeps bounded memory.
 
-Images that cannot be used are dropped and counted in a ``DataStats`` actor (keys
+Images that cannot be used are dropped and counted in the run's ``DataCounts`` (``rayssl.data.stats``; keys
 ``seen``, ``skipped.<reason>``, ``converted.<conversion>``); the driver puts the counts in
 the run summary and the training loop shows them in its progress. Reasons: the decode
 ones (``decode_error``, ``empty``, ``too_small``, ``too_large``) plus ``read_error`` (a
@@ -24,7 +24,7 @@ not something to train on.
 
 Augmentations are seeded per sample by (run seed, epoch, a stable key of the sample: the
 scene index, the file path, shard path + member key, or for Parquet rows a hash of the
-image bytes); the consumer announces each epoch with ``DataStats.set_epoch`` before reading
+image bytes); the consumer announces each epoch with ``DataCounts.set_epoch`` before reading
 it. Row order is Ray Data's streaming order unless ``data.deterministic`` is set: then the
 file/shard order is the seeded one every epoch, and the trainer runs the shards with
 ``preserve_order`` so that every worker gets the same rows in the same order on every run
@@ -33,186 +33,42 @@ file/shard order is the seeded one every epoch, and the trainer runs the shards 
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
 import ray
 
-from rayssl.data.ship import ShipToDevice
+from rayssl.data.decode import decode_batch
 from rayssl.data.multicrop import MultiCropSpec, crop_spec, multicrop_batch, sample_generators, stable_key
 from rayssl.data.scenes import generate_batch, split_seed
-from rayssl.data.sources import (
-    IMAGE_EXTENSIONS,
-    DataError,
-    Source,
-    count_samples,
-    iter_tar_images,
-    open_shard,
-    resolve_source,
-)
-from rayssl.storage import S3Options
+from rayssl.data.ship import ShipToDevice, check_encoded
+from rayssl.data.sources import DataError, Source, count_samples, resolve_source
+from rayssl.data.stats import DataCounts, augment_generators, current_epoch, report
+from rayssl.data.tar import iter_tar_images, open_shard
+from rayssl.sections import DataSection
 
-__all__ = [
-    "IMAGE_EXTENSIONS",
-    "MIN_SEEN_FOR_BAD_CHECK",
-    "DataError",
-    "DataStats",
-    "TrainData",
-    "build_train_data",
-    "crop_spec",
-    "data_error_message",
-    "min_image_side",
-]
+__all__ = ["TrainData", "build_train_data", "epoch_block_order", "image_bytes", "min_image_side",
+           "resolve_data_source"]
 
-# The bad-data check waits for this many images, so a few broken files at the start of
-# a stream cannot stop a run.
-MIN_SEEN_FOR_BAD_CHECK = 64
-
-# Counts that are not images (a shard is one unit) and so stay out of the bad fraction.
-_NOT_IMAGE_COUNTS = ("skipped.unreadable_shard",)
-
-
-@ray.remote(num_cpus=0)
-class DataStats:
-    """Counts of images seen, skipped (by reason) and converted, summed over all tasks;
-    and the epoch being read, which seeds the augmentations (see ``augment_generators``)."""
-
-    def __init__(self) -> None:
-        self.counts: Counter = Counter()
-        self._epoch = 0
-
-    def add(self, counts: dict) -> dict:
-        self.counts.update(counts)
-        return dict(self.counts)
-
-    def get(self) -> dict:
-        return dict(self.counts)
-
-    def set_epoch(self, epoch: int) -> None:
-        """The consumer calls this (and waits) before it starts reading epoch ``epoch``."""
-        self._epoch = int(epoch)
-
-    def epoch(self) -> int:
-        return self._epoch
-
-
-def current_epoch(stats) -> int:
-    """The epoch the consumer announced with ``DataStats.set_epoch`` (0 without an actor).
-
-    Read once per map batch: Ray Data starts an epoch's tasks only after every training
-    worker asked for that epoch (``streaming_split``'s barrier), and rank 0 announces the
-    epoch before it asks, so every batch of an epoch reads that epoch's number.
-    """
-    return 0 if stats is None else int(ray.get(stats.epoch.remote()))
-
-
-def augment_generators(seed: int, stats, keys) -> list:
-    """One augmentation generator per sample from (run seed, epoch, the sample's stable
-    key): the crops of an image depend on nothing else -- not on the batch, task, block
-    order or worker it lands in -- so runs with the same seed, and a resumed run, see the
-    same crops of the same image in the same epoch."""
-    return sample_generators(seed, current_epoch(stats), keys)
-
-
-def epoch_block_order(cfg, ds):
+def epoch_block_order(data: DataSection, ds):
     """``ds`` with its blocks in a new random order every epoch; in ``data.deterministic``
     mode, unchanged (the seeded order the caller built), so that ``streaming_split`` hands
     every worker the same rows each run and a resumed run matches an uninterrupted one."""
-    return ds if cfg.data.deterministic else ds.randomize_block_order()
+    return ds if data.deterministic else ds.randomize_block_order()
 
 
-def min_image_side(cfg) -> int:
+def min_image_side(data: DataSection) -> int:
     """Shorter side below which an image is skipped as too_small: ``data.min_image_side``,
     or (0, the default) the largest crop size -- smaller images would only be upsampled."""
-    d = cfg.data
-    return int(getattr(d, "min_image_side", 0) or max(d.crop_sizes))
+    return int(data.min_image_side or max(data.crop_sizes))
 
 
-def bad_fraction_error(totals: dict, max_bad_fraction: float, uri: str = "") -> str | None:
-    """The error message when too many of the images seen so far were skipped, else None."""
-    seen = int(totals.get("seen", 0))
-    skips = {k: v for k, v in totals.items() if k.startswith("skipped.") and k not in _NOT_IMAGE_COUNTS}
-    bad = sum(skips.values())
-    if seen < MIN_SEEN_FOR_BAD_CHECK or bad <= max_bad_fraction * seen:
-        return None
-    why = ", ".join(f"{k.split('.', 1)[1]}={v}" for k, v in sorted(skips.items()))
-    where = f" in {uri}" if uri else ""
-    hint = "check the data (or raise data.max_bad_fraction)"
-    if max(skips, key=skips.get) == "skipped.too_small":
-        hint = ("most images are smaller than data.min_image_side (0: the largest of data.crop_sizes); "
-                "use smaller crops or set data.min_image_side")
-    return (f"{bad} of {seen} images{where} were unusable ({why}): more than data.max_bad_fraction="
-            f"{max_bad_fraction:g}; {hint}")
-
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def wrapped_error_message(exc: BaseException, error_type: type[BaseException]) -> str | None:
-    """The message of an ``error_type`` error inside a (Ray-wrapped) failure, or None.
-
-    An error raised in a Ray task or a Ray Train worker often reaches the driver only as
-    text (``RayTaskError(UserCodeException)``, a ``WorkerGroupError``'s worker failures, a
-    ``ControllerError``): the original class is not always chained, so the message is also
-    searched for in the text as ``<ErrorType>: message``. For one-line failure reports.
-    """
-    line = re.compile(rf"\b{re.escape(error_type.__name__)}: ([^\n]+)")
-    todo, seen = [exc], set()
-    while todo:
-        e = todo.pop(0)
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if type(e) is error_type:
-            return str(e).strip().splitlines()[0]
-        m = line.search(_ANSI.sub("", str(e)))
-        if m:
-            return m.group(1).strip()
-        failures = getattr(e, "worker_failures", None)
-        if isinstance(failures, dict):
-            todo.extend(failures.values())
-        todo.extend([getattr(e, "cause", None), getattr(e, "controller_failure", None), e.__cause__,
-                     e.__context__])
-    return None
-
-
-def data_error_message(exc: BaseException) -> str | None:
-    """The DataError message inside a (Ray-wrapped) failure, or None.
-
-    A DataError raised in a Ray Data task reaches the driver only as text inside
-    ``RayTaskError(UserCodeException)`` (and, through Ray Train, inside a
-    ``WorkerGroupError``'s worker failures). For the driver's one-line "training failed" report.
-    """
-    return wrapped_error_message(exc, DataError)
-
-
-def _report(stats, counts: Counter, max_bad_fraction: float = 1.0, uri: str = "") -> None:
-    """Send this batch's counts to the stats actor.
-
-    Fire and forget when nothing was skipped (never block the data path for the common
-    case); when something was, wait for the totals and stop the run if too much is bad.
-    """
-    if stats is None or not counts:
-        return
-    bad = any(k.startswith("skipped.") for k in counts)
-    if not bad or max_bad_fraction >= 1.0:
-        stats.add.remote(dict(counts))
-        return
-    totals = ray.get(stats.add.remote(dict(counts)))
-    msg = bad_fraction_error(totals, max_bad_fraction, uri)
-    if msg:
-        raise DataError(msg)
-
-
-def _decode_crop_count(blobs: list, keys: list[int], *, spec: MultiCropSpec, min_side: int, stats,
-                       seed: int = 0, extra: Counter | None = None, max_bad_fraction: float = 1.0,
-                       uri: str = "", epoch: int | None = None) -> dict:
+def decode_crop_count(blobs: list, keys: list[int], *, spec: MultiCropSpec, min_side: int, stats,
+                      seed: int = 0, extra: Counter | None = None, max_bad_fraction: float = 1.0,
+                      uri: str = "", epoch: int | None = None) -> dict:
     """Encoded images (``None`` = could not be read) and their stable keys -> crops; counts
     reported to ``stats``. ``epoch``: the epoch if the caller already read it."""
-    from rayssl.data.decode import decode_batch
-
     if isinstance(spec, ShipToDevice):  # data.augment_on=device: the training worker decodes and crops
         return _ship_encoded(blobs, keys, min_side=min_side, stats=stats, extra=extra,
                              max_bad_fraction=max_bad_fraction, uri=uri)
@@ -226,7 +82,7 @@ def _decode_crop_count(blobs: list, keys: list[int], *, spec: MultiCropSpec, min
     counts.update({f"skipped.{getattr(k, 'value', k)}": v for k, v in skipped.items()})
     counts.update({f"converted.{k}": v for k, v in converted.items()})
     counts = Counter({k: v for k, v in counts.items() if v})
-    _report(stats, counts, max_bad_fraction, uri)
+    report(stats, counts, max_bad_fraction, uri)
     good = [(im, k) for im, k in zip(images, keys) if im is not None]
     if not good:
         # No columns at all: Ray Data drops the empty batch (a zero-length tensor column
@@ -240,15 +96,13 @@ def _ship_encoded(blobs: list, keys: list[int], *, min_side: int, stats, extra: 
                   max_bad_fraction: float = 1.0, uri: str = "") -> dict:
     """``augment_on=device``: header-checked encoded images -> ``{"encoded", "key"}`` rows
     (nothing decoded here); skips counted as on the CPU path."""
-    from rayssl.data.ship import check_encoded
-
     counts = Counter(extra or {})
     counts["seen"] += len(blobs)
     readable = [(b, k) for b, k in zip(blobs, keys) if b is not None]
     counts["skipped.read_error"] += len(blobs) - len(readable)
     good, skipped = check_encoded([b for b, _ in readable], min_side=min_side)
     counts.update({f"skipped.{k}": v for k, v in skipped.items()})
-    _report(stats, Counter({k: v for k, v in counts.items() if v}), max_bad_fraction, uri)
+    report(stats, Counter({k: v for k, v in counts.items() if v}), max_bad_fraction, uri)
     if not good:
         return {}
     encoded = np.empty(len(good), dtype=object)
@@ -264,13 +118,13 @@ def crop_scenes(batch: dict, *, seed: int, size: int, spec: MultiCropSpec, stats
     index is the sample's augmentation key)."""
     ids = np.asarray(batch["id"])
     scenes = generate_batch(ids, seed=seed, size=size)
-    _report(stats, Counter(seen=len(scenes["image"])))
+    report(stats, Counter(seen=len(scenes["image"])))
     if isinstance(spec, ShipToDevice):  # the worker crops the uint8 scenes on its device
         return {"image": scenes["image"], "key": ids.astype(np.uint64)}
     return multicrop_batch(list(scenes["image"]), spec, augment_generators(seed, stats, ids.tolist()))
 
 
-def _blob(value):
+def image_bytes(value) -> bytes:
     """A cell of an image column -> bytes (binary, or a struct with a 'bytes' field)."""
     if isinstance(value, dict):
         value = value.get("bytes")
@@ -284,8 +138,8 @@ def decode_and_crop(batch: dict, *, spec: MultiCropSpec, min_side: int, stats=No
     """``{column: (N,)}`` encoded images (files' bytes, a Parquet image column) -> crops.
 
     Rows carry no name, so an image's augmentation key is a hash of its bytes."""
-    blobs = [_blob(v) for v in batch[column]]
-    return _decode_crop_count(blobs, [stable_key(b) for b in blobs], spec=spec, min_side=min_side, stats=stats,
+    blobs = [image_bytes(v) for v in batch[column]]
+    return decode_crop_count(blobs, [stable_key(b) for b in blobs], spec=spec, min_side=min_side, stats=stats,
                               seed=seed, max_bad_fraction=max_bad_fraction, uri=uri)
 
 
@@ -299,7 +153,7 @@ def fetch_decode_and_crop(batch: dict, *, fs, spec: MultiCropSpec, min_side: int
     paths = [str(p) for p in batch["path"]]
     fetched = fs.cat_ranges(paths, None, None, on_error="return")
     blobs = [None if isinstance(b, BaseException) else bytes(b) for b in fetched]
-    return _decode_crop_count(blobs, [stable_key(p) for p in paths], spec=spec, min_side=min_side, stats=stats,
+    return decode_crop_count(blobs, [stable_key(p) for p in paths], spec=spec, min_side=min_side, stats=stats,
                               seed=seed, max_bad_fraction=max_bad_fraction, uri=uri)
 
 
@@ -324,7 +178,7 @@ def tar_shards_to_crops(batch: dict, *, fs, spec: MultiCropSpec, min_side: int, 
                     pending.append(data)
                     keys.append(stable_key(f"{path}#{key}"))
                     if len(pending) >= chunk:
-                        out = _decode_crop_count(pending, keys, **common)
+                        out = decode_crop_count(pending, keys, **common)
                         pending, keys = [], []
                         if out:
                             yield out
@@ -333,7 +187,7 @@ def tar_shards_to_crops(batch: dict, *, fs, spec: MultiCropSpec, min_side: int, 
         except Exception:  # noqa: BLE001 - tarfile.ReadError, EOFError, OSError, zlib errors...
             broken["skipped.unreadable_shard"] = 1
         if pending or broken:
-            out = _decode_crop_count(pending, keys, extra=broken, **common)
+            out = decode_crop_count(pending, keys, extra=broken, **common)
             if out:
                 yield out
 
@@ -341,17 +195,16 @@ def tar_shards_to_crops(batch: dict, *, fs, spec: MultiCropSpec, min_side: int, 
 # ---------------------------------------------------------------- building the dataset
 
 
-def resolve_cfg_source(cfg) -> Source:
-    """``cfg.data.source`` resolved (listed once); DataError names the URI on failure."""
-    d = cfg.data
-    return resolve_source(d.source, S3Options.from_config(cfg), image_column=getattr(d, "parquet_image_column", "image"))
+def resolve_data_source(data: DataSection) -> Source:
+    """``data.source`` resolved (listed once); DataError names the URI on failure."""
+    return resolve_source(data.source, data.s3, image_column=data.parquet_image_column)
 
 
 @dataclass
 class TrainData:
     dataset: "ray.data.Dataset"
     num_images: int  # images listed (before any skips): sizes the LR schedule
-    stats: object  # DataStats actor handle; call stats.set_epoch before reading each epoch
+    stats: DataCounts  # the run's counts; call stats.set_epoch before reading each epoch
     source: Source | None = None  # None for the built-in scenes
 
 
@@ -364,43 +217,43 @@ def _path_blocks(paths: list[str], rows_per_block: int) -> "ray.data.Dataset":
     return ray.data.from_arrow([table.slice(i, step) for i in range(0, len(paths), step)])
 
 
-def build_train_data(cfg, stats=None, source: Source | None = None) -> TrainData:
-    """The training dataset for ``cfg.data.source`` (any kind of source; see the module doc)."""
-    spec = crop_spec(cfg)
-    d = cfg.data
-    if getattr(d, "augment_on", "cpu") == "device":
+def build_train_data(d: DataSection, seed: int, stats: DataCounts | None = None,
+                     source: Source | None = None) -> TrainData:
+    """The training dataset for ``d.source`` (any kind of source; see the module doc)."""
+    spec = crop_spec(d)
+    if d.augment_on == "device":
         spec = ShipToDevice(spec)  # ship bytes (scenes: pixels) + keys; see rayssl.data.gpu_augment
-    stats = stats if stats is not None else DataStats.remote()
+    stats = stats if stats is not None else DataCounts()
     if d.builtin_scenes:
         n = d.scenes_num_images
         blocks = max(1, min(64, n // max(1, d.read_batch_size)))
         ds = ray.data.range(n, override_num_blocks=blocks).map_batches(
             crop_scenes,
             batch_size=d.read_batch_size,
-            fn_kwargs={"seed": split_seed(cfg.run.seed, "train"), "size": d.scenes_image_size,
+            fn_kwargs={"seed": split_seed(seed, "train"), "size": d.scenes_image_size,
                        "spec": spec, "stats": stats},
         )
         return TrainData(ds, n, stats)
 
-    source = source or resolve_cfg_source(cfg)
-    common = {"spec": spec, "min_side": min_image_side(cfg), "stats": stats, "seed": cfg.run.seed,
-              "max_bad_fraction": float(getattr(d, "max_bad_fraction", 1.0)), "uri": source.uri}
+    source = source or resolve_data_source(d)
+    common = {"spec": spec, "min_side": min_image_side(d), "stats": stats, "seed": seed,
+              "max_bad_fraction": float(d.max_bad_fraction), "uri": source.uri}
     # Visit files/shards in a seeded random order (sorted listings put whole classes
     # together), and the blocks in a new order every epoch -- except in deterministic mode,
     # where the order is the seeded one every epoch (the local shuffle still varies by epoch).
-    rng = np.random.default_rng(cfg.run.seed)
+    rng = np.random.default_rng(seed)
     paths = [source.paths[i] for i in rng.permutation(len(source.paths))]
 
     if source.kind == "images":
         # Blocks of whole read batches, at most ~2000 of them however large the listing
         # (one task streams through a block a read batch at a time).
         per_block = d.read_batch_size * max(1, -(-len(paths) // (2000 * d.read_batch_size)))
-        ds = epoch_block_order(cfg, _path_blocks(paths, per_block)).map_batches(
+        ds = epoch_block_order(d, _path_blocks(paths, per_block)).map_batches(
             fetch_decode_and_crop, batch_size=d.read_batch_size, fn_kwargs={"fs": source.fs, **common},
         )
         return TrainData(ds, len(paths), stats, source)
     if source.kind == "webdataset":
-        ds = epoch_block_order(cfg, _path_blocks(paths, 1)).map_batches(
+        ds = epoch_block_order(d, _path_blocks(paths, 1)).map_batches(
             tar_shards_to_crops, batch_size=1,
             fn_kwargs={"fs": source.fs, "chunk": d.read_batch_size, **common},
         )

@@ -16,32 +16,26 @@ unreachable endpoint, a missing image column) is a :class:`DataError` whose one-
 message names the URI -- and never a credential: messages are built from error codes,
 not from the exception text of the S3 client.
 
-Also here: brace expansion, streaming tar reading (pure Python, used inside Ray Data
-tasks), sample counting for shards (a ``manifest.json`` written by
-``rayssl.data.shards`` when present, tar headers or Parquet footers otherwise) and a
-loader of evaluation labels. No Ray import.
+Also here: brace expansion and sample counting for shards (a ``manifest.json`` written by
+``rayssl.data.shards`` when present, tar headers or Parquet footers otherwise). Reading tar
+shards is ``rayssl.data.tar``; label tables ``rayssl.data.labels``. No Ray import.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import itertools
 import json
 import posixpath
 import re
-import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import BinaryIO, Iterator, Sequence
 
+from rayssl.data.formats import IMAGE_EXTENSIONS, kind_of
+from rayssl.data.tar import index_shard
 from rayssl.storage import S3Options, filesystem, is_remote, is_s3, pyarrow_filesystem
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
-TAR_EXTENSIONS = ("tar",)
-PARQUET_EXTENSIONS = ("parquet", "pq")
 MANIFEST_NAME = "manifest.json"  # written next to the shards by rayssl.data.shards
 
 _BRACE = re.compile(r"\{([^{}]*)\}")
@@ -50,26 +44,6 @@ _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
 
 class DataError(ValueError):
     """The data source cannot be used (missing, empty, unreadable); names the URI."""
-
-
-# ----------------------------------------------------------------------------- names
-
-
-def extension(path: str) -> str:
-    """Lower-case extension without the dot ("" when none)."""
-    base = posixpath.basename(path)
-    return base.rsplit(".", 1)[1].lower() if "." in base else ""
-
-
-def kind_of(path: str) -> str | None:
-    ext = extension(path)
-    if ext in IMAGE_EXTENSIONS:
-        return "images"
-    if ext in TAR_EXTENSIONS:
-        return "webdataset"
-    if ext in PARQUET_EXTENSIONS:
-        return "parquet"
-    return None
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -198,7 +172,7 @@ class Source:
         return is_remote(self.uri)
 
 
-def _list(fs, root: str) -> dict[str, int]:
+def list_files(fs, root: str) -> dict[str, int]:
     """{path: size} of every file below ``root`` (recursive), or of ``root`` if a file."""
     found = fs.find(root, detail=True)
     out = {p: int(info.get("size") or 0) for p, info in found.items() if info.get("type", "file") != "directory"}
@@ -272,7 +246,7 @@ def resolve_source(uri: str, options: S3Options | None = None, image_column: str
             fs, path = filesystem(uri, options)
             if not is_remote(uri) and not fs.exists(path):
                 raise DataError(f"data source {path!r} does not exist")
-            listing = _list(fs, path)
+            listing = list_files(fs, path)
             if not listing:
                 if is_s3(uri):
                     bucket = path.split("/", 1)[0]
@@ -303,12 +277,6 @@ def _find_manifest(fs, selected: list[str], listing: dict[str, int]) -> dict | N
         return None
 
 
-def _is_local(fs) -> bool:
-    import fsspec.implementations.local as local
-
-    return isinstance(fs, local.LocalFileSystem)
-
-
 def _check_image_column(source: Source, fs) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -326,127 +294,6 @@ def _check_image_column(source: Source, fs) -> None:
     if not ok:
         raise DataError(f"data source {source.uri}: column {col!r} holds {typ}, not encoded image bytes "
                         "(binary, or a struct with a 'bytes' field)")
-
-
-# ----------------------------------------------------------------------------- tar shards
-
-
-def sample_key(member_name: str) -> tuple[str, str]:
-    """WebDataset member name -> (key, extension): ``a/000123.seg.png`` -> ("000123", "seg.png").
-
-    The key is the member's basename up to its first dot: every member of one sample
-    shares it (``000123.png``, ``000123.json``, ``000123.cls``)."""
-    base = posixpath.basename(member_name)
-    key, _, ext = base.partition(".")
-    return key, ext.lower()
-
-
-def _is_image_ext(ext: str) -> bool:
-    return ext.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS
-
-
-def iter_tar_images(fileobj: BinaryIO) -> Iterator[tuple[str, bytes]]:
-    """Stream (key, encoded image bytes) out of a tar shard, one per sample key.
-
-    Reads the tar sequentially (``r|*``: no seeking, gzip-compressed shards too), so a
-    shard is never held in memory; only one member's bytes at a time. When a sample has
-    several image members, the first one wins. Raises tarfile/OS errors on a corrupt
-    or truncated shard after yielding what came before the damage.
-    """
-    last_key = None
-    with tarfile.open(fileobj=fileobj, mode="r|*") as tf:
-        for member in tf:
-            if not member.isfile():
-                continue
-            key, ext = sample_key(member.name)
-            if not _is_image_ext(ext) or key == last_key:
-                continue
-            handle = tf.extractfile(member)
-            data = handle.read() if handle is not None else b""
-            last_key = key
-            yield key, data
-
-
-def iter_tar_samples(fileobj: BinaryIO) -> Iterator[dict[str, bytes]]:
-    """Stream whole WebDataset samples: ``{"__key__": key, ext: bytes, ...}`` per key."""
-    current: dict[str, bytes] | None = None
-    with tarfile.open(fileobj=fileobj, mode="r|*") as tf:
-        for member in tf:
-            if not member.isfile():
-                continue
-            key, ext = sample_key(member.name)
-            if current is not None and current["__key__"] != key:
-                yield current
-                current = None
-            if current is None:
-                current = {"__key__": key}
-            handle = tf.extractfile(member)
-            current[ext] = handle.read() if handle is not None else b""
-    if current is not None:
-        yield current
-
-
-def index_tar_images(fileobj: BinaryIO, partial: list | None = None) -> list[tuple[str, int, int]]:
-    """``(key, offset, size)`` of each sample's image, from the tar's headers alone (seeks
-    past member data): the bytes ``[offset, offset + size)`` of the shard file are the image
-    ``iter_tar_images`` yields for that key (the same first-image-per-sample rule).
-
-    Byte ranges exist only in an uncompressed tar: a compressed one raises
-    ``tarfile.ReadError``. On a damaged shard the error propagates; pass ``partial`` (a
-    list) to keep the members indexed before the damage, as the streaming reader yields them.
-    """
-    out = partial if partial is not None else []
-    last_key = None
-    file_size = fileobj.seek(0, 2)
-    fileobj.seek(0)
-    with tarfile.open(fileobj=fileobj, mode="r:") as tf:
-        for member in tf:
-            if member.offset_data + member.size > file_size:  # cut short: the header came, the data did not
-                raise tarfile.ReadError(f"member {member.name} is truncated")
-            if not member.isfile() or member.issparse():
-                continue
-            key, ext = sample_key(member.name)
-            if not _is_image_ext(ext) or key == last_key:
-                continue
-            last_key = key
-            out.append((key, member.offset_data, member.size))
-    return out
-
-
-def count_tar_images(fileobj: BinaryIO) -> int:
-    """Image samples in a tar, from its headers alone (seeks past member data)."""
-    return len(index_tar_images(fileobj))
-
-
-def _index_shard(fs, path: str) -> tuple[list[tuple[str, int, int]], bool]:
-    """``index_tar_images`` of one shard file -> (members, damaged)."""
-    members: list = []
-    with _open_for_scan(fs, path) as f:
-        try:
-            index_tar_images(f, members)
-        except (tarfile.TarError, EOFError, OSError):
-            return members, True
-    return members, False
-
-
-def scan_tar_shards(fs, paths: Sequence[str], max_threads: int = 16) -> tuple[list[tuple[str, str, int, int]], int]:
-    """Every image of the given tar shards, addressed by byte range: ``([(path, key, offset,
-    size)] in shard order, number of damaged shards)``. Headers only, read concurrently
-    (I/O bound, so threads); a damaged shard contributes the images before the damage."""
-    rows: list[tuple[str, str, int, int]] = []
-    damaged = 0
-    with ThreadPoolExecutor(max(1, min(max_threads, len(paths)))) as pool:
-        for path, (members, broken) in zip(paths, pool.map(lambda p: _index_shard(fs, p), paths)):
-            rows.extend((path, key, off, size) for key, off, size in members)
-            damaged += broken
-    return rows, damaged
-
-
-def open_shard(fs, path: str) -> BinaryIO:
-    """Open a shard for a sequential read (S3: 8 MiB read-ahead blocks)."""
-    if _is_local(fs):
-        return open(path, "rb")
-    return fs.open(path, "rb", block_size=8 << 20, cache_type="readahead")
 
 
 def count_samples(source: Source, max_threads: int = 16) -> int:
@@ -471,92 +318,10 @@ def count_samples(source: Source, max_threads: int = 16) -> int:
             with fs.open(path, "rb") as f:
                 return pq.ParquetFile(f).metadata.num_rows
         # A damaged shard: the reader yields what precedes the damage, and counts the shard.
-        return len(_index_shard(fs, path)[0])
+        return len(index_shard(fs, path)[0])
 
     with translate_errors(source.uri, source.options, "read"):
         with ThreadPoolExecutor(max(1, min(max_threads, len(todo)))) as pool:
             for path, n in zip(todo, pool.map(one, todo)):
                 counts[posixpath.basename(path)] = n
     return sum(counts[posixpath.basename(p)] for p in source.paths)
-
-
-def _open_for_scan(fs, path: str) -> BinaryIO:
-    if _is_local(fs):
-        return open(path, "rb")
-    # Small blocks: a header scan hops from header to header, reading little of the data.
-    return fs.open(path, "rb", block_size=1 << 16, cache_type="readahead")
-
-
-# ----------------------------------------------------------------------------- labels
-
-
-_ID_COLUMNS = ("id", "key", "__key__", "image", "image_id", "path", "filename", "file")
-_CLASS_COLUMNS = ("classes", "labels", "label", "class", "category", "dominant")
-
-
-def _image_id(value: str) -> str:
-    """A label table's image reference -> the id used everywhere: the file stem."""
-    return posixpath.basename(str(value).replace("\\", "/")).split(".", 1)[0]
-
-
-def _split_classes(value) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, (list, tuple)) or hasattr(value, "tolist"):
-        items = value.tolist() if hasattr(value, "tolist") else value
-        return tuple(str(v).strip() for v in items if str(v).strip())
-    text = str(value)
-    for sep in ("|", ";", ","):
-        if sep in text:
-            return tuple(s.strip() for s in text.split(sep) if s.strip())
-    return (text.strip(),) if text.strip() else ()
-
-
-def _pick(columns: list[str], wanted: tuple[str, ...], what: str, uri: str) -> str:
-    lower = {c.lower(): c for c in columns}
-    for w in wanted:
-        if w in lower:
-            return lower[w]
-    raise DataError(f"labels {uri}: no {what} column (looked for {', '.join(wanted)}; has {', '.join(columns)})")
-
-
-def load_labels(uri: str, options: S3Options | None = None) -> dict[str, tuple[str, ...]]:
-    """Evaluation labels: image id (file stem) -> class names (one or more).
-
-    ``uri`` is either a labels table -- ``.csv`` or ``.parquet`` with an id column (``id``,
-    ``key``, ``image``, ``path``...) and a class column (``classes``, ``labels``, ``label``,
-    ``class``...; several classes joined by ``|``, ``;`` or ``,`` or given as a list) --
-    or an ImageFolder-style tree (``root/<class>/<image>``) whose folder names are the
-    classes. This is the layout ``python -m rayssl.data.scenes`` writes.
-    """
-    options = options or S3Options()
-    fs, path = filesystem(uri, options)
-    ext = extension(path)
-    with translate_errors(uri, options, "read", what="labels"):
-        if ext == "csv":
-            text = fs.cat_file(path).decode("utf-8-sig")
-            rows = list(csv.DictReader(io.StringIO(text)))
-            if not rows:
-                raise DataError(f"labels {uri}: the table is empty")
-            cols = list(rows[0].keys())
-            id_col, cls_col = _pick(cols, _ID_COLUMNS, "id", uri), _pick(cols, _CLASS_COLUMNS, "class", uri)
-            return {_image_id(r[id_col]): _split_classes(r[cls_col]) for r in rows}
-        if ext in PARQUET_EXTENSIONS:
-            import pyarrow.parquet as pq
-
-            with fs.open(path, "rb") as f:
-                table = pq.read_table(f)
-            cols = table.column_names
-            id_col, cls_col = _pick(cols, _ID_COLUMNS, "id", uri), _pick(cols, _CLASS_COLUMNS, "class", uri)
-            ids, classes = table.column(id_col).to_pylist(), table.column(cls_col).to_pylist()
-            return {_image_id(i): _split_classes(c) for i, c in zip(ids, classes)}
-        root = path.rstrip("/")
-        listing = _list(fs, root)
-        labels: dict[str, tuple[str, ...]] = {}
-        for p in sorted(listing):
-            rel = p[len(root):].lstrip("/")
-            if kind_of(p) == "images" and "/" in rel:
-                labels[_image_id(p)] = (posixpath.basename(posixpath.dirname(p)),)
-        if not labels:
-            raise DataError(f"labels {uri}: no images in class folders (expected root/<class>/<image>)")
-        return labels

@@ -6,22 +6,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-# ImageNet statistics: torchvision backbones (and their exports) expect them.
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
-
-
-def to_float_images(x: torch.Tensor, channels_last: bool = True) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> normalised float (B, 3, H, W).
-
-    Permuting an NHWC tensor gives NCHW *in channels_last memory* for free, which is the
-    layout convolutions prefer on GPUs; ``contiguous()`` is only forced when asked.
-    """
-    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1) * 255.0
-    y = (x.permute(0, 3, 1, 2).float() - mean) / std
-    return y.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-
+from rayssl.data.scenes import generate_batch, split_seed
+from rayssl.data.tensors import to_float_images
+from rayssl.eval.knn import knn_top1
+from rayssl.eval.linear import linear_probe_map
 
 @torch.no_grad()
 def extract_features(backbone: torch.nn.Module, images: np.ndarray, size: int, device,
@@ -42,8 +30,6 @@ def extract_features(backbone: torch.nn.Module, images: np.ndarray, size: int, d
 
 def scenes_eval_sets(seed: int, image_size: int, n_train: int, n_test: int) -> tuple[dict, dict]:
     """Labelled scenes for evaluation, from streams disjoint from the training scenes."""
-    from rayssl.data.scenes import generate_batch, split_seed
-
     train = generate_batch(range(n_train), seed=split_seed(seed, "eval-train"), size=image_size)
     test = generate_batch(range(n_test), seed=split_seed(seed, "eval-test"), size=image_size)
     return train, test
@@ -57,9 +43,6 @@ def evaluate_on_scenes(metric: str, backbone: torch.nn.Module, sets: tuple[dict,
     ``linear_map``: macro mAP of a linear multi-label probe (BCE) on the classes present
     (the multi-label report of MLS/MoCo and CDUL).
     """
-    from rayssl.eval.knn import knn_top1
-    from rayssl.eval.linear import linear_probe_map
-
     train, test = sets
     ftr = extract_features(backbone, train["image"], size, device)
     fte = extract_features(backbone, test["image"], size, device)

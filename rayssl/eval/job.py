@@ -16,10 +16,13 @@ import numpy as np
 import ray
 
 from rayssl.data.decode import decode_image
-from rayssl.data.pipeline import _blob
+from rayssl.data.pipeline import image_bytes
 from rayssl.data.scenes import generate_batch, split_seed
-from rayssl.data.sources import Source, iter_tar_images, open_shard
+from rayssl.data.sources import Source
+from rayssl.data.tar import iter_tar_images, open_shard
+from rayssl.eval.features import extract_features
 from rayssl.eval.preprocess import center_square
+from rayssl.modules.backbone import build_backbone
 
 
 # ------------------------------------------------------------------ read functions (map_batches)
@@ -63,7 +66,7 @@ def read_tar_shards(batch: dict, *, fs, size: int, chunk: int = 64):
 
 def read_parquet_rows(batch: dict, *, id_column: str, image_column: str, size: int) -> dict:
     ids = [str(v).replace("\\", "/").rsplit("/", 1)[-1].split(".", 1)[0] for v in batch[id_column]]
-    return _decoded(ids, [_blob(v) for v in batch[image_column]], size)
+    return _decoded(ids, [image_bytes(v) for v in batch[image_column]], size)
 
 
 def read_scenes(batch: dict, *, seed: int, n_train: int, scene_size: int, size: int) -> dict:
@@ -95,8 +98,6 @@ class BackboneFeatures:
     def __init__(self, arch: str, small_stem: bool, state_ref, size: int, threads: int = 1):
         import torch
 
-        from rayssl.modules.backbone import build_backbone
-
         if not torch.cuda.is_available():
             torch.set_num_threads(max(1, threads))
         state = ray.get(state_ref[0]) if isinstance(state_ref, list) else state_ref
@@ -107,8 +108,6 @@ class BackboneFeatures:
         self.size = size
 
     def __call__(self, batch: dict) -> dict:
-        from rayssl.eval.features import extract_features
-
         images = np.asarray(batch.pop("image"))
         feats = extract_features(self.net, images, self.size, self.device, batch_size=max(1, len(images)))
         batch["feature"] = feats.numpy()
@@ -116,6 +115,16 @@ class BackboneFeatures:
 
 
 # ------------------------------------------------------------------ the job
+
+
+@dataclass(frozen=True)
+class ActorPool:
+    """The inference actors of the job: how many, on GPUs or not, and the CPUs each reserves
+    (the command sizes it with ``rayssl.runtime.cluster.place``)."""
+
+    actors: int = 1
+    use_gpu: bool = False
+    cpus: float = 1.0
 
 
 @dataclass
@@ -140,35 +149,31 @@ def _collect(ds, expected: int | None) -> FeatureTable:
     return FeatureTable(ids, features, columns, skipped)
 
 
-def _infer(ds, arch: str, small_stem: bool, state: dict, size: int, use_gpu: bool, actors: int,
-           batch_size: int):
-    cpus = ray.cluster_resources().get("CPU", 1)
-    # Leave a CPU to the read tasks on small machines; the actor's torch uses the rest.
-    actor_cpus = 1 if use_gpu else max(1.0, min(4.0, (cpus - 1) / max(1, actors)))
+def _infer(ds, arch: str, small_stem: bool, state: dict, size: int, pool: ActorPool, batch_size: int):
     return ds.map_batches(
         BackboneFeatures,
         fn_constructor_kwargs={"arch": arch, "small_stem": small_stem, "state_ref": [ray.put(state)],
-                               "size": size, "threads": int(actor_cpus)},
+                               "size": size, "threads": max(1, int(pool.cpus))},
         batch_size=batch_size,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=actors),
-        num_gpus=1 if use_gpu else 0,
-        num_cpus=actor_cpus,
+        compute=ray.data.ActorPoolStrategy(size=pool.actors),
+        num_gpus=1 if pool.use_gpu else 0,
+        num_cpus=pool.cpus,
     )
 
 
 def scene_features(arch: str, small_stem: bool, state: dict, *, seed: int, n_train: int, n_test: int,
-                   scene_size: int, size: int, use_gpu: bool, actors: int = 1,
+                   scene_size: int, size: int, pool: ActorPool = ActorPool(),
                    batch_size: int = 128) -> FeatureTable:
     n = n_train + n_test
     ds = ray.data.range(n, override_num_blocks=max(1, min(16, n // 256))).map_batches(
         read_scenes, batch_size=128,
         fn_kwargs={"seed": seed, "n_train": n_train, "scene_size": scene_size, "size": size})
-    return _collect(_infer(ds, arch, small_stem, state, size, use_gpu, actors, batch_size), n)
+    return _collect(_infer(ds, arch, small_stem, state, size, pool, batch_size), n)
 
 
 def source_features(source: Source, ids_by_path: dict[str, str] | None, arch: str, small_stem: bool,
-                    state: dict, *, size: int, use_gpu: bool, actors: int = 1, batch_size: int = 128,
+                    state: dict, *, size: int, pool: ActorPool = ActorPool(), batch_size: int = 128,
                     parquet_id_column: str | None = None) -> FeatureTable:
     """Features of every readable image of ``source`` (files, tar or Parquet shards)."""
     import pyarrow as pa
@@ -193,4 +198,4 @@ def source_features(source: Source, ids_by_path: dict[str, str] | None, arch: st
             read_parquet_rows, batch_size=64,
             fn_kwargs={"id_column": parquet_id_column, "image_column": source.image_column, "size": size})
         expected = None
-    return _collect(_infer(ds, arch, small_stem, state, size, use_gpu, actors, batch_size), expected)
+    return _collect(_infer(ds, arch, small_stem, state, size, pool, batch_size), expected)

@@ -58,39 +58,28 @@ def _threads(work: int):
 
 def _fit(x: torch.Tensor, y: torch.Tensor, out_dim: int, loss_fn, epochs: int, lr: float,
          weight_decay: float, batch_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Adam on a zero-initialised linear layer; returns (weight (d, C), bias (C,))."""
+    """Adam (``torch.optim.Adam``) on a zero-initialised linear layer; returns (weight (d, C), bias (C,))."""
     if epochs < 1 or lr <= 0 or weight_decay < 0 or batch_size < 1:
         raise ValueError(f"need epochs >= 1, lr > 0, weight_decay >= 0, batch_size >= 1; got "
                          f"{epochs}, {lr}, {weight_decay}, {batch_size}")
-    params = [torch.zeros(x.shape[1], out_dim, device=x.device, requires_grad=True),
-              torch.zeros(out_dim, device=x.device, requires_grad=True)]
-    # Adam written out (a few lines) instead of torch.optim.Adam: creating any
-    # torch.optim optimiser imports torch._dynamo, 1-2.5 s on first use, which would
-    # dominate a probe that itself takes ~0.1 s.
-    beta1, beta2, eps = 0.9, 0.999, 1e-8
-    m = [torch.zeros_like(p) for p in params]
-    v = [torch.zeros_like(p) for p in params]
+    w = torch.zeros(x.shape[1], out_dim, device=x.device, requires_grad=True)
+    b = torch.zeros(out_dim, device=x.device, requires_grad=True)
+    opt = torch.optim.Adam([w, b], lr=lr)
     gen = torch.Generator().manual_seed(int(seed))
-    n, step = x.shape[0], 0
+    n = x.shape[0]
     with torch.enable_grad(), _threads(x.numel()):
         for _ in range(epochs):
             # Full batch when it fits: no shuffling, fewer and better steps.
             order = torch.randperm(n, generator=gen).to(x.device) if n > batch_size else None
             for start in range(0, n, batch_size):
                 rows = order[start:start + batch_size] if order is not None else slice(None)
-                w, b = params
-                # The L2 penalty is on the weights only (not the bias) and part of the
-                # loss, so weight_decay means the same whatever the lr.
+                # The L2 penalty is on the weights only (not the bias) and part of the loss,
+                # so weight_decay means the same whatever the lr.
                 loss = loss_fn(x[rows] @ w + b, y[rows]) + 0.5 * weight_decay * w.pow(2).sum()
-                grads = torch.autograd.grad(loss, params)
-                step += 1
-                with torch.no_grad():
-                    for p, g, m_, v_ in zip(params, grads, m, v):
-                        m_.mul_(beta1).add_(g, alpha=1 - beta1)
-                        v_.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                        denom = (v_ / (1 - beta2**step)).sqrt_().add_(eps)
-                        p.addcdiv_(m_, denom, value=-lr / (1 - beta1**step))
-    return params[0].detach(), params[1].detach()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+    return w.detach(), b.detach()
 
 
 def linear_probe_map(train_feats, train_targets, test_feats, test_targets, epochs: int = 100,

@@ -26,19 +26,25 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rayssl import dist
+from rayssl.checkpoint import CheckpointError, backbone_state_dict, load_checkpoint
+from rayssl.methods.base import Method, MethodConfig, register
 from rayssl.modules.backbone import build_backbone
+from rayssl.sections import DataSection, ModelSection, RunSection, check
+from rayssl.space import choice, loguniform
 
 if TYPE_CHECKING:  # pragma: no cover
-    from rayssl.config import Config, ModelSection
     from rayssl.pseudolabel.store import LabelStore
+
+__all__ = ["CDUL", "CDULConfig", "gaussian_weight", "gradient_alignment_update", "load_backbone_from_checkpoint"]
 
 
 @dataclass
-class CDULConfig:
+class CDULConfig(MethodConfig):
     """CDUL stage-2 settings. The paper gives no numbers for the update step; these defaults
     are ours (a label at 0.5 moves by ``label_lr`` times the classifier's logit per update)."""
 
     section: ClassVar[str] = "cdul"
+    path_keys: ClassVar[tuple[str, ...]] = ("pseudo_labels", "store_dir", "init_checkpoint")
 
     pseudo_labels: str = ""  # output folder/URI of `python -m rayssl.pseudolabel` (required)
     gradient_alignment: bool = True  # False: train on the initial labels only
@@ -51,29 +57,28 @@ class CDULConfig:
     store_dir: str = ""  # "" = RAM; a local folder = memory-mapped label table there
 
     def __post_init__(self) -> None:
-        from rayssl.config import _check
-
         s = self.section
-        _check(self.label_warmup_epochs >= 0, f"{s}.label_warmup_epochs", "must be >= 0")
-        _check(self.label_update_every >= 1, f"{s}.label_update_every", "must be >= 1")
-        _check(self.label_lr >= 0, f"{s}.label_lr", f"must be >= 0, got {self.label_lr}")
-        _check(self.label_sigma > 0, f"{s}.label_sigma", f"must be > 0, got {self.label_sigma}")
-        _check(self.store_dtype in ("float32", "float16"), f"{s}.store_dtype",
+        check(self.label_warmup_epochs >= 0, f"{s}.label_warmup_epochs", "must be >= 0")
+        check(self.label_update_every >= 1, f"{s}.label_update_every", "must be >= 1")
+        check(self.label_lr >= 0, f"{s}.label_lr", f"must be >= 0, got {self.label_lr}")
+        check(self.label_sigma > 0, f"{s}.label_sigma", f"must be > 0, got {self.label_sigma}")
+        check(self.store_dtype in ("float32", "float16"), f"{s}.store_dtype",
                f"must be float32 or float16, got {self.store_dtype!r}")
 
-    @staticmethod
-    def validate_with(self: "CDULConfig", cfg: "Config") -> None:
-        from rayssl.config import _check
-
-        _check(bool(self.pseudo_labels), "cdul.pseudo_labels",
+    def validate_with(self, run: RunSection, data: DataSection) -> None:
+        check(bool(self.pseudo_labels), "cdul.pseudo_labels",
                "required for --method cdul: the output of `python -m rayssl.pseudolabel --out URI ...`")
-        _check(getattr(cfg.data, "augment_on", "cpu") == "cpu", "data.augment_on",
+        check(data.augment_on == "cpu", "data.augment_on",
                "cdul reads its rows (image index + crops) from the CPU pipeline; use data.augment_on=cpu")
-        groups = len(cfg.data.crop_sizes)
-        _check(groups == 1, "data.crop_sizes",
+        groups = len(data.crop_sizes)
+        check(groups == 1, "data.crop_sizes",
                f"cdul classifies the views of the first crop group only; the other {groups - 1} group(s) "
-               f"{cfg.data.crop_sizes[1:]} would be augmented and shipped for nothing: give one group "
+               f"{data.crop_sizes[1:]} would be augmented and shipped for nothing: give one group "
                "(data.crop_sizes, crop_counts, min_scale and max_scale one entry each; the presets do)")
+
+    def indexed_data(self) -> str:
+        """Training reads the images the labelling job listed, each with its label-store index."""
+        return self.pseudo_labels
 
     def update_epoch(self, epoch: int) -> bool:
         """Whether labels are updated during (0-based) ``epoch``."""
@@ -102,7 +107,26 @@ def gradient_alignment_update(latent: torch.Tensor, logits: torch.Tensor, lr: fl
     return latent.detach().float() - lr * gaussian_weight(y.detach(), sigma) * grad
 
 
-class CDUL(nn.Module):
+# The classifier trains on the views of the first crop group only: the presets keep that group
+# (any further group would be decoded, augmented and shipped for nothing).
+_QUICK = {"data": {"crop_sizes": [64], "crop_counts": [2], "min_scale": [0.5], "max_scale": [1.0]}}
+_PAPER = {"data": {"crop_sizes": [224], "crop_counts": [2], "min_scale": [0.14], "max_scale": [1.0]}}
+
+
+@register(
+    "cdul", config=CDULConfig, metric="classifier_map",
+    summary="CDUL: classifier on CLIP global-local pseudo-labels, refined by gradient alignment "
+            "(Abdelfattah et al. 2023)",
+    presets={"quick": _QUICK, "paper": _PAPER},
+    # How often gradient alignment updates the labels, the sigma of its Gaussian weight around
+    # 0.5, its step, and the lr. The labelling stage's grid, gamma and lambda are options of the
+    # separate CLIP job (`python -m rayssl.pseudolabel --grid --gamma --lam`), whose output a
+    # sweep takes as --set cdul.pseudo_labels=URI: compare label sets by running that job once
+    # per setting.
+    space={"cdul.label_update_every": choice(1, 2, 5), "cdul.label_sigma": loguniform(0.1, 1.0),
+           "cdul.label_lr": loguniform(0.1, 10.0), "optim.base_lr": loguniform(0.001, 0.1)},
+)
+class CDUL(Method):
     """ResNet + linear multi-label head, trained on the label store's soft labels.
 
     ``forward(crops, epoch, step, index)``: crops of the first group (the views of each
@@ -113,8 +137,9 @@ class CDUL(nn.Module):
     """
 
     batch_columns: ClassVar[tuple[str, ...]] = ("index",)  # extra batch columns the loop passes
+    random_init_baseline: ClassVar[bool] = False  # the classifier scores itself, head included
 
-    def __init__(self, cfg: CDULConfig, model: "ModelSection", num_crops: int = 1, world_size: int | None = None,
+    def __init__(self, cfg: CDULConfig, model: ModelSection, num_crops: int = 1, world_size: int | None = None,
                  store: "LabelStore | None" = None, classes: Sequence[str] | None = None):
         super().__init__()
         self.cfg = cfg
@@ -158,16 +183,16 @@ class CDUL(nn.Module):
                 metrics["label_change"] = (torch.sigmoid(new) - torch.sigmoid(latent)).abs().mean()
         return loss, metrics
 
-    def after_backward(self, step: int) -> None:
-        """Nothing to do: labels are updated inside ``forward``."""
+    def loss_includes(self) -> str:
+        return "per-class BCE against the label store's soft labels, gradient-alignment label updates"
 
-    # -- state -------------------------------------------------------------------------------
-    def rank_state_dict(self) -> dict:
-        return {}  # the store is identical on every rank: saved once, in the shared state
+    def backbone_inputs(self, crops: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return [torch.cat([c for c in crops if c.shape[-1] == crops[0].shape[-1]])]
 
-    def load_rank_state_dict(self, state: dict) -> bool:
-        return True
+    def heads_output(self, crops: Sequence[torch.Tensor]) -> torch.Tensor:
+        return self.logits(self.backbone_inputs(crops)[0])
 
+    # -- state (the store is identical on every rank: saved once, in the shared state) ---------
     def shared_state_dict(self) -> dict:
         return {"label_store": self.store.state_dict()}
 
@@ -187,7 +212,7 @@ class CDUL(nn.Module):
         self.head.train(was)
         return out
 
-    def evaluate_held_out(self, eval_sets, size: int, device) -> float:
+    def evaluate(self, metric: str, eval_sets, size: int, device, eval_cfg=None) -> float:
         """mAP of the classifier on the held-out labelled scenes, over the classes that are scene
         shapes (NaN if none is)."""
         from rayssl.data.scenes import SHAPES
@@ -203,18 +228,12 @@ class CDUL(nn.Module):
 
 
 def load_backbone_from_checkpoint(backbone: nn.Module, directory: str) -> None:
-    """Copy the backbone weights of a rayssl checkpoint (SwAV, MLS or MoCo) into ``backbone``."""
-    from rayssl.checkpoint import load_shared_state
-
-    from rayssl.checkpoint import CheckpointError
-
+    """Copy the backbone weights of a rayssl checkpoint (SwAV, MLS or MoCo; a checkpoint or a
+    run directory) into ``backbone``."""
     try:
-        state = load_shared_state(directory)["model"]
+        sub = backbone_state_dict(load_checkpoint(directory, flag="cdul.init_checkpoint"))
     except (CheckpointError, OSError) as exc:
-        raise ValueError(f"cdul.init_checkpoint: {exc}") from None
-    sub = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
-    if not sub:
-        raise ValueError(f"cdul.init_checkpoint: {directory} holds no backbone weights")
+        raise ValueError(str(exc)) from None
     try:
         missing, _ = backbone.load_state_dict(sub, strict=False)
     except RuntimeError as exc:

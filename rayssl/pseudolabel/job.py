@@ -4,7 +4,7 @@ Pipeline: rows ``{index, id, path}`` (an image listing, or scene numbers; for ta
 one row per image member with its byte range in the shard, ``offset`` and ``length``, read
 from the shards' headers) -> a task stage that reads and decodes each image and resizes it
 to ``grid * S`` pixels square (S = the CLIP input size; undecodable files are skipped and
-counted in ``DataStats``, as in training) -> ``map_batches`` over a pool of ``ClipLabeller``
+counted in ``DataCounts``, as in training) -> ``map_batches`` over a pool of ``ClipLabeller``
 actors (one GPU each when the cluster has GPUs) that embed the whole image (resized to S)
 and its ``grid x grid`` tiles -> Parquet rows ``index, id, path, soft_label`` (+ ``global``,
 ``aggregated``; + ``gt`` for generated scenes; + ``offset``, ``length`` for tar members,
@@ -20,15 +20,31 @@ import json
 import os
 import time
 from collections import Counter
+from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from rayssl.data.indexed import byte_ranges, fetch_decode_count
+from rayssl.data.labels import image_id, load_labels
+from rayssl.data.pseudo_labels import read_pseudo_labels, scenes_source, write_meta
+from rayssl.data.scenes import SHAPES, generate_batch, split_seed
+from rayssl.data.sources import DataError, translate_errors
+from rayssl.data.stats import DataCounts, report
+from rayssl.data.tar import scan_tar_shards
+from rayssl.eval.metrics import mean_average_precision
+from rayssl.pseudolabel.clip import load_clip
+from rayssl.pseudolabel.labels import aggregate_snippets, class_prompts, initial_labels, similarity_vector, snippet_tiles
+from rayssl.storage import filesystem, pyarrow_filesystem, write_text
 
 
 
 def _resize_square(img: np.ndarray, side: int) -> np.ndarray:
-    from PIL import Image
-
     return np.asarray(Image.fromarray(img).resize((side, side), Image.BICUBIC))
 
 
@@ -39,12 +55,9 @@ def load_scenes(batch: dict, *, seed: int, size: int, side: int, stats=None,
     ``gt`` has one column per name of ``classes`` (the user's class list, in its order); it is
     left out when a name is not a scene shape, since there is then no ground truth to give.
     """
-    from rayssl.data.pipeline import _report
-    from rayssl.data.scenes import SHAPES, generate_batch
-
     idx = np.asarray(batch["id"], dtype=np.int64)
     scenes = generate_batch(idx, seed=seed, size=size)
-    _report(stats, Counter(seen=len(idx)))
+    report(stats, Counter(seen=len(idx)))
     out = {"index": idx, "id": scenes["key"], "path": np.asarray([""] * len(idx)),
            "image": np.stack([_resize_square(im, side) for im in scenes["image"]])}
     classes = list(SHAPES) if classes is None else list(classes)
@@ -57,9 +70,6 @@ def load_files(batch: dict, *, fs, side: int, stats=None, max_bad_fraction: floa
     """``{"index", "path"}`` image files, or ``{"index", "path", "id", "offset", "length"}``
     members of tar shards -> decoded ``{index, id, path, image}`` (+ ``offset``, ``length``);
     bad images are skipped and counted (``skipped.read_error`` / ``skipped.decode_error`` ...)."""
-    from rayssl.data.indexed import byte_ranges, fetch_decode_count
-    from rayssl.data.sources import _image_id
-
     paths = [str(p) for p in batch["path"]]
     starts, ends = byte_ranges(batch)
     good = fetch_decode_count(paths, fs=fs, min_side=1, stats=stats, max_bad_fraction=max_bad_fraction, uri=uri,
@@ -67,7 +77,7 @@ def load_files(batch: dict, *, fs, side: int, stats=None, max_bad_fraction: floa
     if not good:
         return {}
     rows = [r for r, _ in good]
-    ids = [str(batch["id"][r]) for r in rows] if "id" in batch else [_image_id(paths[r]) for r in rows]
+    ids = [str(batch["id"][r]) for r in rows] if "id" in batch else [image_id(paths[r]) for r in rows]
     out = {"index": np.asarray(batch["index"], dtype=np.int64)[rows], "id": np.asarray(ids),
            "path": np.asarray([paths[r] for r in rows]),
            "image": np.stack([_resize_square(im, side) for _, im in good])}
@@ -82,11 +92,6 @@ def listing_table(source, stats=None):
     or ``{index, path, id, offset, length}`` per image of a tar shard (read from the shards'
     headers; a damaged shard gives the images before the damage and counts
     ``skipped.unreadable_shard``). Parquet shards have no byte address per image: refused."""
-    import pyarrow as pa
-
-    from rayssl.data.pipeline import _report
-    from rayssl.data.sources import DataError, scan_tar_shards, translate_errors
-
     if source.kind == "images":
         paths = list(source.paths)
         return pa.table({"index": pa.array(np.arange(len(paths), dtype=np.int64)), "path": pa.array(paths)})
@@ -96,7 +101,7 @@ def listing_table(source, stats=None):
     with translate_errors(source.uri, source.options, "read"):
         rows, damaged = scan_tar_shards(source.fs, source.paths)
     if damaged:
-        _report(stats, Counter({"skipped.unreadable_shard": damaged}))
+        report(stats, Counter({"skipped.unreadable_shard": damaged}))
     if not rows:
         raise DataError(f"--data: {source.uri}: no image members found in its {len(source.paths)} tar shard(s) "
                         f"({damaged} unreadable); the labelling job needs uncompressed tars, since it "
@@ -111,11 +116,6 @@ class ClipLabeller:
 
     def __init__(self, clip_model: str, clip_pretrained: str, classes: list[str], template: str, grid: int,
                  gamma: float, lam: float, keep_vectors: bool, threads: int = 1, stats=None):
-        import torch
-
-        from rayssl.pseudolabel.clip import load_clip
-        from rayssl.pseudolabel.labels import class_prompts
-
         torch.set_num_threads(max(1, threads))
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.clip = load_clip(clip_model, clip_pretrained, device=self.device)
@@ -130,12 +130,6 @@ class ClipLabeller:
         self.std = torch.tensor(self.clip.std, device=self.device).view(1, 3, 1, 1)
 
     def __call__(self, batch: dict):
-        import pyarrow as pa
-        import torch
-        import torch.nn.functional as F
-
-        from rayssl.pseudolabel.labels import aggregate_snippets, initial_labels, similarity_vector, snippet_tiles
-
         s, g = self.clip.image_size, self.grid
         with torch.no_grad():
             x = torch.from_numpy(np.array(batch["image"])).to(self.device).permute(0, 3, 1, 2).float() / 255.0
@@ -150,7 +144,7 @@ class ClipLabeller:
             soft = initial_labels(glob, agg, self.lam)
         c = self.num_classes
         if self.stats is not None:  # which actor labelled how many (the summary counts the actors)
-            self.stats.add.remote({f"labeller.{os.getpid()}": b})
+            self.stats.add({f"labeller.{os.getpid()}": b})
 
         def vec(t):
             return pa.FixedSizeListArray.from_arrays(pa.array(t.cpu().numpy().reshape(-1), pa.float32()), c)
@@ -169,88 +163,87 @@ class ClipLabeller:
         return pa.table(cols)
 
 
-def actor_resources(cluster: dict, num_actors: int, use_gpu: bool | None) -> tuple[bool, float]:
-    """GPU per actor when the cluster has GPUs; CPUs per actor leave >= 1 CPU to the readers."""
-    gpus = cluster.get("GPU", 0)
-    use = use_gpu if use_gpu is not None else gpus >= 1
-    if use and gpus < 1:
-        raise ValueError("--use-gpu: true, but the Ray cluster has no GPU")
-    cpus = cluster.get("CPU", 1)
-    return use, round(min(1.0, max(0.1, (cpus - 1.0) / num_actors)), 2)
+@dataclass
+class LabelJob:
+    """What the labelling job does (the options of ``rayssl label``)."""
+
+    out: str
+    clip_model: str
+    clip_pretrained: str
+    template: str = "a photo of a {}"
+    grid: int = 3  # snippets per side
+    gamma: float = 0.0  # aggregation threshold: max if >= gamma else min
+    lam: float = 0.0  # weight of |global - aggregated| in the initial label
+    num_actors: int = 2
+    batch_size: int = 32
+    keep_vectors: bool = True  # store the global and aggregated vectors too
+    labels: str | None = None  # ground-truth table to score the labels with
+    num_scenes: int = 2048  # --data scenes: how many
+    scenes_size: int = 64
+    scenes_split: str = "train"
+    seed: int = 0
+    max_bad_fraction: float = 0.5
 
 
-def run_job(args, classes: list[str], source, stats_cls=None) -> dict:
-    """Build and run the job, write Parquet + meta, return the summary (see ``__main__``)."""
-    from rayssl.data.pipeline import DataStats
-    from rayssl.data.scenes import split_seed
-    from rayssl.pseudolabel.clip import load_clip
-    from rayssl.pseudolabel.store import scenes_source, write_meta
-    from rayssl.storage import filesystem, pyarrow_filesystem, write_text
-
+def run_job(job: LabelJob, classes: list[str], source, use_gpu: bool, actor_cpus: float) -> dict:
+    """Build and run the job on the connected Ray (``source``: the resolved data, None for the
+    built-in scenes; the actors placed as the command decided), write Parquet + meta, and
+    return the summary."""
     t0 = time.perf_counter()
-    image_size = load_clip(args.clip_model, args.clip_pretrained).image_size  # fail here, not in an actor
-    side = image_size * args.grid
-    stats = DataStats.remote()
+    image_size = load_clip(job.clip_model, job.clip_pretrained).image_size  # fail here, not in an actor
+    side = image_size * job.grid
+    stats = DataCounts()
     if source is None:  # generated scenes
-        seed = split_seed(args.seed, args.scenes_split)
-        n = args.num_scenes
-        ds = ray.data.range(n, override_num_blocks=max(1, min(64, n // args.batch_size)))
+        seed = split_seed(job.seed, job.scenes_split)
+        n = job.num_scenes
+        ds = ray.data.range(n, override_num_blocks=max(1, min(64, n // job.batch_size)))
         ds = ds.map_batches(
-            load_scenes, batch_size=args.batch_size,
-            fn_kwargs={"seed": seed, "size": args.scenes_size, "side": side, "stats": stats,
-                       "classes": classes})
-        meta_source = scenes_source(seed, args.scenes_size, n)
+            load_scenes, batch_size=job.batch_size,
+            fn_kwargs={"seed": seed, "size": job.scenes_size, "side": side, "stats": stats, "classes": classes})
+        meta_source = scenes_source(seed, job.scenes_size, n)
         num_rows = n
     else:
         table = listing_table(source, stats)
         num_rows = table.num_rows
         # One read batch per block (at most ~2000 blocks): the actor pool gets work in small
         # bundles, so every actor of the pool is fed.
-        per = args.batch_size * max(1, -(-num_rows // (2000 * args.batch_size)))
+        per = job.batch_size * max(1, -(-num_rows // (2000 * job.batch_size)))
         blocks = [table.slice(i, per) for i in range(0, num_rows, per)]
         ds = ray.data.from_arrow(blocks).map_batches(
-            load_files, batch_size=args.batch_size,
+            load_files, batch_size=job.batch_size,
             fn_kwargs={"fs": source.fs, "side": side, "stats": stats, "uri": source.uri,
-                       "max_bad_fraction": args.max_bad_fraction})
+                       "max_bad_fraction": job.max_bad_fraction})
         meta_source = {"kind": source.kind, "uri": source.uri}
-    use_gpu, cpus = actor_resources(ray.cluster_resources(), args.num_actors,
-                                    {"auto": None, "true": True, "false": False}[args.use_gpu])
     ds = ds.map_batches(
-        ClipLabeller, batch_size=args.batch_size, compute=ray.data.ActorPoolStrategy(size=args.num_actors),
-        num_gpus=1 if use_gpu else 0, num_cpus=cpus,
-        fn_constructor_kwargs={"clip_model": args.clip_model, "clip_pretrained": args.clip_pretrained,
-                               "classes": classes, "template": args.template, "grid": args.grid,
-                               "gamma": args.gamma, "lam": args.lam, "keep_vectors": not args.no_vectors,
-                               "threads": max(1, int(cpus)), "stats": stats},
+        ClipLabeller, batch_size=job.batch_size, compute=ray.data.ActorPoolStrategy(size=job.num_actors),
+        num_gpus=1 if use_gpu else 0, num_cpus=actor_cpus,
+        fn_constructor_kwargs={"clip_model": job.clip_model, "clip_pretrained": job.clip_pretrained,
+                               "classes": classes, "template": job.template, "grid": job.grid,
+                               "gamma": job.gamma, "lam": job.lam, "keep_vectors": job.keep_vectors,
+                               "threads": max(1, int(actor_cpus)), "stats": stats},
     )
-    fs, root = filesystem(args.out)
+    fs, root = filesystem(job.out)
     ds.write_parquet(root, filesystem=pyarrow_filesystem(fs))
-    meta = {"classes": classes, "template": args.template, "grid": args.grid, "gamma": args.gamma, "lam": args.lam,
-            "clip_model": args.clip_model,
-            "clip_pretrained": os.path.basename(args.clip_pretrained) if os.path.isfile(args.clip_pretrained)
-            else args.clip_pretrained,
+    meta = {"classes": classes, "template": job.template, "grid": job.grid, "gamma": job.gamma, "lam": job.lam,
+            "clip_model": job.clip_model,
+            "clip_pretrained": os.path.basename(job.clip_pretrained) if os.path.isfile(job.clip_pretrained)
+            else job.clip_pretrained,
             "num_rows": num_rows, "source": meta_source}
-    write_meta(args.out, meta)
-    counts = ray.get(stats.get.remote())
+    write_meta(job.out, meta)
+    counts = stats.get()
     by_actor = {k: v for k, v in counts.items() if k.startswith("labeller.")}
-    summary = {"out": args.out, "classes": len(classes), "num_actors": args.num_actors,
+    summary = {"out": job.out, "classes": len(classes), "num_actors": job.num_actors,
                "actors_used": len(by_actor), "gpu": use_gpu,
                "data": {k: v for k, v in counts.items() if k not in by_actor}}
-    summary.update(score_output(args.out, classes, getattr(args, "labels", None)))
+    summary.update(score_output(job.out, classes, job.labels))
     summary["wall_s"] = round(time.perf_counter() - t0, 1)
-    write_text(f"{args.out.rstrip('/')}/summary.json", json.dumps(summary, indent=1))
+    write_text(f"{job.out.rstrip('/')}/summary.json", json.dumps(summary, indent=1))
     return summary
 
 
 def score_output(out: str, classes: list[str], labels_uri: str | None = None) -> dict:
     """Rows written and, with ground truth (scenes' ``gt`` column or a labels table), the mAP of
     the global, aggregated and final pseudo-labels."""
-    import pyarrow.parquet as pq
-
-    from rayssl.eval.metrics import mean_average_precision
-    from rayssl.pseudolabel.store import read_pseudo_labels
-    from rayssl.storage import filesystem, pyarrow_filesystem
-
     fs, root = filesystem(out)
     files = sorted(p for p in fs.find(root) if p.endswith(".parquet"))
     schema = pq.read_schema(files[0], filesystem=pyarrow_filesystem(fs)) if files else None
@@ -262,8 +255,6 @@ def score_output(out: str, classes: list[str], labels_uri: str | None = None) ->
     if "gt" in data:
         gt = data["gt"].astype(np.float32)
     elif labels_uri:
-        from rayssl.data.sources import load_labels
-
         table = load_labels(labels_uri)
         pos = {c: j for j, c in enumerate(classes)}
         gt = np.zeros((len(data["id"]), len(classes)), dtype=np.float32)

@@ -1,4 +1,4 @@
-"""The CDUL label store, and reading/writing the pseudo-label Parquet (no Ray).
+"""The CDUL label store (no Ray); the labelling job's Parquet output is ``rayssl.data.pseudo_labels``.
 
 Design. Every image gets a dense integer ``index`` when it is pseudo-labelled (its
 position in the listing of the source, or the scene number); the training rows carry that
@@ -20,16 +20,16 @@ Network per step: global batch x C x 4 B (e.g. 4096 x 300 x 4 B = 5 MB).
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 
 import numpy as np
 import torch
 
+from rayssl.data.pseudo_labels import read_pseudo_labels
+
 # A soft label of exactly 0 or 1 has an infinite logit: clamp before taking it.
 LABEL_EPS = 1e-4
-META_FILE = "pseudolabels.json"
 
 
 def to_latent(soft: torch.Tensor) -> torch.Tensor:
@@ -112,55 +112,6 @@ class LabelStore:
         self.latent.copy_(lat.to(self.dtype))
         self.known.copy_(state["known"])
         self.updates = int(state.get("updates", 0))
-
-
-# ----------------------------------------------------------------------------- Parquet
-
-
-def scenes_source(seed: int, size: int, num_images: int) -> dict:
-    """The meta's ``source`` for generated scenes: what training needs to re-generate them."""
-    return {"kind": "scenes", "uri": "scenes", "seed": int(seed), "size": int(size), "num_images": int(num_images)}
-
-
-def write_meta(uri: str, meta: dict, options=None) -> None:
-    """Write the side file ``read_meta`` reads (whole or not at all)."""
-    from rayssl.storage import write_text
-
-    write_text(f"{uri.rstrip('/')}/{META_FILE}", json.dumps(meta, indent=1), options)
-
-
-def read_meta(uri: str, options=None) -> dict:
-    """The side file the labelling job writes next to its Parquet files."""
-    from rayssl.storage import exists, read_text
-
-    path = f"{uri.rstrip('/')}/{META_FILE}"
-    if not exists(path, options):
-        raise FileNotFoundError(f"--pseudo-labels: {uri} holds no {META_FILE}; make it with "
-                                "`python -m rayssl.pseudolabel --out URI ...`")
-    return json.loads(read_text(path, options))
-
-
-def read_pseudo_labels(uri: str, columns=("index", "soft_label"), options=None) -> tuple[dict, dict]:
-    """(meta, {column: numpy array}) of a labelling job's output; vector columns are (M, C)."""
-    import pyarrow.parquet as pq
-
-    from rayssl.storage import filesystem, pyarrow_filesystem
-
-    meta = read_meta(uri, options)
-    fs, root = filesystem(uri, options)
-    files = sorted(p for p in fs.find(root) if p.endswith(".parquet"))
-    if not files:
-        raise FileNotFoundError(f"--pseudo-labels: {uri} holds no .parquet files")
-    table = pq.read_table(files, columns=list(columns), filesystem=pyarrow_filesystem(fs))
-    out = {}
-    c = len(meta["classes"])
-    for name in columns:
-        col = table.column(name).combine_chunks()
-        if hasattr(col, "flatten") and str(col.type).startswith(("fixed_size_list", "list")):
-            out[name] = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, c).astype(np.float32)
-        else:
-            out[name] = col.to_numpy(zero_copy_only=False)
-    return meta, out
 
 
 def store_from_pseudo_labels(uri: str, dtype: torch.dtype = torch.float32, directory: str | None = None,

@@ -1,6 +1,6 @@
 """Train rayssl's tiny CLIP on generated scenes and their captions (CPU, a minute or two).
 
-    python -m rayssl.pseudolabel.tiny_clip --out tiny_clip.pt [--steps 600] [--seconds 120]
+    rayssl tiny-clip --out tiny_clip.pt [--steps 600] [--seconds 120]
 
 No CLIP weights can be downloaded on an offline machine, so tests and benchmarks use this
 model. It is the open_clip model config ``rayssl-tiny-clip`` (registered by
@@ -17,9 +17,6 @@ of the objects present.
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 import time
 
 import numpy as np
@@ -106,28 +103,3 @@ def train_tiny_clip(out: str, steps: int = 600, seconds: float = 120.0, batch_si
     torch.save(model.state_dict(), out)
     return {"model": TINY_CLIP_NAME, "checkpoint": str(out), "steps": step, "final_loss": round(loss_v, 4),
             "seconds": round(time.perf_counter() - t0, 1)}
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rayssl.pseudolabel.tiny_clip", description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True, help="checkpoint file to write (refuses to overwrite)")
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--seconds", type=float, default=120.0, help="stop after this many seconds")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--num-scenes", type=int, default=4096)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true")
-    args = p.parse_args(argv)
-    from pathlib import Path
-
-    if Path(args.out).exists() and not args.overwrite:
-        p.error(f"--out: {args.out} exists; pass --overwrite or choose another path")
-    report = train_tiny_clip(args.out, steps=args.steps, seconds=args.seconds, batch_size=args.batch_size,
-                             num_scenes=args.num_scenes, seed=args.seed,
-                             log=lambda m: print(m, file=sys.stderr, flush=True))
-    print(json.dumps(report))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

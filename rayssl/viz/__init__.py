@@ -1,8 +1,8 @@
 """Pictures a user can look at: training curves, SwAV prototype usage, MLS positives, CDUL labels.
 
-The plotting functions take plain arrays / dicts and write one PNG each (matplotlib, Agg
-backend, written atomically); ``rayssl.viz.tracking`` feeds the curves from a live run and
-``python -m rayssl.viz`` draws the model pictures from a checkpoint.
+The plotting functions (``figures``) take plain arrays / dicts and write one PNG each
+(matplotlib, Agg backend, written atomically); ``tracking`` feeds the curves from a live
+run, and ``pictures`` draws the model pictures of ``rayssl viz`` from a checkpoint.
 """
 
 from .figures import (

@@ -11,15 +11,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from rayssl.eval.features import to_float_images
-from rayssl.eval.loading import LoadedCheckpoint
+from rayssl.checkpoint import CheckpointError, LoadedCheckpoint
+from rayssl.config import Config
+from rayssl.data.tensors import to_float_images
+from rayssl.methods import get_method
+from rayssl.methods.mls import MLS
+from rayssl.methods.swav import SwAV
 
 
 def load_method(ckpt: LoadedCheckpoint) -> torch.nn.Module:
     """The checkpoint's method module (e.g. ``SwAV``, ``MLS``), weights loaded strictly, eval mode."""
-    from rayssl.config import Config
-    from rayssl.methods import get_method
-
     cfg = Config.from_dict(ckpt.config)
     spec = get_method(ckpt.method)
     model = spec.model_cls(cfg.method, cfg.model, num_crops=sum(cfg.data.crop_counts), world_size=1)
@@ -39,7 +40,7 @@ def swav_assignments(model, images: np.ndarray) -> np.ndarray:
     The score is the cosine between the image's L2-normalised projection and each prototype
     (the quantity SwAV's codes and predictions are computed from).
     """
-    if not hasattr(model, "prototypes"):
+    if not isinstance(model, SwAV):
         raise ValueError("prototype usage is a SwAV picture; this checkpoint has no prototypes")
     out = []
     for x in _batches(images):
@@ -56,7 +57,7 @@ def mls_positives(model, queries: np.ndarray, gallery: np.ndarray, k: int) -> tu
     the gallery plays the queue. Returns ((Q, k) gallery indices, (Q, k) cosine similarities),
     most similar first.
     """
-    if not hasattr(model, "momentum_backbone"):
+    if not isinstance(model, MLS):
         raise ValueError("queue positives are an MLS/MoCo picture; this checkpoint has no momentum encoder")
     if not 1 <= k <= len(gallery):
         raise ValueError(f"--k: must be in [1, {len(gallery)}] (the gallery size), got {k}")
@@ -66,22 +67,10 @@ def mls_positives(model, queries: np.ndarray, gallery: np.ndarray, k: int) -> tu
     return idx.numpy(), sims.numpy()
 
 
-def load_label_store(ckpt: LoadedCheckpoint, options=None) -> dict:
+def load_label_store(ckpt: LoadedCheckpoint) -> dict:
     """CDUL: the label store saved with checkpoint ``ckpt`` (``latent`` (N, C), ``known`` (N,),
-    ``updates``), read from the same ``model.pt`` that ``load_checkpoint`` read.
-
-    ``LoadedCheckpoint`` keeps only the model state, so the shared method state is read again
-    here; CheckpointError (one line) when the checkpoint holds no label store.
-    """
-    import io
-
-    from rayssl.checkpoint import MODEL_FILE, CheckpointError
-    from rayssl.storage import filesystem
-
-    fs, path = filesystem(ckpt.uri, options)
-    with fs.open(f"{path.rstrip('/')}/{MODEL_FILE}", "rb") as f:
-        state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=False)
-    store = (state.get("method_state") or {}).get("label_store")
+    ``updates``); CheckpointError (one line) when the checkpoint holds no label store."""
+    store = ckpt.method_state.get("label_store")
     if not isinstance(store, dict) or not {"latent", "known"} <= set(store):
         raise CheckpointError(f"--checkpoint {ckpt.uri}: holds no CDUL label store (method_state.label_store)")
     latent = store["latent"]

@@ -1,12 +1,13 @@
 """Per-epoch metrics of a training run -> ``metrics.jsonl``, ``curves.png``, TensorBoard, MLflow.
 
-``RunTracker`` is a Ray Train ``UserCallback``: it runs in the Ray Train controller, which
-receives every ``ray.train.report`` of the workers, so nothing changes in the training loop
-and the picture is redrawn after every epoch (a crashed run still leaves its curves).
-Ray Train V2 has no built-in TensorBoard/MLflow logger callback (Tune's ``TBXLoggerCallback``
-and ``MLflowLoggerCallback`` are Tune-only, and ``setup_mlflow`` runs inside a worker), so the
-controller callback is where both are written: TensorBoard event files through tensorboardX
-(a Ray Tune dependency, so it is installed with rayssl; its synchronous writer), MLflow only when asked for.
+``RunRecorder.record`` takes one epoch's report (rank 0's) and rewrites the outputs, so the
+picture is redrawn after every epoch (a crashed run still leaves its curves). In a run it is
+called by ``rayssl.runtime.callbacks.RunTracker`` in the Ray Train controller, which receives
+every ``ray.train.report`` of the workers, so nothing changes in the training loop. Ray Train
+V2 has no built-in TensorBoard/MLflow logger callback (Tune's ``TBXLoggerCallback`` and
+``MLflowLoggerCallback`` are Tune-only, and ``setup_mlflow`` runs inside a worker), so both are
+written here: TensorBoard event files through tensorboardX (a Ray Tune dependency, so it is
+installed with rayssl; its synchronous writer), MLflow only when asked for. No Ray import.
 
 Written under the run's ``--output``:
   ``metrics.jsonl``  one JSON object per epoch (rank 0's report: epoch, step, loss, lr,
@@ -20,12 +21,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 
-from ray.train import UserCallback
-
-from rayssl.storage import exists, read_text, write_text
+from rayssl.storage import exists, is_remote, read_text, write_text
+from rayssl.viz.figures import plot_training_curves
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
@@ -33,8 +32,6 @@ CURVES_FILE = "curves.png"
 
 def tracking_requirements(tensorboard: str | None, mlflow: str | None, output: str) -> None:
     """Raise ValueError (one line naming the flag) when a requested tracker cannot work."""
-    from rayssl.storage import is_remote
-
     if tensorboard is not None:
         try:
             import tensorboardX  # noqa: F401
@@ -63,7 +60,7 @@ def _scalars(metrics: dict) -> dict:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
 
 
-class RunTracker(UserCallback):
+class RunRecorder:
     """Records rank 0's per-epoch report; see the module docstring for what it writes."""
 
     def __init__(self, output: str, metric: str | None, title: str = "", tensorboard: str | None = None,
@@ -92,8 +89,6 @@ class RunTracker(UserCallback):
             self._history = read_history(self.output)
         self._history = [r for r in self._history if r.get("epoch", 0) < row["epoch"]] + [row]
         write_text(f"{self.output}/{METRICS_FILE}", "".join(json.dumps(r) + "\n" for r in self._history))
-        from rayssl.viz.figures import plot_training_curves
-
         plot_training_curves(self._history, f"{self.output}/{CURVES_FILE}", self.metric, self.title)
         step = int(row["epoch"])
         if self.tb_dir is not None:
@@ -124,9 +119,3 @@ class RunTracker(UserCallback):
             if self.epochs is not None and step >= self.epochs:
                 mlflow.end_run()
                 self._mlflow_run = None
-
-    def after_report(self, run_context, metrics, checkpoint):
-        try:
-            self.record(metrics[0] if metrics else {})
-        except Exception as exc:  # noqa: BLE001 - pictures and trackers must never stop training
-            sys.stderr.write(f"[rayssl] WARNING could not record metrics: {type(exc).__name__}: {exc}\n")

@@ -1,0 +1,160 @@
+"""One benchmark run: the step alone, the step fed by the pipeline, the communication, the ingest.
+
+``run_bench`` measures the parts a ``BenchOptions`` asks for and returns one dict (the JSON
+line of ``python -m rayssl.bench``); ``format_table`` is its readable form. The pipeline and
+ingest parts need Ray (a local one is started, or ``RAY_ADDRESS`` joined); the step and
+communication parts do not.
+
+``--preset cpu`` (default off CUDA): ResNet-18, 2x64 + 4x32 crops, batch 32 -- small enough for
+a laptop. ``--preset gpu`` (default on CUDA): the paper's recipe, ResNet-50, 2x224 + 6x96
+crops, 3000 prototypes, queue 3840, batch 256 per device, bf16 autocast, channels_last.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import tempfile
+from dataclasses import dataclass, field
+
+import torch
+
+from rayssl.bench.comm import measure_comm
+from rayssl.bench.config import BENCH_PRESETS, bench_config, ingest_config
+from rayssl.bench.pipeline import measure_ingest, measure_pipeline, write_jpeg_shards
+from rayssl.bench.step import measure_step
+from rayssl.config import Config, deep_merge
+from rayssl.engine import autocast_for, build_method, uses_channels_last
+from rayssl.runtime.cluster import capacity, ray_session
+
+PARTS = ("step", "pipeline", "comm", "ingest")
+
+__all__ = ["PARTS", "BenchOptions", "format_table", "run_bench"]
+
+
+@dataclass
+class BenchOptions:
+    """What to measure and how (the options of ``python -m rayssl.bench``)."""
+
+    method: str = "swav"
+    preset: str | None = None  # cpu | gpu; default: gpu on CUDA, else cpu
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    batch_size: int | None = None  # default: the preset's
+    steps: int = 5  # timed steps per run
+    warmup: int | None = None  # untimed steps first; default enough to fill the method's queues
+    repeats: int = 3  # runs; figures are their median
+    split_steps: int = 3
+    augment_on: str = "cpu"
+    data: str = ""  # pipeline / ingest source; default: local JPEG shards written by the bench
+    data_options: dict = field(default_factory=dict)  # data.s3_endpoint / data.s3_anonymous given
+    num_images: int = 0  # images in the bench's own shards (0: enough)
+    ingest_seconds: float = 5.0
+    consumers: int = 1  # ingest: parallel consumers (streaming_split), like workers
+    comm_workers: int = 2
+    comm_batch: int = 8
+    comm_steps: int = 3
+    parts: tuple[str, ...] = ("step", "pipeline", "comm")  # ingest is measured inside pipeline
+    sets: tuple[str, ...] = ()
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+def device_info(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return (f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+            f"{torch.get_num_threads()} torch threads)")
+
+
+def run_bench(opts: BenchOptions) -> dict:
+    device = opts.torch_device()
+    preset = opts.preset or ("gpu" if device.type == "cuda" else "cpu")
+    if opts.parts == ("ingest",):
+        return _ingest_only(opts, preset)
+    cfg = bench_config(opts.method, preset, opts.batch_size, opts.sets, opts.augment_on)
+    warmup = opts.warmup if opts.warmup is not None else max(2, cfg.method.warmup_steps(cfg.run.batch_size) + 1)
+    result = {
+        "bench": "rayssl.bench", "method": cfg.run.method, "preset": preset,
+        "device": device.type, "device_name": device_info(device), "dtype": autocast_for(cfg.run.precision, device)[1],
+        "batch_size": cfg.run.batch_size, "workers": 1, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "backbone": cfg.model.backbone, "small_stem": cfg.model.small_stem, "compile": cfg.model.compile,
+        "optimizer": cfg.optim.optimizer,
+        "crops": [f"{c}x{s}" for s, c in zip(cfg.data.crop_sizes, cfg.data.crop_counts)],
+        "channels_last": uses_channels_last(cfg, device), "repeats": opts.repeats, "warmup": warmup,
+        "torch": torch.__version__,
+        **dataclasses.asdict(cfg.method),
+    }
+    step_ips = None
+    if "step" in opts.parts:
+        result["step"] = measure_step(cfg, device, opts.steps, warmup, opts.repeats, opts.split_steps)
+        step_ips = result["step"]["images_per_s"]
+    if "pipeline" in opts.parts:
+        with ray_session(dashboard=False, log_to_driver=False):
+            result["pipeline"] = _pipeline(opts, cfg, preset, device, step_ips, warmup)
+    if "comm" in opts.parts:
+        grad_numel = sum(p.numel() for p in build_method(cfg, torch.device("cpu")).parameters() if p.requires_grad)
+        result["comm"] = measure_comm(cfg, opts.comm_workers, opts.comm_batch, opts.comm_steps, grad_numel)
+    return result
+
+
+def _pipeline(opts: BenchOptions, cfg: Config, preset: str, device: torch.device, step_ips, warmup: int) -> dict:
+    with tempfile.TemporaryDirectory(prefix="rayssl-bench-") as d:
+        source = opts.data
+        if not source:
+            n = opts.num_images or cfg.run.batch_size * (warmup + opts.steps * opts.repeats + 2)
+            source = write_jpeg_shards(os.path.join(d, "shards"), n, BENCH_PRESETS[preset]["scene_size"],
+                                       seed=cfg.run.seed)
+        pcfg = Config.from_dict(deep_merge(cfg.to_dict(), {"data": {"source": source, **opts.data_options}}))
+        out = measure_pipeline(pcfg, device, opts.steps, warmup, opts.repeats, step_ips, opts.ingest_seconds)
+        out["ray_cpus"] = capacity()[0].get("CPU", 0)
+        if not opts.data:
+            out["data"] = f"local WebDataset shards of JPEG scenes ({BENCH_PRESETS[preset]['scene_size']} px)"
+        return out
+
+
+def _ingest_only(opts: BenchOptions, preset: str) -> dict:
+    """Decoded + augmented samples/s out of the pipeline on ``opts.data``, no training."""
+    cfg = ingest_config({"source": opts.data, **opts.data_options}, BENCH_PRESETS[preset]["preset"],
+                        opts.batch_size or 32, opts.sets)
+    with ray_session(dashboard=False, log_to_driver=False):
+        return {"bench": "rayssl.bench", "preset": preset,
+                "ingest": measure_ingest(cfg, opts.ingest_seconds, opts.consumers, cfg.run.batch_size)}
+
+
+def format_table(r: dict) -> str:
+    if "ingest" in r and "method" not in r:
+        i = r["ingest"]
+        return (f"rayssl.bench  ingest {i['data']} ({i['kind']}): {i['samples_per_s']:.1f} samples/s over "
+                f"{i['seconds']} s, first batch after {i['time_to_first_batch_s']} s, {i['consumers']} consumer(s), "
+                f"crops {'+'.join(i['crops'])}")
+    lines = [f"rayssl.bench  method={r['method']} preset={r['preset']} device={r['device_name']} dtype={r['dtype']}",
+             f"  backbone={r['backbone']} crops={'+'.join(r['crops'])} batch={r['batch_size']} workers={r['workers']} "
+             f"cpus={r['cpus']} repeats={r['repeats']}"]
+    s = r.get("step")
+    if s:
+        lines += [f"  step      {s['images_per_s']:>10.1f} img/s   ({s['ms_per_step']:.1f} ms/step, runs "
+                  f"{s['runs_images_per_s']})",
+                  f"    backbone {s['backbone_ms']:.1f} ms | heads {s['heads_ms']:.1f} ms | loss {s['loss_ms']:.1f} ms "
+                  f"| optimiser {s['optimizer_ms']:.1f} ms" + (f" | (Sinkhorn alone {s['sinkhorn_ms']:.2f} ms)"
+                                                            if "sinkhorn_ms" in s else ""),
+                  f"    peak memory {s['peak_memory_mb']:.0f} MiB ({s['peak_memory_kind']})"]
+    p = r.get("pipeline")
+    if p:
+        ratio = f"{p['ratio']:.2f}" if p.get("ratio") is not None else "n/a"
+        lines.append(f"  pipeline  {p['images_per_s']:>10.1f} img/s   (ratio pipeline/step {ratio}, "
+                     f"augment_on={p['augment_on']}, ray cpus {p.get('ray_cpus')}"
+                     + (f", ingest alone {p['ingest_alone_images_per_s']} img/s" if "ingest_alone_images_per_s" in p
+                        else "") + ")")
+    c = r.get("comm")
+    if c:
+        lines.append(f"  comm      {c['workers']} workers x batch {c['per_worker_batch']} ({c['backend']}):")
+        for kind, e in sorted(c["per_step"].items()):
+            lines.append(f"    {kind:<24} {e['calls']:>5} calls {e['bytes']:>12,d} B {e['ms']:>9.3f} ms / step")
+        lines.append(f"    method total {c['method_bytes_per_step']:,d} B/step vs gradient all-reduce "
+                     f"{c['gradient_allreduce_bytes']:,d} B ({c['gradient_allreduce_ms']:.1f} ms): "
+                     f"ratio {c['method_over_gradient_bytes']:.2e}")
+    return "\n".join(lines)

@@ -1,0 +1,60 @@
+"""One worker's training batches, epoch by epoch: Ray Data rows -> crops on the device.
+
+``TrainFeed`` reads a worker's dataset shard (or a whole dataset, as the benchmark does) with
+the run's local shuffle, and yields ``(crops, columns)`` per batch: the normalised float crops
+(``data.augment_on=cpu``: cut by the Ray Data tasks and shipped as uint8; ``device``: decoded
+and multi-cropped here, ``rayssl.data.gpu_augment``) and the extra batch columns a method
+asked for (CDUL's image ``index``). No Ray import: ``source`` is anything with Ray Data's
+``iter_batches`` / ``iter_torch_batches``.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+
+from rayssl.data.multicrop import crop_spec
+from rayssl.data.tensors import to_float_images
+from rayssl.sections import DataSection
+
+__all__ = ["TrainFeed"]
+
+
+class TrainFeed:
+    """Batches of ``batch_size`` rows (the worker's share of the global batch) from ``source``.
+
+    The local shuffle is seeded by (seed, epoch, rank), so a run is reproducible; with
+    ``augment_on=device`` the crops are seeded per image by (seed, epoch, image key), as the
+    Ray Data tasks seed them on the CPU path.
+    """
+
+    def __init__(self, source, data: DataSection, device: torch.device, *, batch_size: int, seed: int,
+                 rank: int = 0, columns: Sequence[str] = (), channels_last: bool = False):
+        self.source, self.data, self.device = source, data, device
+        self.batch_size, self.seed, self.rank = batch_size, seed, rank
+        self.columns, self.channels_last = tuple(columns), channels_last
+        self.keys = [f"crop_{j}" for j in range(sum(data.crop_counts))]
+        self.augment = None
+        if data.augment_on == "device":
+            from rayssl.data.gpu_augment import DeviceMultiCrop
+
+            self.augment = DeviceMultiCrop(crop_spec(data), device, channels_last=channels_last)
+
+    def epoch(self, epoch: int) -> Iterator[tuple[list[torch.Tensor], dict]]:
+        """The batches of (0-based) ``epoch``: ``(crops, columns)``."""
+        buffer = self.data.shuffle_buffer
+        shuffle = {"local_shuffle_buffer_size": buffer or None,
+                   "local_shuffle_seed": (self.seed * 100003 + epoch * 101 + self.rank) if buffer else None}
+        if self.augment is not None:
+            from rayssl.data.gpu_augment import device_crop_batches
+
+            rows = self.source.iter_batches(batch_size=self.batch_size, drop_last=True, batch_format="numpy",
+                                            **shuffle)
+            for batch in device_crop_batches(rows, self.augment, seed=self.seed, epoch=epoch, min_side=1):
+                yield batch.pop("crops"), {k: batch[k] for k in self.columns}
+            return
+        for batch in self.source.iter_torch_batches(batch_size=self.batch_size, drop_last=True, device=self.device,
+                                                    **shuffle):
+            yield ([to_float_images(batch[k], channels_last=self.channels_last) for k in self.keys],
+                   {k: batch[k] for k in self.columns})

@@ -1,0 +1,34 @@
+"""What kind of file a path names (image, tar shard, Parquet shard), by its extension. No Ray import."""
+
+from __future__ import annotations
+
+import posixpath
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
+TAR_EXTENSIONS = ("tar",)
+PARQUET_EXTENSIONS = ("parquet", "pq")
+
+__all__ = ["IMAGE_EXTENSIONS", "PARQUET_EXTENSIONS", "TAR_EXTENSIONS", "extension", "is_local_fs", "kind_of"]
+
+
+def extension(path: str) -> str:
+    """Lower-case extension without the dot ("" when none)."""
+    base = posixpath.basename(path)
+    return base.rsplit(".", 1)[1].lower() if "." in base else ""
+
+
+def kind_of(path: str) -> str | None:
+    ext = extension(path)
+    if ext in IMAGE_EXTENSIONS:
+        return "images"
+    if ext in TAR_EXTENSIONS:
+        return "webdataset"
+    if ext in PARQUET_EXTENSIONS:
+        return "parquet"
+    return None
+
+
+def is_local_fs(fs) -> bool:
+    import fsspec.implementations.local as local
+
+    return isinstance(fs, local.LocalFileSystem)

@@ -1,0 +1,60 @@
+"""The labelling job's output on disk: Parquet rows of images by index, and a side file.
+
+``python -m rayssl.pseudolabel --out URI`` writes Parquet rows ``index, id, path, soft_label``
+(+ ``global``, ``aggregated``; + ``gt`` for generated scenes; + ``offset``, ``length`` for tar
+members, which training reads again) and ``pseudolabels.json`` (classes, settings, number of
+rows, where the images came from). Training reads the rows back by index (``rayssl.data.indexed``)
+and fills CDUL's label store (``rayssl.pseudolabel.store``) from them. No Ray import.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from rayssl.storage import exists, filesystem, pyarrow_filesystem, read_text, write_text
+
+META_FILE = "pseudolabels.json"
+
+__all__ = ["META_FILE", "read_meta", "read_pseudo_labels", "scenes_source", "write_meta"]
+
+
+
+def scenes_source(seed: int, size: int, num_images: int) -> dict:
+    """The meta's ``source`` for generated scenes: what training needs to re-generate them."""
+    return {"kind": "scenes", "uri": "scenes", "seed": int(seed), "size": int(size), "num_images": int(num_images)}
+
+
+def write_meta(uri: str, meta: dict, options=None) -> None:
+    """Write the side file ``read_meta`` reads (whole or not at all)."""
+    write_text(f"{uri.rstrip('/')}/{META_FILE}", json.dumps(meta, indent=1), options)
+
+
+def read_meta(uri: str, options=None) -> dict:
+    """The side file the labelling job writes next to its Parquet files."""
+    path = f"{uri.rstrip('/')}/{META_FILE}"
+    if not exists(path, options):
+        raise FileNotFoundError(f"--pseudo-labels: {uri} holds no {META_FILE}; make it with "
+                                "`python -m rayssl.pseudolabel --out URI ...`")
+    return json.loads(read_text(path, options))
+
+
+def read_pseudo_labels(uri: str, columns=("index", "soft_label"), options=None) -> tuple[dict, dict]:
+    """(meta, {column: numpy array}) of a labelling job's output; vector columns are (M, C)."""
+    meta = read_meta(uri, options)
+    fs, root = filesystem(uri, options)
+    files = sorted(p for p in fs.find(root) if p.endswith(".parquet"))
+    if not files:
+        raise FileNotFoundError(f"--pseudo-labels: {uri} holds no .parquet files")
+    table = pq.read_table(files, columns=list(columns), filesystem=pyarrow_filesystem(fs))
+    out = {}
+    c = len(meta["classes"])
+    for name in columns:
+        col = table.column(name).combine_chunks()
+        if hasattr(col, "flatten") and str(col.type).startswith(("fixed_size_list", "list")):
+            out[name] = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, c).astype(np.float32)
+        else:
+            out[name] = col.to_numpy(zero_copy_only=False)
+    return meta, out

@@ -1,0 +1,28 @@
+"""uint8 pixel batches -> normalised float tensors, as every backbone here is fed (pure PyTorch).
+
+Crops travel from the data pipeline as uint8 (N, H, W, 3), a quarter of float32's bytes, and
+are normalised on the training device with ImageNet's statistics, which torchvision backbones
+(and their exports) expect.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# ImageNet statistics.
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+__all__ = ["MEAN", "STD", "to_float_images"]
+
+
+def to_float_images(x: torch.Tensor, channels_last: bool = True) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> normalised float (B, 3, H, W).
+
+    Permuting an NHWC tensor gives NCHW *in channels_last memory* for free, which is the
+    layout convolutions prefer on GPUs; ``contiguous()`` is only forced when asked.
+    """
+    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1) * 255.0
+    y = (x.permute(0, 3, 1, 2).float() - mean) / std
+    return y.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)

@@ -1,0 +1,67 @@
+"""The evaluation a run reports at the end of an epoch (pure PyTorch).
+
+On held-out labelled scenes (streams disjoint from the training scenes): the method's metric
+(``Method.evaluate``: kNN top-1 for SwAV, a linear probe's mAP for MLS/MoCo, the classifier's
+own mAP for CDUL) and, once per run, the same metric for a randomly initialised backbone of
+the same architecture, so the trained score is read against what training started from.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from rayssl.engine.monitor import log
+from rayssl.eval.features import scenes_eval_sets
+from rayssl.methods import get_method
+from rayssl.modules.backbone import build_backbone
+
+__all__ = ["EpochEvaluator"]
+
+
+class EpochEvaluator:
+    """Scores ``engine``'s method after the epochs ``eval.every_epochs`` names and after the last."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.metric = get_method(engine.cfg.run.method).metric
+        self.sets = None
+        self.random_init = None
+
+    def due(self, epoch: int) -> bool:
+        """Whether (0-based) ``epoch`` ends with an evaluation."""
+        cfg = self.engine.cfg
+        every = cfg.eval.every_epochs
+        last = epoch + 1 == cfg.run.epochs
+        return cfg.eval.num_test_images > 0 and (last or bool(every and (epoch + 1) % every == 0))
+
+    def __call__(self, epoch: int) -> dict:
+        """``{metric: score}`` (+ ``{metric}_random_init``), logged."""
+        cfg, method, device = self.engine.cfg, self.engine.method, self.engine.device
+        t0 = time.perf_counter()
+        if self.sets is None:
+            self.sets = scenes_eval_sets(cfg.run.seed, cfg.data.scenes_image_size, cfg.eval.num_train_images,
+                                         cfg.eval.num_test_images)
+        size = cfg.data.crop_sizes[0]
+        out = {self.metric: method.evaluate(self.metric, self.sets, size, device, cfg.eval)}
+        if cfg.eval.random_baseline and method.random_init_baseline and self.random_init is None:
+            self.random_init = self._random_init_score(size)
+        if self.random_init is not None:
+            out[f"{self.metric}_random_init"] = self.random_init
+        log(f"epoch {epoch + 1}: {self.metric} on held-out scenes {out[self.metric]:.4f}"
+            + (f" (random init: {self.random_init:.4f})" if self.random_init is not None else "")
+            + f" [{time.perf_counter() - t0:.1f}s]")
+        return out
+
+    def _random_init_score(self, size: int) -> float:
+        """The metric for a randomly initialised backbone of the same architecture."""
+        from rayssl.eval.features import evaluate_on_scenes
+
+        cfg = self.engine.cfg
+        with torch.random.fork_rng(devices=[]):  # leave the training RNG stream untouched
+            torch.manual_seed(cfg.run.seed)
+            net, _ = build_backbone(cfg.model.backbone, small_stem=cfg.model.small_stem)
+        net.to(self.engine.device)
+        return evaluate_on_scenes(self.metric, net, self.sets, size, self.engine.device, cfg.eval.knn_k,
+                                  cfg.eval.knn_temperature)

@@ -1,0 +1,189 @@
+"""One worker's training state and THE training step (pure PyTorch).
+
+``Engine`` builds what a run trains -- the method module (``rayssl.methods``), its optimiser
+and learning-rate schedule, the precision -- and ``Engine.train_step`` runs one step:
+schedule, forward (loss checked for finiteness), backward, the method's after-backward hook,
+optimiser step. The Ray Train worker (``rayssl.runtime.worker``), the benchmark
+(``rayssl.bench``) and the experiments all call this one function, so what they measure is
+what training runs. With several workers the caller's process group exists and the engine
+wraps the method in DistributedDataParallel; without one it runs in-process.
+
+The engine also writes and restores the checkpoint state (``rayssl.checkpoint``'s format): the
+shared part from rank 0, each rank's own part (per-worker queues, RNG states).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Callable, ContextManager, Mapping, Sequence
+
+import torch
+
+from rayssl.checkpoint import (
+    CheckpointError,
+    gather_rank_sizes,
+    load_rank_state,
+    load_shared_state,
+    rng_state,
+    set_rng_state,
+    write_rank_state,
+    write_shared_state,
+)
+from rayssl.config import Config
+from rayssl.methods import Method, get_method
+from rayssl.optim import Schedule, build_optimizer
+
+__all__ = ["Engine", "autocast_for", "build_method", "checked_forward", "uses_channels_last"]
+
+
+def uses_channels_last(cfg: Config, device: torch.device) -> bool:
+    """channels_last memory for convolutions: on CUDA only (see ``run.channels_last``)."""
+    return bool(cfg.run.channels_last) and device.type == "cuda"
+
+
+def build_method(cfg: Config, device: torch.device, world_size: int = 1) -> Method:
+    """The run's method module on ``device``, initialised from ``run.seed`` (the same on every rank)."""
+    torch.manual_seed(cfg.run.seed)  # identical init on every rank (DDP also broadcasts)
+    method = get_method(cfg.run.method).model_cls(cfg.method, cfg.model, num_crops=sum(cfg.data.crop_counts),
+                                                  world_size=world_size)
+    if cfg.model.sync_batchnorm and world_size > 1:
+        method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
+    method.to(device)
+    if uses_channels_last(cfg, device):
+        method.to(memory_format=torch.channels_last)
+    if cfg.model.compile:
+        # In place (Module.compile): parameter names, checkpoints and exports stay unchanged.
+        method.backbone.compile()
+    return method
+
+
+def autocast_for(precision: str, device: torch.device) -> tuple[Callable[[], ContextManager], str]:
+    """(context factory, name) for ``run.precision``: bf16 autocast (auto: on CUDA) or fp32."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)), "bf16 autocast"
+    return nullcontext, "fp32"
+
+
+def checked_forward(model, crops, *, epoch: int, step: int, method_name: str, autocast=nullcontext,
+                    check_loss: bool = True, columns: Mapping | None = None):
+    """One forward pass -> ``(loss, metrics)``; a non-finite quantity stops the step.
+
+    Non-finite Sinkhorn codes (the methods raise ValueError "... not finite ...") and, when
+    ``check_loss``, a non-finite loss become FloatingPointError naming the step, the epoch
+    and the quantity. ``columns``: the batch columns the method names in ``batch_columns``.
+    """
+    try:
+        with autocast():
+            loss, metrics = model(crops, epoch=epoch, step=step, **(columns or {}))
+    except ValueError as exc:
+        if "not finite" not in str(exc):
+            raise
+        raise FloatingPointError(f"step {step} (epoch {epoch}): {exc}") from None
+    if check_loss and not torch.isfinite(loss).item():
+        raise FloatingPointError(
+            f"step {step} (epoch {epoch}): the {method_name} loss is not finite ({loss.item()}); "
+            "lower optim.base_lr or check the input data"
+        )
+    return loss, metrics
+
+
+class Engine:
+    """One worker's method, optimiser, schedule and counters.
+
+    Args:
+        cfg: the run's resolved config.
+        steps_per_epoch: steps of one epoch at the global batch (sizes the schedule).
+        device: where this worker trains.
+        world_size, rank: this worker's place among the ranks of the caller's process group.
+
+    After construction call :meth:`restore` (a checkpoint to continue from) and then
+    :meth:`start` (per-rank randomness, DDP); then :meth:`train_step` once per batch, with
+    ``epoch`` set to the epoch being trained.
+    """
+
+    def __init__(self, cfg: Config, steps_per_epoch: int, device: torch.device | str = "cpu",
+                 world_size: int = 1, rank: int = 0):
+        self.cfg, self.device = cfg, torch.device(device)
+        self.world_size, self.rank = world_size, rank
+        self.steps_per_epoch = steps_per_epoch
+        self.method: Method = build_method(cfg, self.device, world_size)
+        self.model: torch.nn.Module = self.method  # DDP-wrapped by start() with several workers
+        self.optimizer = build_optimizer(self.method, cfg.optim)
+        self.schedule = Schedule(cfg.optim, cfg.run.batch_size, cfg.run.epochs, steps_per_epoch)
+        self.autocast, self.precision = autocast_for(cfg.run.precision, self.device)
+        self.channels_last = uses_channels_last(cfg, self.device)
+        self.epoch = 0  # the epoch being trained (0-based); after restore(): the next one
+        self.step = 0  # optimiser steps taken in the whole run
+        self.images_seen = 0
+        self.restored = False
+
+    # -- starting ---------------------------------------------------------------------------
+    def restore(self, directory: str) -> str:
+        """Continue from the checkpoint in ``directory``; returns a line saying from where."""
+        try:
+            shared = load_shared_state(directory, map_location=self.device)
+        except CheckpointError as exc:
+            raise CheckpointError(f"cannot resume: {exc}") from None
+        self.method.load_state_dict(shared["model"])
+        self.optimizer.load_state_dict(shared["optimizer"])
+        self.epoch, self.step, self.images_seen = shared["epoch"], shared["step"], shared["images_seen"]
+        mine = load_rank_state(directory, self.rank, map_location=self.device)
+        kept = mine is not None and self.method.load_rank_state_dict(mine["method"])
+        if "method_state" in shared:  # state shared by all ranks (CDUL's label store)
+            self.method.load_shared_state_dict(shared["method_state"])
+        if mine is not None and shared.get("world_size") == self.world_size:
+            set_rng_state(mine["rng"])
+        self.restored = True
+        return (f"resumed from checkpoint at epoch {self.epoch}, step {self.step}"
+                + ("" if kept else " (per-worker state such as queues restarted empty)"))
+
+    def start(self) -> None:
+        """Per-rank randomness from here on (unless restored), and DDP with several workers."""
+        if not self.restored:
+            torch.manual_seed(self.cfg.run.seed * 1000 + self.rank + 1)
+        if self.world_size > 1:
+            self.model = torch.nn.parallel.DistributedDataParallel(
+                self.method, device_ids=[self.device] if self.device.type == "cuda" else None)
+
+    # -- the step ---------------------------------------------------------------------------
+    def train_step(self, crops: Sequence[torch.Tensor], columns: Mapping | None = None, *,
+                   check_loss: bool | None = None) -> dict:
+        """One optimiser step on this worker's share of a batch; returns the step's metrics
+        (detached scalars, ``"loss"`` among them) and its ``"lr"``.
+
+        ``check_loss`` (default: every step on CPU; on a GPU only at log steps, to avoid a
+        device sync per step): stop with FloatingPointError on a non-finite loss.
+        """
+        lr = self.schedule(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if check_loss is None:
+            check_loss = self.device.type == "cpu" or self.step % self.cfg.run.log_every_steps == 0
+        loss, metrics = checked_forward(self.model, crops, epoch=self.epoch, step=self.step,
+                                        method_name=self.cfg.run.method, autocast=self.autocast,
+                                        check_loss=check_loss, columns=columns)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.method.after_backward(self.step)
+        self.optimizer.step()
+        self.step += 1
+        self.images_seen += self.cfg.run.batch_size
+        return {**metrics, "lr": lr}
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def shared_state(self) -> dict:
+        """What every rank shares: weights, optimiser, counters (epochs completed), config."""
+        state = {"method": self.cfg.run.method, "model": self.method.state_dict(),
+                 "optimizer": self.optimizer.state_dict(), "epoch": self.epoch + 1, "step": self.step,
+                 "images_seen": self.images_seen, "world_size": self.world_size, "config": self.cfg.to_dict()}
+        method_state = self.method.shared_state_dict()
+        if method_state:
+            state["method_state"] = method_state
+        return state
+
+    def write_checkpoint(self, directory: str) -> None:
+        """Collective: every rank writes its own file; rank 0 the shared state and, last, the manifest."""
+        size = write_rank_state(directory, self.rank, {"method": self.method.rank_state_dict(), "rng": rng_state()})
+        sizes = gather_rank_sizes(size, self.device)  # the manifest records every rank's file
+        if self.rank == 0:
+            write_shared_state(directory, self.shared_state(), world_size=self.world_size, rank_sizes=sizes)

@@ -1,0 +1,266 @@
+"""Scoring a checkpoint's frozen backbone: kNN or linear probes on labelled images (``rayssl eval``).
+
+Protocols: ``knn`` (weighted cosine kNN top-1), ``linear`` (softmax linear probe top-1),
+``multilabel-linear`` (sigmoid/BCE linear probe, macro mAP). Data: the built-in scenes
+(held-out streams, never the training scenes), a folder / ``s3://`` prefix of images in an
+ImageFolder layout (class = parent folder), or images / ``.tar`` / Parquet shards with a
+labels table (CSV or Parquet: an id column -- file stem, path or key -- and a class column;
+several classes joined by ``|``). Unless a test set is given, the labelled images are split
+into train / test with ``test_fraction`` (seeded).
+
+``open_sources`` checks the data and labels before any image is read; ``evaluate`` extracts the
+features with a Ray Data batch-inference job (``rayssl.eval.job``: actors holding the backbone,
+on GPUs when the cluster has them) and scores them.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+
+import pyarrow.parquet as pq
+import torch
+
+from rayssl.checkpoint import LoadedCheckpoint, backbone_state_dict
+from rayssl.data.labels import ID_COLUMNS, image_id, load_labels
+from rayssl.data.scenes import SHAPES
+from rayssl.data.sources import DataError, resolve_source
+from rayssl.eval.job import ActorPool, scene_features, source_features
+from rayssl.eval.knn import knn_top1
+from rayssl.eval.linear import linear_probe_map, linear_probe_top1
+from rayssl.eval.preprocess import label_matrix, split_train_test
+from rayssl.modules.backbone import build_backbone
+from rayssl.storage import S3Options
+
+PROTOCOLS = ("knn", "linear", "multilabel-linear")
+METRIC = {"knn": "knn_top1", "linear": "linear_top1", "multilabel-linear": "linear_map"}
+
+__all__ = ["METRIC", "PROTOCOLS", "EvalError", "EvalRequest", "LabelledSource", "Sources", "evaluate",
+           "format_table", "open_sources"]
+
+
+class EvalError(ValueError):
+    """Bad evaluation input (one line naming the option)."""
+
+
+def log(msg: str) -> None:
+    sys.stderr.write(f"[rayssl.eval] {msg}\n")
+    sys.stderr.flush()
+
+
+@dataclass
+class EvalRequest:
+    """What to evaluate and how (the options of ``rayssl eval``)."""
+
+    data: str = "scenes"
+    labels: str | None = None
+    protocol: str = "knn"
+    test_data: str | None = None
+    test_labels: str | None = None
+    test_fraction: float = 0.2
+    k: int = 20
+    temperature: float = 0.07
+    num_train: int = 1000  # scenes: labelled training images
+    num_test: int = 500  # scenes: held-out test images
+    image_size: int | None = None  # default: the checkpoint's large-crop size
+    seed: int = 0
+    batch_size: int = 128
+    baseline: bool = False  # also score a randomly initialised backbone of the same architecture
+    parquet_image_column: str = "image"
+
+    def check(self) -> None:
+        """EvalError (one line naming the option) for a request that cannot work."""
+        if self.protocol not in PROTOCOLS:
+            raise EvalError(f"--protocol: choose one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
+        if self.k < 1:
+            raise EvalError(f"--k: must be >= 1, got {self.k}")
+        if self.temperature <= 0:
+            raise EvalError(f"--temperature: must be > 0, got {self.temperature}")
+        if self.num_train < 2 or self.num_test < 1:
+            raise EvalError("--num-train must be >= 2 and --num-test >= 1")
+        if self.image_size is not None and self.image_size < 8:
+            raise EvalError(f"--image-size: must be >= 8, got {self.image_size}")
+        if self.batch_size < 1:
+            raise EvalError(f"--batch-size: must be >= 1, got {self.batch_size}")
+        if self.data == "scenes" and (self.labels or self.test_data):
+            raise EvalError("--labels/--test-data: the built-in scenes carry their own labels; drop these options")
+
+
+# ------------------------------------------------------------------ labelled sources
+
+
+
+class LabelledSource:
+    """A data URI resolved with its labels, checked before any image is read."""
+
+    def __init__(self, data: str, labels_uri: str | None, flag: str, labels_flag: str, options: S3Options,
+                 image_column: str):
+        self.source = resolve_source(data, options, image_column=image_column)
+        self.labels_uri = labels_uri or data
+        if labels_uri is None and self.source.kind != "images":
+            raise EvalError(f"{labels_flag}: {flag} {data} holds {self.source.kind} shards, which have no class "
+                            f"folders; give a labels table with {labels_flag}")
+        try:
+            self.labels = load_labels(self.labels_uri, options)
+        except DataError as exc:
+            raise EvalError(f"{labels_flag}: {exc}") from None
+        self.flag, self.labels_flag, self.uri = flag, labels_flag, data
+        self.ids_by_path: dict[str, str] | None = None
+        self.parquet_id_column = None
+        if self.source.kind == "images":
+            by_id: dict[str, str] = {}
+            for p in self.source.paths:
+                i = image_id(p)
+                if i in by_id:
+                    raise EvalError(f"{flag} {data}: two images share the id {i!r} ({by_id[i]} and {p}); "
+                                    "ids are file names without extension and must be unique")
+                by_id[i] = p
+            self.check_ids(set(by_id))
+            self.ids_by_path = {p: i for i, p in by_id.items() if i in self.labels}
+        elif self.source.kind == "parquet":
+            with self.source.fs.open(self.source.paths[0], "rb") as f:
+                names = pq.read_schema(f).names
+            wanted = [c for c in ID_COLUMNS if c != image_column]
+            found = [n for n in names if n.lower() in wanted]
+            if not found:
+                raise EvalError(f"{flag} {data}: the Parquet shards have no id column to match {labels_flag} "
+                                f"(looked for {', '.join(wanted)}; has {', '.join(names)})")
+            self.parquet_id_column = found[0]
+
+    def check_ids(self, present: set[str]) -> None:
+        missing = sorted(set(self.labels) - present)
+        if missing:
+            first = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+            raise EvalError(f"{self.labels_flag} {self.labels_uri}: {len(missing)} of the {len(self.labels)} images "
+                            f"it names are not in {self.flag} {self.uri} (first: {first})")
+
+
+def _features_for(ls: LabelledSource, ckpt: LoadedCheckpoint, state, size, pool: ActorPool, batch_size):
+    table = source_features(ls.source, ls.ids_by_path, ckpt.backbone_name, ckpt.small_stem, state, size=size,
+                            pool=pool, batch_size=batch_size, parquet_id_column=ls.parquet_id_column)
+    if ls.ids_by_path is None:  # shards: their ids are only known now
+        ls.check_ids(set(table.ids))
+    keep = [r for r, i in enumerate(table.ids) if i in ls.labels]
+    ids = [table.ids[r] for r in keep]
+    return ids, table.features[keep], [ls.labels[i] for i in ids], table.skipped
+
+
+# ------------------------------------------------------------------ scoring
+
+
+def score(protocol: str, f_tr, y_tr, f_te, y_te, req: "EvalRequest") -> float:
+    f_tr, f_te = torch.as_tensor(f_tr), torch.as_tensor(f_te)
+    if protocol == "knn":
+        return knn_top1(f_tr, torch.as_tensor(y_tr), f_te, torch.as_tensor(y_te), k=req.k,
+                        temperature=req.temperature)
+    if protocol == "linear":
+        return linear_probe_top1(f_tr, torch.as_tensor(y_tr), f_te, torch.as_tensor(y_te), seed=req.seed)
+    return linear_probe_map(f_tr, torch.as_tensor(y_tr).float(), f_te, torch.as_tensor(y_te).float(), seed=req.seed)
+
+
+def _targets(protocol: str, label_sets: list[tuple[str, ...]], classes: list[str], flag: str):
+    y, _ = label_matrix(label_sets, classes)
+    if protocol == "multilabel-linear":
+        return y
+    multi = int((y.sum(1) != 1).sum())
+    if multi:
+        raise EvalError(f"{flag}: --protocol {protocol} needs exactly one class per image, but {multi} images have "
+                        "several (or none); use --protocol multilabel-linear")
+    return y.argmax(1)
+
+@dataclass
+class Sources:
+    """The labelled images of a request: ``train`` (split into train / test unless ``test`` is
+    given); both None for the built-in scenes."""
+
+    train: LabelledSource | None = None
+    test: LabelledSource | None = None
+
+
+def open_sources(req: EvalRequest, options: S3Options) -> Sources:
+    """Resolve and check the request's data and labels, before any image is read."""
+    req.check()
+    if req.data == "scenes":
+        return Sources()
+    train = LabelledSource(req.data, req.labels, "--data", "--labels", options, req.parquet_image_column)
+    test = None
+    if req.test_data:
+        table = req.labels if req.labels and req.labels.endswith((".csv", ".parquet", ".pq")) else None
+        test = LabelledSource(req.test_data, req.test_labels or table, "--test-data", "--test-labels", options,
+                              req.parquet_image_column)
+    return Sources(train, test)
+
+
+def evaluate(req: EvalRequest, ckpt: LoadedCheckpoint, sources: Sources, pool: ActorPool) -> dict:
+    """Score ``ckpt``'s frozen backbone as ``req`` asks, its features extracted by ``pool``
+    (a Ray Data batch-inference job on the connected Ray); returns the result dict."""
+    size = req.image_size or ckpt.image_size
+    state = backbone_state_dict(ckpt)
+    info: dict = {"skipped": 0}
+
+    def extract(st):
+        if req.data == "scenes":
+            t = scene_features(ckpt.backbone_name, ckpt.small_stem, st, seed=req.seed, n_train=req.num_train,
+                               n_test=req.num_test, scene_size=ckpt.config["data"]["scenes_image_size"],
+                               size=size, pool=pool, batch_size=req.batch_size)
+            tr = t.columns["split"] == "eval-train"
+            if req.protocol == "multilabel-linear":
+                y = t.columns["labels"]
+            else:
+                y = t.columns["label"]
+            info["classes"] = list(SHAPES)
+            return t.features[tr], y[tr], t.features[~tr], y[~tr]
+        ids, feats, label_sets, skipped = _features_for(sources.train, ckpt, st, size, pool, req.batch_size)
+        info["skipped"] = skipped
+        if sources.test is not None:
+            ids_te, f_te, sets_te, sk = _features_for(sources.test, ckpt, st, size, pool, req.batch_size)
+            info["skipped"] += sk
+            classes = sorted({c for s in label_sets + sets_te for c in s})
+            info["classes"] = classes
+            return (feats, _targets(req.protocol, label_sets, classes, "--labels"),
+                    f_te, _targets(req.protocol, sets_te, classes, "--test-labels"))
+        classes = sorted({c for s in label_sets for c in s})
+        info["classes"] = classes
+        y = _targets(req.protocol, label_sets, classes, "--labels")
+        tr, te = split_train_test(ids, req.test_fraction, req.seed)
+        return feats[tr], y[tr], feats[te], y[te]
+
+    t0 = time.perf_counter()
+    f_tr, y_tr, f_te, y_te = extract(state)
+    extract_s = time.perf_counter() - t0
+    log(f"features: {len(f_tr)} train + {len(f_te)} test images, dim {f_tr.shape[1]}, {extract_s:.1f}s "
+        f"({(len(f_tr) + len(f_te)) / max(extract_s, 1e-9):.1f} img/s, {pool.actors} "
+        f"{'GPU' if pool.use_gpu else 'CPU'} actor(s))")
+    metric = METRIC[req.protocol]
+    result = {
+        "checkpoint": ckpt.uri, "method": ckpt.method, "backbone": ckpt.backbone_name, "epoch": ckpt.epoch,
+        "data": req.data, "protocol": req.protocol, "metric": metric,
+        metric: round(score(req.protocol, f_tr, y_tr, f_te, y_te, req), 4),
+        "num_train": int(len(f_tr)), "num_test": int(len(f_te)), "num_classes": len(info["classes"]),
+        "image_size": size, "skipped_images": info["skipped"], "feature_s": round(extract_s, 1),
+    }
+    if req.protocol == "knn":
+        result.update({"k": req.k, "temperature": req.temperature})
+    if req.baseline:
+        torch.manual_seed(req.seed)
+        rand, _ = build_backbone(ckpt.backbone_name, small_stem=ckpt.small_stem)
+        g_tr, z_tr, g_te, z_te = extract(rand.state_dict())
+        result[f"{metric}_random_init"] = round(score(req.protocol, g_tr, z_tr, g_te, z_te, req), 4)
+    return result
+
+
+def format_table(result: dict) -> str:
+    rows = [("checkpoint", result["checkpoint"]),
+            ("backbone", f"{result['backbone']} ({result['method']}, epoch {result['epoch']})"),
+            ("data", f"{result['data']}: {result['num_train']} train / {result['num_test']} test images, "
+                     f"{result['num_classes']} classes" + (f", {result['skipped_images']} unreadable skipped"
+                                                           if result["skipped_images"] else "")),
+            ("protocol", result["protocol"] + (f" (k={result['k']}, T={result['temperature']})"
+                                               if result["protocol"] == "knn" else ""))]
+    m = result["metric"]
+    rows.append((m, f"{result[m]:.4f}"))
+    if f"{m}_random_init" in result:
+        rows.append((f"{m} (random init)", f"{result[m + '_random_init']:.4f}"))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

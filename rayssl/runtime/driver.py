@@ -1,0 +1,134 @@
+"""The Ray Train driver: one run of a resolved config, from the data to the summary.
+
+``train(cfg)`` sizes the workers (``cluster.place``), builds the Ray Data pipeline of
+``cfg.data`` (or, for a method with per-image state, the rows of its index table), writes the
+resolved config next to the checkpoints, fits a ``TorchTrainer`` running
+``rayssl.runtime.worker.train_loop_per_worker`` and returns the run's summary (also written to
+``<output>/summary.json``). Checks a user can act on have run before (``rayssl.cli.train``);
+what only the cluster can tell (GPUs, nodes) is checked here, before anything starts.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Sequence
+
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from rayssl.config import Config, ConfigError
+from rayssl.data.indexed import build_indexed_train_data
+from rayssl.data.pipeline import build_train_data
+from rayssl.data.sources import Source
+from rayssl.data.stats import WORKER_STARTS
+from rayssl.engine.monitor import log
+from rayssl.methods import get_method
+from rayssl.runtime.callbacks import StopOnNonFinite
+from rayssl.runtime.cluster import capacity, check_output_shared, place, ray_session
+from rayssl.runtime.internals import resume_point
+from rayssl.runtime.worker import train_loop_per_worker
+from rayssl.storage import is_remote, run_location, write_text
+
+__all__ = ["carried_data_counts", "checkpoint_uri", "train"]
+
+
+def carried_data_counts(point: dict | None) -> dict:
+    """The data counts (images seen, skipped by reason, converted) that the run had reached
+    at the checkpoint ``point``, as rank 0 reported them with it; so a resumed run's summary
+    and its bad-data check count the whole run, not only the part after the resume. The
+    count of worker-group starts stays behind: restarts are counted per process."""
+    counts = ((point or {}).get("metrics") or {}).get("data") or {}
+    return {k: v for k, v in counts.items() if k != WORKER_STARTS}
+
+
+def checkpoint_uri(path: str, output: str) -> str:
+    """A checkpoint path as Ray Train reports it (no scheme on remote storage) -> a URI like ``output``."""
+    if is_remote(output) and "://" not in path:
+        return output.split("://", 1)[0] + "://" + path
+    return path
+
+
+def _data_config(cfg: Config) -> DataConfig | None:
+    """``data.deterministic``: Ray Data preserves order, so ``streaming_split`` hands every
+    worker the same rows in the same order on every run (it ignores locality then)."""
+    if not cfg.data.deterministic:
+        return None
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return DataConfig(execution_options=options)
+
+
+def train(cfg: Config, callbacks: Sequence = (), source: Source | None = None) -> dict:
+    """Train ``cfg`` on the connected (or a local) Ray; returns the summary dict.
+
+    ``callbacks``: Ray Train callbacks added to the run (the CLI's metrics recorder; a Tune
+    sweep's ``TuneReportCallback``). ``source``: the data source already listed by the caller.
+    """
+    with ray_session():
+        resources, num_nodes = capacity()
+        check_output_shared(cfg.run.output, cfg.run.shared_output, num_nodes)
+        placement = place(resources, cfg.run.num_workers, cfg.run.use_gpu, cfg.run.cpus_per_worker)
+        index_table = cfg.method.indexed_data()
+        if index_table:  # rows keep each image's index for the method's per-image state
+            data = build_indexed_train_data(cfg.data, cfg.run.seed, index_table)
+        else:
+            data = build_train_data(cfg.data, cfg.run.seed, source=source)
+        steps_per_epoch = data.num_images // cfg.run.batch_size
+        if steps_per_epoch < 1:
+            raise ConfigError(
+                f"--batch-size: global batch {cfg.run.batch_size} exceeds the {data.num_images} training images")
+        write_text(f"{cfg.run.output.rstrip('/')}/config.yaml", cfg.to_yaml())
+        if cfg.run.resume:
+            carried = carried_data_counts(resume_point(cfg.run.output))
+            if carried:  # before any map task reports: the totals include the run so far
+                data.stats.add(carried, wait=True)
+        storage_path, name, fs = run_location(cfg.run.output)
+        log(f"{cfg.run.method}: {data.num_images} images, {steps_per_epoch} steps/epoch x {cfg.run.epochs} epochs, "
+            f"{cfg.run.num_workers} workers ({'GPU' if placement.use_gpu else 'CPU'}, {placement.cpus} CPU each), "
+            f"output {cfg.run.output}")
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"config": cfg.to_dict(), "steps_per_epoch": steps_per_epoch, "stats": data.stats},
+            scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=placement.use_gpu,
+                                         resources_per_worker={"CPU": placement.cpus}),
+            run_config=RunConfig(
+                name=name, storage_path=storage_path, storage_filesystem=fs,
+                failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+                callbacks=[*callbacks, StopOnNonFinite()],
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+            ),
+            datasets={"train": data.dataset},
+            dataset_config=_data_config(cfg),
+        )
+        t0 = time.perf_counter()
+        result = trainer.fit()
+        wall = time.perf_counter() - t0
+        counts = data.stats.get()
+    return _summary(cfg, result, counts, wall)
+
+
+def _summary(cfg: Config, result, counts: dict, wall: float) -> dict:
+    m = dict(result.metrics or {})
+    metric = get_method(cfg.run.method).metric
+    summary = {
+        "method": cfg.run.method,
+        "epochs": m.get("epoch"),
+        "steps": m.get("step"),
+        "images_seen": m.get("images_seen"),
+        "images_per_s": round(m.get("images_per_s", 0.0), 2),
+        "final_loss": m.get("loss"),
+        "metric": metric,
+        metric: m.get(metric),
+    }
+    if f"{metric}_random_init" in m:
+        summary[f"{metric}_random_init"] = m[f"{metric}_random_init"]
+    summary.update({
+        "restarts": max(0, counts.pop(WORKER_STARTS, 1) - 1),
+        "data": counts,
+        "wall_s": round(wall, 1),
+        "output": cfg.run.output,
+        "checkpoint": checkpoint_uri(result.checkpoint.path, cfg.run.output) if result.checkpoint is not None else None,
+    })
+    write_text(f"{cfg.run.output.rstrip('/')}/summary.json", json.dumps(summary, indent=2))
+    return summary

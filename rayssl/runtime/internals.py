@@ -1,0 +1,121 @@
+"""Every use of Ray's internals, in one file, with the Ray version it was written against.
+
+Ray 2.60 has no public API for three things rayssl needs; each is here and nowhere else,
+and ``tests/test_ray_internals.py`` fails loudly when the installed Ray changes what is read:
+
+* ``ray.init(_node_ip_address=...)``: the only way to keep a local Ray on loopback (a laptop
+  run needs no network; without it Ray binds the machine's address).
+* ``ray._private.state``: the autoscaler's configuration, i.e. the nodes and resources a
+  ``ray up`` cluster can scale to (its GPU workers start from zero: sizing from
+  ``ray.cluster_resources()`` alone would train on the head's CPUs).
+* Ray Train V2's checkpoint snapshot (``<run>/checkpoint_manager_snapshot.json``): Ray resumes
+  a run from the checkpoint it lists as latest, without looking inside it, and refuses to
+  start when a listed directory is gone. ``resume_point`` verifies each listed checkpoint
+  against rayssl's manifest and rewrites the snapshot without the incomplete ones, so
+  ``--resume`` continues from the newest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import ray
+
+from rayssl.checkpoint import CheckpointError, verify_checkpoint_dir
+from rayssl.engine.monitor import log
+from rayssl.storage import exists, filesystem, read_text, write_text
+
+RAY_VERSION_WRITTEN_AGAINST = "2.60.0"
+
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train V2's list of registered checkpoints
+# What resume_point reads and rewrites in it (the fields of Ray Train's _CheckpointManagerState).
+SNAPSHOT_KEYS_READ = ("checkpoint_results", "checkpoint_report_indices", "latest_checkpoint_result")
+SNAPSHOT_KEYS_FILTERED = ("pending_training_results", "pending_validation_specs", "validated_checkpoint_dir_names",
+                          "timed_out_validation_checkpoint_dir_names", "failed_validation_checkpoint_dir_names")
+RESULT_KEYS_READ = ("checkpoint_dir_name", "metrics")  # in each checkpoint result
+
+__all__ = ["RAY_VERSION_WRITTEN_AGAINST", "SNAPSHOT_FILE", "autoscaler_capacity", "local_init_options",
+           "resume_point"]
+
+
+def local_init_options() -> dict:
+    """``ray.init`` keywords that keep a local Ray on loopback."""
+    return {"_node_ip_address": "127.0.0.1"}
+
+
+def autoscaler_capacity() -> tuple[dict, int] | None:
+    """(most resources, most nodes) the autoscaler may bring up, or None without an autoscaler."""
+    try:
+        from ray._private.state import state
+
+        config = state.get_cluster_config()
+        most = state.get_max_resources_from_cluster_config() if config is not None else None
+    except Exception:  # an older or unusual cluster: what is there now is what we size for
+        return None
+    if config is None or not config.node_group_configs:
+        return None
+    counts = [g.max_count for g in config.node_group_configs]
+    return dict(most or {}), (sys.maxsize if -1 in counts else sum(counts))
+
+
+def _check_snapshot(snap: dict, uri: str) -> None:
+    missing = [k for k in SNAPSHOT_KEYS_READ if k not in snap]
+    results = snap.get("checkpoint_results") or []
+    missing += sorted({k for r in results for k in RESULT_KEYS_READ if k not in r})
+    if missing:
+        raise CheckpointError(
+            f"--resume: {uri} is not in the format rayssl reads (written against Ray {RAY_VERSION_WRITTEN_AGAINST}, "
+            f"running Ray {ray.__version__}; missing {', '.join(missing)}): resume with the Ray version that "
+            "wrote the run")
+
+
+def resume_point(output: str) -> dict | None:
+    """On --resume, make Ray Train restore the newest *complete* checkpoint under ``output``.
+
+    Each checkpoint the snapshot lists is verified (``verify_checkpoint_dir``); incomplete ones
+    are dropped from the snapshot, which is rewritten with the newest complete one as latest.
+    Their directories are left in place, untouched, and named in the log. Returns the
+    snapshot's record of the checkpoint that will be resumed from (its ``checkpoint_dir_name``
+    and the ``metrics`` reported with it); None when there is no snapshot or no complete
+    checkpoint is left (the run then starts from epoch 0, with a warning).
+    """
+    base = output.rstrip("/")
+    snapshot_uri = f"{base}/{SNAPSHOT_FILE}"
+    if not exists(snapshot_uri):
+        return None
+    snap = json.loads(read_text(snapshot_uri))
+    _check_snapshot(snap, snapshot_uri)
+    fs, root = filesystem(base)
+    results = snap.get("checkpoint_results") or []
+    indices = snap.get("checkpoint_report_indices") or []
+    bad: dict[str, str] = {}
+    for r in results:
+        dir_name = r["checkpoint_dir_name"]
+        try:
+            verify_checkpoint_dir(f"{root.rstrip('/')}/{dir_name}", fs=fs)
+        except CheckpointError as exc:
+            bad[dir_name] = str(exc)
+    if not bad:
+        return snap.get("latest_checkpoint_result")
+    for dir_name, why in bad.items():
+        log(f"--resume: skipping incomplete checkpoint {base}/{dir_name} ({why})")
+    kept = [(r, i) for r, i in zip(results, indices) if r["checkpoint_dir_name"] not in bad]
+    newest = max(kept, key=lambda ri: ri[1])[0] if kept else None
+    snap["checkpoint_results"] = [r for r, _ in kept]
+    snap["checkpoint_report_indices"] = [i for _, i in kept]
+    snap["latest_checkpoint_result"] = newest
+    pending = [(r, v) for r, v in zip(snap.get("pending_training_results") or [],
+                                      snap.get("pending_validation_specs") or [])
+               if r["checkpoint_dir_name"] not in bad]
+    snap["pending_training_results"] = [r for r, _ in pending]
+    snap["pending_validation_specs"] = [v for _, v in pending]
+    for key in SNAPSHOT_KEYS_FILTERED[2:]:
+        if key in snap:
+            snap[key] = [n for n in snap[key] if n not in bad]
+    write_text(snapshot_uri, json.dumps(snap))
+    if newest is None:
+        log(f"--resume: WARNING no complete checkpoint in {base}; training starts again from epoch 0")
+        return None
+    log(f"--resume: resuming from {base}/{newest['checkpoint_dir_name']}")
+    return newest

@@ -1,0 +1,67 @@
+"""The function Ray Train's ``TorchTrainer`` runs on every worker: Ray glue around the engine.
+
+Ray enters only here: the worker's rank and device, its dataset shard, the checkpoint to
+resume from, and ``ray.train.report`` (called the same number of times on every rank). The
+model, the step, the progress and the evaluation are ``rayssl.engine`` (pure PyTorch).
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+import ray.train
+import ray.train.torch
+
+from rayssl.config import Config
+from rayssl.data.feed import TrainFeed
+from rayssl.engine import Engine, EpochEvaluator, Monitor, control_group, lockstep, log
+
+__all__ = ["train_loop_per_worker"]
+
+
+def train_loop_per_worker(payload: dict) -> None:
+    """``payload``: ``config`` (``Config.to_dict()``), ``steps_per_epoch`` and the run's ``stats``
+    (``rayssl.data.stats.DataCounts``)."""
+    cfg = Config.from_dict(payload["config"])
+    steps_per_epoch, stats = payload["steps_per_epoch"], payload["stats"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    engine = Engine(cfg, steps_per_epoch, ray.train.torch.get_device(), world_size=world, rank=rank)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            note = engine.restore(directory)
+        if rank == 0:
+            log(note)
+    engine.start()
+    if rank == 0:
+        stats.count_worker_start()  # restarts = starts - 1
+    feed = TrainFeed(ray.train.get_dataset_shard("train"), cfg.data, engine.device,
+                     batch_size=cfg.run.batch_size // world, seed=cfg.run.seed, rank=rank,
+                     columns=engine.method.batch_columns, channels_last=engine.channels_last)
+    monitor = Monitor(engine, logs=rank == 0, extra_text=stats.skip_text)
+    evaluate = EpochEvaluator(engine)
+    control = control_group()  # host-side (gloo) group for the per-step "have data" flags
+
+    for epoch in range(engine.epoch, cfg.run.epochs):
+        engine.epoch = epoch
+        if rank == 0:  # before asking for the epoch's data: its augmentations are seeded by the epoch
+            stats.set_epoch(epoch)
+        monitor.begin_epoch()
+        # Every rank must take the same number of steps (collectives inside the step): all
+        # stop as soon as one runs out of data, decided on the host one step ahead.
+        for crops, columns in monitor.batches(lockstep(feed.epoch(epoch), control, limit=steps_per_epoch)):
+            monitor.after_step(engine.train_step(crops, columns))
+        report = monitor.end_epoch()
+        if rank == 0:
+            if evaluate.due(epoch):
+                report.update(evaluate(epoch))
+            report["data"] = stats.get_or_empty()
+        save = epoch + 1 == cfg.run.epochs or (epoch + 1) % cfg.run.checkpoint_every_epochs == 0
+        if save:
+            with tempfile.TemporaryDirectory(prefix="rayssl-ckpt-") as tmp:
+                engine.write_checkpoint(tmp)  # collective: the manifest records every rank's file
+                ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(report)
+        monitor.epoch_done(save)

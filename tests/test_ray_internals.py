@@ -1,0 +1,50 @@
+"""What ``rayssl.runtime.internals`` reads of Ray's internals is still there, in the installed Ray.
+
+Each use of a private Ray API lives in that one file; these tests fail loudly, naming what
+moved, when a Ray release changes it (check the file against ``RAY_VERSION_WRITTEN_AGAINST``).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import ray
+
+from rayssl.checkpoint import CheckpointError
+from rayssl.runtime import internals
+
+
+def test_the_checkpoint_snapshot_has_the_fields_resume_reads_and_rewrites():
+    from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import (
+        _CheckpointManagerState,
+        _TrainingResultState,
+    )
+
+    def fields_of(model) -> set:
+        return set(getattr(model, "model_fields", None) or model.__fields__)
+
+    fields = fields_of(_CheckpointManagerState)
+    missing = [k for k in (*internals.SNAPSHOT_KEYS_READ, *internals.SNAPSHOT_KEYS_FILTERED) if k not in fields]
+    assert missing == [], f"Ray {ray.__version__}'s checkpoint snapshot lost {missing}"
+    assert set(internals.RESULT_KEYS_READ) <= fields_of(_TrainingResultState)
+    assert internals.SNAPSHOT_FILE == "checkpoint_manager_snapshot.json"
+    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+
+    assert CHECKPOINT_MANAGER_SNAPSHOT_FILENAME == internals.SNAPSHOT_FILE
+
+
+def test_a_snapshot_in_another_format_is_refused_naming_both_ray_versions(tmp_path):
+    (tmp_path / internals.SNAPSHOT_FILE).write_text('{"results": []}')
+    with pytest.raises(CheckpointError, match=rf"written against Ray {internals.RAY_VERSION_WRITTEN_AGAINST}, "
+                                              rf"running Ray {ray.__version__}.*checkpoint_results"):
+        internals.resume_point(str(tmp_path))
+
+
+def test_the_autoscaler_state_and_the_loopback_option_are_still_there():
+    from ray._private.state import state
+
+    assert callable(state.get_cluster_config) and callable(state.get_max_resources_from_cluster_config)
+    assert internals.autoscaler_capacity() is None  # no Ray connected: nothing to scale to
+    source = inspect.getsource(ray.init)
+    assert all(f'"{k}"' in source for k in internals.local_init_options()), "ray.init no longer reads them"

@@ -1,0 +1,231 @@
+"""A Ray Tune sweep in which every trial is a full TorchTrainer run (``python -m tuning.sweep``).
+
+The Ray 2.60 pattern (Train V2): a Tune *function* per trial builds the trial's config,
+then fits a ``TorchTrainer`` through ``rayssl.runtime.driver.train`` with ``TuneReportCallback``,
+which forwards rank 0's per-epoch metrics (loss, the method's evaluation metric) to Tune.
+ASHA compares trials on that metric every epoch and stops the weak ones early.
+
+Layout of ``--output``::
+
+    sweep.json        what was asked (method, base config, space, samples, scheduler)
+    tune/             Ray Tune's experiment state (what a restart restores)
+    trials/<id>/      one rayssl run per trial: config.yaml, checkpoint_*/, summary.json
+    results.json      the trials table and the best trial's checkpoint URI
+    results.txt       the same as text
+
+Started again with the same ``--output`` (after Ctrl-C, a lost driver...), the sweep
+resumes: finished trials are kept, unfinished ones continue from their last checkpoint.
+Everything a user can get wrong (search-space keys and ranges, train options) is refused
+before Ray starts, by the command (``rayssl.cli.sweep``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+
+from rayssl.config import Config, ConfigError, deep_merge
+from rayssl.engine.monitor import log
+from rayssl.methods import get_method
+from rayssl.runtime.cluster import capacity, check_output_shared, cpu_share
+from rayssl.runtime.driver import checkpoint_uri, train
+from rayssl.storage import configure_s3, exists, read_text, run_location, write_text
+from tuning.spaces import describe, nest, space_to_jsonable, to_tune
+
+# The Tune function only drives its trial's TorchTrainer: a quarter CPU is plenty.
+TRIAL_DRIVER_CPU = 0.25
+# Ray Data's map tasks take one CPU each: every running trial keeps one for its pipeline.
+DATA_CPU = 1.0
+SPEC_FILE = "sweep.json"
+
+
+# --------------------------------------------------------------------------- resources
+
+
+def plan_trials(cluster: Mapping[str, float], num_workers: int, use_gpu: bool | None,
+                cpus_per_worker: float | None, num_samples: int,
+                max_concurrent: int | None = None) -> tuple[int, float]:
+    """``(max_concurrent_trials, cpus_per_worker)`` for a cluster's resources.
+
+    A running trial holds its Tune function (TRIAL_DRIVER_CPU), ``num_workers`` training
+    workers and one CPU for its Ray Data tasks; with GPUs, one GPU per worker. Workers get
+    a whole CPU when the cluster has room for one trial that way, else an equal share of
+    what is left. As many trials run at once as fit (at least one), capped by the samples.
+    """
+    cpus, gpus = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
+    gpu = use_gpu if use_gpu is not None else gpus >= 1
+    if gpu and gpus < num_workers:
+        raise ConfigError(f"--num-workers: each trial needs {num_workers} GPUs, the Ray cluster has {gpus:g}")
+    if cpus_per_worker is None:  # the placement rule, with the trial's own driver beside Ray Data's CPU
+        cpus_per_worker = cpu_share(cpus, num_workers, reserved=TRIAL_DRIVER_CPU + DATA_CPU, low=0.05)
+    per_trial = TRIAL_DRIVER_CPU + num_workers * cpus_per_worker + DATA_CPU
+    derived = max(1, int(cpus // per_trial))
+    if gpu:
+        derived = min(derived, int(gpus // num_workers))
+    concurrent = max_concurrent if max_concurrent is not None else derived
+    return max(1, min(concurrent, num_samples)), cpus_per_worker
+
+
+# --------------------------------------------------------------------------- the trial
+
+
+def train_trial(config: dict, base: dict, output: str, cpus_per_worker: float) -> None:
+    """The Tune function: one trial = one rayssl run under ``<output>/trials/<trial id>``.
+
+    Runs in a Tune actor. A trial restarted by a resumed sweep finds its run directory and
+    continues from the newest complete checkpoint (same Ray Train storage path and name).
+    """
+    raw = deep_merge(base, nest(config))
+    trial_out = f"{output.rstrip('/')}/trials/{tune.get_context().get_trial_id()}"
+    run = raw.setdefault("run", {})
+    run["output"] = trial_out
+    if run.get("cpus_per_worker") is None:
+        run["cpus_per_worker"] = cpus_per_worker
+    cfg = Config.from_dict(raw)
+    configure_s3(cfg.data.s3)
+    cfg.run.resume = exists(f"{trial_out}/config.yaml")
+    train(cfg, callbacks=[TuneReportCallback()])
+
+
+# --------------------------------------------------------------------------- results
+
+
+def _num(x: Any) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else None
+
+
+def collect_results(grid, metric: str, epochs: int, output: str, keys: Sequence[str]) -> dict:
+    """Tune's ResultGrid -> the sweep's results dict (trials table + best trial)."""
+    rows = []
+    for r in grid:
+        m = dict(r.metrics or {})
+        df = r.metrics_dataframe
+        ckpt = None
+        if df is not None and "checkpoint_path" in df:
+            paths = df["checkpoint_path"].dropna()
+            if len(paths):
+                ckpt = checkpoint_uri(str(paths.iloc[-1]), output)
+        done = m.get("epoch")
+        status = "ERROR" if r.error else ("FINISHED" if done == epochs else ("STOPPED" if done else "PENDING"))
+        row = {
+            "trial": m.get("trial_id") or Path(str(r.path)).name,
+            "status": status,
+            "epochs": done,
+            metric: _num(m.get(metric)),
+            "loss": _num(m.get("loss")),
+            "params": {k: (r.config or {}).get(k) for k in keys},
+            "checkpoint": ckpt,
+        }
+        if r.error:
+            row["error"] = str(r.error).strip().splitlines()[-1][:300]
+        rows.append(row)
+    rows.sort(key=lambda row: row["trial"])
+    ranked = [row for row in rows if row[metric] is not None]
+    best = max(ranked, key=lambda row: row[metric]) if ranked else None
+    return {"metric": metric, "mode": "max", "output": output, "num_trials": len(rows),
+            "best": best, "trials": rows}
+
+
+def format_table(results: dict) -> str:
+    metric = results["metric"]
+    keys = list(results["trials"][0]["params"]) if results["trials"] else []
+    head = ["trial", "status", "epochs", metric, "loss", *keys]
+
+    def cell(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+
+    body = [[r["trial"], r["status"], cell(r["epochs"]), cell(r[metric]), cell(r["loss"]),
+             *(cell(r["params"][k]) for k in keys)] for r in results["trials"]]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
+    lines = ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip() for row in [head, *body]]
+    best = results["best"]
+    if best:
+        lines.append(f"best: {best['trial']} {metric}={best[metric]:.4g} checkpoint: {best['checkpoint']}")
+    else:
+        lines.append(f"best: none (no trial reported {metric})")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- the sweep
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    """What the command asked of the sweep, besides the trials' config."""
+
+    num_samples: int = 8
+    scheduler: str = "asha"  # asha | none
+    grace_period: int = 1  # epochs every trial runs before ASHA may stop it
+    max_concurrent: int | None = None  # None: as many as the cluster holds (plan_trials)
+
+
+def sweep_spec(cfg: Config, base: dict, space: dict, plan: SweepPlan) -> dict:
+    """What identifies a sweep in its ``sweep.json`` (a restart with other options is refused)."""
+    spec = {"method": cfg.run.method, "num_samples": plan.num_samples, "scheduler": plan.scheduler,
+            "grace_period": plan.grace_period, "space": space_to_jsonable(space), "base": base}
+    return json.loads(json.dumps(spec))  # tuples -> lists, as read back from the file
+
+
+def run_sweep(plan: SweepPlan, cfg: Config, base: dict, space: dict) -> dict:
+    """Run (or resume) the sweep on the connected Ray; writes and returns its results."""
+    out = cfg.run.output
+    resources, num_nodes = capacity()
+    # Tune's state and every trial's checkpoints live under the output.
+    check_output_shared(out, cfg.run.shared_output, num_nodes)
+    concurrent, cpw = plan_trials(resources, cfg.run.num_workers, cfg.run.use_gpu,
+                                  cfg.run.cpus_per_worker, plan.num_samples, plan.max_concurrent)
+    spec = sweep_spec(cfg, base, space, plan)
+    spec_uri = f"{out}/{SPEC_FILE}"
+    resuming = exists(spec_uri)
+    if resuming:
+        stored = json.loads(read_text(spec_uri))
+        differ = [k for k in spec if stored.get(k) != spec[k]]
+        if differ:
+            raise ConfigError(f"--output: {out} holds a different sweep (differs in: {', '.join(differ)}); "
+                              "start it again with its own options to resume it, or choose another --output")
+    else:
+        write_text(spec_uri, json.dumps(spec, indent=2))
+    metric = get_method(cfg.run.method).metric
+    trainable = tune.with_resources(
+        tune.with_parameters(train_trial, base=base, output=out, cpus_per_worker=cpw),
+        {"CPU": TRIAL_DRIVER_CPU},
+    )
+    storage_path, name, fs = run_location(f"{out}/tune")
+    tune_path = f"{storage_path}/{name}"
+    if resuming and tune.Tuner.can_restore(tune_path, storage_filesystem=fs):
+        log(f"sweep: resuming {out} (finished trials are kept, unfinished ones continue from their checkpoints)")
+        tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                   storage_filesystem=fs)
+    else:
+        log(f"sweep: {plan.num_samples} trials of {cfg.run.method}, {concurrent} at a time "
+            f"({cfg.run.num_workers} workers x {cpw:g} CPU each), scheduler {plan.scheduler}, output {out}\n"
+            f"{describe(space)}")
+        scheduler = None
+        if plan.scheduler == "asha":
+            # stop_last_trials=False: a trial that reaches the last epoch ends by itself and
+            # writes its summary, instead of being stopped at its final report.
+            scheduler = ASHAScheduler(time_attr="epoch", max_t=cfg.run.epochs, grace_period=plan.grace_period,
+                                      reduction_factor=2, stop_last_trials=False)
+        tuner = tune.Tuner(
+            trainable,
+            param_space={k: to_tune(v) for k, v in space.items()},
+            tune_config=tune.TuneConfig(metric=metric, mode="max", num_samples=plan.num_samples,
+                                        scheduler=scheduler, max_concurrent_trials=concurrent),
+            run_config=tune.RunConfig(name=name, storage_path=storage_path, storage_filesystem=fs, verbose=1),
+        )
+    grid = tuner.fit()
+    results = collect_results(grid, metric, cfg.run.epochs, out, list(space))
+    write_text(f"{out}/results.json", json.dumps(results, indent=2))
+    write_text(f"{out}/results.txt", format_table(results) + "\n")
+    return results
