@@ -99,10 +99,15 @@ class DataSection:
     grayscale_p: float = 0.2
     blur_p: float = 0.5
     # S3 / S3-compatible stores. Credentials always come from the AWS chain (env vars,
-    # profile, instance role) and are never stored here. An empty endpoint means
-    # AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL when set (read at use time), else AWS.
+    # profile, instance role) and are never stored here. An empty endpoint means AWS; the
+    # command fills it from AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL where it starts, so every
+    # process of the run reaches the same store (rayssl.storage).
     s3_endpoint: str = ""
-    s3_anonymous: bool = False  # unsigned requests, for public buckets
+    s3_anonymous: bool = False  # unsigned requests, for public buckets (the dataset only)
+    # One request's connect/read timeout (a stalled read is cut, then retried) and the S3
+    # client's retries on throttling, server errors, dropped connections and timeouts.
+    s3_timeout_s: float = 30.0
+    s3_max_retries: int = 4
     parquet_image_column: str = "image"  # binary column (or struct with "bytes") of Parquet shards
     # Images whose shorter side is below this are skipped as too_small; 0 = the largest
     # crop size (a smaller image could only be upsampled into its crops).
@@ -150,6 +155,8 @@ class DataSection:
             check(0 <= getattr(self, key) <= 1, f"data.{key}", "must be a probability in [0, 1]")
         problem = endpoint_problem(self.s3_endpoint)
         check(problem is None, "data.s3_endpoint", problem or "")
+        check(self.s3_timeout_s > 0, "data.s3_timeout_s", f"must be > 0, got {self.s3_timeout_s}")
+        check(self.s3_max_retries >= 0, "data.s3_max_retries", f"must be >= 0 (retries), got {self.s3_max_retries}")
         check(bool(self.parquet_image_column), "data.parquet_image_column", "must not be empty")
         check(self.min_image_side >= 0, "data.min_image_side", "must be >= 0 (0: the largest crop size)")
         check(0 < self.max_bad_fraction <= 1, "data.max_bad_fraction",
@@ -161,8 +168,10 @@ class DataSection:
 
     @property
     def s3(self) -> S3Options:
-        """How to reach the dataset's store (endpoint, anonymous reads)."""
-        return S3Options(endpoint=self.s3_endpoint, anonymous=self.s3_anonymous)
+        """How to reach the dataset's store (endpoint, anonymous reads, timeout, retries); the
+        run's own files (outputs, checkpoints, label tables) use ``s3.signed()``."""
+        return S3Options(endpoint=self.s3_endpoint, anonymous=self.s3_anonymous, timeout_s=self.s3_timeout_s,
+                         max_retries=self.s3_max_retries)
 
 
 @dataclass

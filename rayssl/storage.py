@@ -1,45 +1,74 @@
 """Where files live: local paths or ``s3://`` URIs (through s3fs), for data and for runs.
 
 Ray Train needs ``(storage_path, name, filesystem)``; our own small files (config.yaml,
-summary.json) are written through the same filesystem, so a run is in one place.
+summary.json, metrics.jsonl) are written through the same filesystem, so a run is in one place.
 
-S3 access always goes through s3fs. Credentials come from the standard AWS chain
-(environment variables, shared profile, instance role) on every machine that reads or
-writes, and are never stored in the config or passed in Ray task arguments: the
-filesystem objects we hand to Ray pickle only their constructor arguments (endpoint,
-anonymous flag). S3-compatible stores are reached through an explicit endpoint: the
-``data.s3_endpoint`` key (``--s3-endpoint``), else the standard ``AWS_ENDPOINT_URL_S3`` /
-``AWS_ENDPOINT_URL`` environment variables, read when a filesystem is built (pyarrow's
-own S3 client ignores those variables, so we always pass the endpoint explicitly).
+S3 access always goes through s3fs, with the options of ``S3Options``: the endpoint, anonymous
+reads (for a public dataset only), and the S3 client's timeout and retries. The options are
+carried explicitly to every process that opens storage -- the driver, Ray Train's controller
+and workers, Ray Data tasks and actors, Tune trials -- and never re-derived from a process's
+own environment: the endpoint is resolved once, where the command starts (``--s3-endpoint``,
+else ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` there), and a process asked to open an
+``s3://`` URI without options refuses, naming the URI, instead of falling back to AWS.
+Credentials come from the standard AWS chain (environment variables, shared profile,
+instance role) on every machine, and are never stored in the config or passed in Ray task
+arguments: the filesystem objects handed to Ray pickle only their constructor arguments.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 S3_SCHEMES = ("s3://", "s3a://", "s3n://")
 
 
+class StorageError(RuntimeError):
+    """Storage was asked for without the options to reach it (a bug of the caller, named)."""
+
+
 @dataclass(frozen=True)
 class S3Options:
-    """How to reach S3: an endpoint URL ("" = from the environment, else AWS) and anonymity."""
+    """How a process reaches S3.
+
+    ``endpoint``: an S3-compatible store's URL ("" = AWS). ``anonymous``: unsigned requests
+    (a public bucket). ``timeout_s``: the connect and read timeout of one request, so a read
+    that stalls is cut and retried. ``max_retries``: retries after a request's first attempt,
+    by the S3 client, on throttling (503 SlowDown), server errors, dropped connections and
+    timeouts, with exponential backoff (botocore's standard mode: 4 retries wait about 7 s in all).
+    """
 
     endpoint: str = ""
     anonymous: bool = False
+    timeout_s: float = 30.0
+    max_retries: int = 4
+
+    @classmethod
+    def resolved(cls, endpoint: str = "", **kwargs) -> "S3Options":
+        """Options whose endpoint is fixed now: the one given, else this process's
+        ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` (read here, once, where the command starts)."""
+        env = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
+        return cls(endpoint=endpoint or env, **kwargs)
 
     def endpoint_url(self) -> str | None:
-        return (self.endpoint or os.environ.get("AWS_ENDPOINT_URL_S3")
-                or os.environ.get("AWS_ENDPOINT_URL") or None)
+        return self.endpoint or None
 
     def signed(self) -> "S3Options":
-        """The same endpoint, never anonymous: for writes (outputs go to the user's own bucket
-        even when ``--s3-anonymous`` reads a public dataset)."""
-        return S3Options(endpoint=self.endpoint)
+        """The same store, never anonymous: for writes (outputs go to the user's own bucket
+        even when ``--s3-anonymous`` reads a public dataset) and the user's own files."""
+        return replace(self, anonymous=False)
 
 
-_default_s3 = S3Options()
+def options_for(uri: str, options: S3Options | None) -> S3Options:
+    """``options``, or (for a URI that is not on S3) the defaults; StorageError for an ``s3://``
+    URI without options: a process never guesses the store a user named."""
+    if options is not None:
+        return options
+    if is_s3(uri):
+        raise StorageError(f"{uri}: no storage options reached this process (endpoint, anonymity, retries); "
+                           "refusing to guess an S3 endpoint")
+    return S3Options()
 
 
 def endpoint_problem(value: str) -> str | None:
@@ -47,17 +76,6 @@ def endpoint_problem(value: str) -> str | None:
     if value and "://" not in value:
         return f"must be a URL such as http://127.0.0.1:9000, got {value!r}"
     return None
-
-
-def configure_s3(options: S3Options) -> None:
-    """Set the S3 options used by ``exists``/``read_text``/``write_text``/``run_location``
-    when they are not given any (the driver calls this once it knows the config).
-
-    Those defaults only ever reach the command's own files (run directories, checkpoints,
-    outputs, label tables) in the user's bucket, so they are always signed: ``--s3-anonymous``
-    is for a public dataset, whose reads pass their options explicitly."""
-    global _default_s3
-    _default_s3 = options.signed()
 
 
 def is_remote(uri: str) -> bool:
@@ -77,26 +95,33 @@ def _local(uri: str) -> Path:
     return Path(uri[len("file://"):] if uri.startswith("file://") else uri).expanduser().absolute()
 
 
-def s3_filesystem(options: S3Options | None = None):
+def s3_filesystem(options: S3Options):
     """An ``s3fs.S3FileSystem`` for ``options`` (credentials from the AWS chain, never stored).
 
     ``skip_instance_cache`` gives a fresh client (fsspec otherwise reuses one per argument
-    set, with its listings cache), so a listing sees what is in the bucket now.
+    set, with its listings cache), so a listing sees what is in the bucket now. The timeout
+    and retries go to botocore's own retry machinery (standard mode: throttling, 5xx,
+    connection errors and timeouts are retried with backoff).
     """
     import s3fs
 
-    o = options or _default_s3
-    kwargs: dict = {"anon": o.anonymous, "skip_instance_cache": True}
-    url = o.endpoint_url()
-    if url:
-        kwargs["endpoint_url"] = url
+    kwargs: dict = {"anon": options.anonymous, "skip_instance_cache": True,
+                    "config_kwargs": {"connect_timeout": options.timeout_s, "read_timeout": options.timeout_s,
+                                      # botocore's max_attempts counts the retries, not the first attempt
+                                      "retries": {"max_attempts": options.max_retries, "mode": "standard"}}}
+    if options.endpoint_url():
+        kwargs["endpoint_url"] = options.endpoint_url()
     return s3fs.S3FileSystem(**kwargs)
 
 
 def filesystem(uri: str, options: S3Options | None = None):
-    """(fsspec filesystem, path without scheme) for a local path or a remote URI."""
+    """(fsspec filesystem, path without scheme) for a local path or a remote URI.
+
+    An ``s3://`` URI needs ``options``: StorageError (naming the URI) without them, never a
+    fall-back to whatever endpoint this process's environment names.
+    """
     if is_s3(uri):
-        return s3_filesystem(options), strip_scheme(uri)
+        return s3_filesystem(options_for(uri, options)), strip_scheme(uri)
     if not is_remote(uri):
         import fsspec
 

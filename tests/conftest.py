@@ -27,6 +27,16 @@ def ray_session(tmp_path_factory):
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    """A tiny CLIP checkpoint (6 steps on 64 scenes: enough to run the labelling code)."""
+    from rayssl.pseudolabel.tiny_clip import train_tiny_clip
+
+    path = tmp_path_factory.mktemp("clip") / "tiny_clip.pt"
+    train_tiny_clip(str(path), steps=6, seconds=60, batch_size=32, num_scenes=64)
+    return str(path)
+
+
 def tiny_args(output, *extra: str) -> list[str]:
     """CLI arguments for a SwAV run that takes a few seconds per epoch on 2 CPU cores."""
     return [

@@ -125,17 +125,13 @@ def test_eval_reads_the_dataset_anonymously_but_its_own_checkpoint_signed(monkey
 
     seen = []
 
-    def fake_load(uri, options=None):
+    def fake_load(uri, options=None, flag="--checkpoint"):
         seen.append(options)
         raise CheckpointError(f"--checkpoint {uri}: stop here")
 
     monkeypatch.setattr(eval_main, "load_checkpoint", fake_load)
-    before = storage._default_s3
-    try:
-        assert eval_main.main(["--checkpoint", "s3://mine/run", "--s3-endpoint", "http://127.0.0.1:9",
-                               "--s3-anonymous"]) == 2
-    finally:
-        storage.configure_s3(before)
+    assert eval_main.main(["--checkpoint", "s3://mine/run", "--s3-endpoint", "http://127.0.0.1:9",
+                           "--s3-anonymous"]) == 2
     assert "stop here" in capsys.readouterr().err
     assert seen == [storage.S3Options(endpoint="http://127.0.0.1:9", anonymous=False)]
 
@@ -165,21 +161,28 @@ def test_labelling_job_refuses_parquet_shards_before_any_work(tmp_path, capsys):
     assert not out.exists()  # nothing written
 
 
-def test_labelling_job_reads_anonymously_but_never_writes_so(capsys):
+def test_labelling_job_reads_anonymously_but_never_writes_so(capsys, monkeypatch):
     """--s3-anonymous is for a public --data bucket; --out (the user's bucket) stays signed."""
     from rayssl import storage
-    from rayssl.cli.label import main as pseudolabel_main
+    from rayssl.cli import label
+    from rayssl.cli.common import UserError
 
-    before = storage._default_s3
-    try:
-        # refused after the S3 options are set: no job runs
-        assert pseudolabel_main(["--data", "scenes", "--clip-model", "m", "--clip-pretrained", "p", "--out",
-                                 "s3://bucket/labels", "--s3-endpoint", "http://127.0.0.1:9", "--s3-anonymous",
-                                 "--num-actors", "0"]) == 2
-        assert "--num-actors: must be >= 1" in capsys.readouterr().err
-        assert storage._default_s3 == storage.S3Options(endpoint="http://127.0.0.1:9", anonymous=False)
-    finally:
-        storage.configure_s3(before)
+    seen = []
+
+    def fake_exists(uri, options=None):
+        seen.append((uri, options))
+        raise UserError("stop here")  # refused after the --out check: no job runs
+
+    monkeypatch.setattr(label, "check_clip_args", lambda *args: None)
+    monkeypatch.setattr(label, "exists", fake_exists)
+    assert label.main(["--data", "scenes", "--clip-model", "m", "--clip-pretrained", "p", "--out",
+                       "s3://bucket/labels", "--s3-endpoint", "http://127.0.0.1:9", "--s3-anonymous"]) == 2
+    assert "stop here" in capsys.readouterr().err
+    assert seen == [("s3://bucket/labels/pseudolabels.json",
+                     storage.S3Options(endpoint="http://127.0.0.1:9", anonymous=False))]
+    assert label.main(["--data", "scenes", "--clip-model", "m", "--clip-pretrained", "p", "--out", "x",
+                       "--num-actors", "0"]) == 2
+    assert "--num-actors: must be >= 1" in capsys.readouterr().err
 
 
 def test_a_run_that_does_not_beat_random_init_says_what_that_means():

@@ -22,15 +22,6 @@ from rayssl.pseudolabel.store import store_from_pseudo_labels
 
 
 @pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    from rayssl.pseudolabel.tiny_clip import train_tiny_clip
-
-    path = tmp_path_factory.mktemp("clip") / "tiny_clip.pt"
-    train_tiny_clip(str(path), steps=6, seconds=60, batch_size=32, num_scenes=64)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def scene_folder(tmp_path_factory):
     from rayssl.data.scenes import write_image_folder
 

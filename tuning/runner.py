@@ -36,7 +36,7 @@ from rayssl.engine.monitor import log
 from rayssl.methods import get_method
 from rayssl.runtime.cluster import capacity, check_output_shared, cpu_share
 from rayssl.runtime.driver import checkpoint_uri, train
-from rayssl.storage import configure_s3, exists, read_text, run_location, write_text
+from rayssl.storage import exists, read_text, run_location, write_text
 from tuning.spaces import describe, nest, space_to_jsonable, to_tune
 
 # The Tune function only drives its trial's TorchTrainer: a quarter CPU is plenty.
@@ -88,9 +88,8 @@ def train_trial(config: dict, base: dict, output: str, cpus_per_worker: float) -
     run["output"] = trial_out
     if run.get("cpus_per_worker") is None:
         run["cpus_per_worker"] = cpus_per_worker
-    cfg = Config.from_dict(raw)
-    configure_s3(cfg.data.s3)
-    cfg.run.resume = exists(f"{trial_out}/config.yaml")
+    cfg = Config.from_dict(raw)  # the sweep's config: its storage options travel with it
+    cfg.run.resume = exists(f"{trial_out}/config.yaml", cfg.data.s3.signed())
     train(cfg, callbacks=[TuneReportCallback()])
 
 
@@ -180,6 +179,7 @@ def sweep_spec(cfg: Config, base: dict, space: dict, plan: SweepPlan) -> dict:
 def run_sweep(plan: SweepPlan, cfg: Config, base: dict, space: dict) -> dict:
     """Run (or resume) the sweep on the connected Ray; writes and returns its results."""
     out = cfg.run.output
+    options = cfg.data.s3.signed()  # the sweep's own files
     resources, num_nodes = capacity()
     # Tune's state and every trial's checkpoints live under the output.
     check_output_shared(out, cfg.run.shared_output, num_nodes)
@@ -187,21 +187,21 @@ def run_sweep(plan: SweepPlan, cfg: Config, base: dict, space: dict) -> dict:
                                   cfg.run.cpus_per_worker, plan.num_samples, plan.max_concurrent)
     spec = sweep_spec(cfg, base, space, plan)
     spec_uri = f"{out}/{SPEC_FILE}"
-    resuming = exists(spec_uri)
+    resuming = exists(spec_uri, options)
     if resuming:
-        stored = json.loads(read_text(spec_uri))
+        stored = json.loads(read_text(spec_uri, options))
         differ = [k for k in spec if stored.get(k) != spec[k]]
         if differ:
             raise ConfigError(f"--output: {out} holds a different sweep (differs in: {', '.join(differ)}); "
                               "start it again with its own options to resume it, or choose another --output")
     else:
-        write_text(spec_uri, json.dumps(spec, indent=2))
+        write_text(spec_uri, json.dumps(spec, indent=2), options)
     metric = get_method(cfg.run.method).metric
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, base=base, output=out, cpus_per_worker=cpw),
         {"CPU": TRIAL_DRIVER_CPU},
     )
-    storage_path, name, fs = run_location(f"{out}/tune")
+    storage_path, name, fs = run_location(f"{out}/tune", options)
     tune_path = f"{storage_path}/{name}"
     if resuming and tune.Tuner.can_restore(tune_path, storage_filesystem=fs):
         log(f"sweep: resuming {out} (finished trials are kept, unfinished ones continue from their checkpoints)")
@@ -226,6 +226,6 @@ def run_sweep(plan: SweepPlan, cfg: Config, base: dict, space: dict) -> dict:
         )
     grid = tuner.fit()
     results = collect_results(grid, metric, cfg.run.epochs, out, list(space))
-    write_text(f"{out}/results.json", json.dumps(results, indent=2))
-    write_text(f"{out}/results.txt", format_table(results) + "\n")
+    write_text(f"{out}/results.json", json.dumps(results, indent=2), options)
+    write_text(f"{out}/results.txt", format_table(results) + "\n", options)
     return results

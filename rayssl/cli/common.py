@@ -61,14 +61,16 @@ def add_s3_flags(parser: argparse.ArgumentParser, *, anonymous: bool = True) -> 
 
 
 def s3_options(args: argparse.Namespace) -> S3Options:
-    """The ``add_s3_flags`` flags as storage options."""
-    return S3Options(endpoint=getattr(args, "s3_endpoint", None) or "",
-                     anonymous=bool(getattr(args, "s3_anonymous", False)))
+    """The ``add_s3_flags`` flags as storage options, the endpoint resolved here, once
+    (``--s3-endpoint``, else this shell's ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``)."""
+    return S3Options.resolved(getattr(args, "s3_endpoint", None) or "",
+                              anonymous=bool(getattr(args, "s3_anonymous", False)))
 
 
 def s3_data_overrides(args: argparse.Namespace) -> dict:
-    """The ``data`` config keys for the ``add_s3_flags`` flags that were given."""
-    out = {"s3_endpoint": getattr(args, "s3_endpoint", None), "s3_anonymous": getattr(args, "s3_anonymous", None)}
+    """The ``data`` config keys for the ``add_s3_flags`` flags (the endpoint resolved as ``s3_options``)."""
+    options = s3_options(args)
+    out = {"s3_endpoint": options.endpoint, "s3_anonymous": getattr(args, "s3_anonymous", None)}
     return {k: v for k, v in out.items() if v}
 
 

@@ -21,7 +21,6 @@ from rayssl.data.sources import DataError
 from rayssl.eval.evaluate import PROTOCOLS, EvalError, EvalRequest, evaluate, format_table, open_sources
 from rayssl.eval.job import ActorPool
 from rayssl.runtime.cluster import capacity, place
-from rayssl.storage import configure_s3
 
 PROG = "python -m rayssl.eval"
 
@@ -78,9 +77,8 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
     def prepare():
         if args.actors is not None and args.actors < 1:
             raise UserError(f"--actors: must be >= 1, got {args.actors}")
-        configure_s3(options)
         # --s3-anonymous is for a public dataset; the checkpoint is a run of the user's own,
-        # read signed like every command's own files (see storage.configure_s3).
+        # read signed like every command's own files.
         ckpt = load_checkpoint(args.checkpoint, options.signed())
         return ckpt, open_sources(req, options)
 

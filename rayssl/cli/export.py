@@ -13,7 +13,6 @@ from rayssl.cli.common import add_s3_flags, run_command, s3_options
 from rayssl.export.formats import FORMATS, export_backbone
 from rayssl.modules.backbone import BACKBONES
 from rayssl.outfile import check_writable, write_bytes
-from rayssl.storage import configure_s3
 
 PROG = "python -m rayssl.export"
 
@@ -38,7 +37,6 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
     options = s3_options(args)
 
     def prepare() -> dict:  # the export is written here: every failure is the input's (exit code 2)
-        configure_s3(options)
         check_writable(args.out, "--out", overwrite=args.overwrite, options=options)
         ckpt = load_checkpoint(args.checkpoint, options)
         data, notes = export_backbone(ckpt, args.format, args.arch)

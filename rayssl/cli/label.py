@@ -22,7 +22,7 @@ from rayssl.pseudolabel.clip import check_clip_args
 from rayssl.pseudolabel.job import LabelJob, run_job
 from rayssl.pseudolabel.labels import class_prompts
 from rayssl.runtime.cluster import capacity, place
-from rayssl.storage import configure_s3, exists
+from rayssl.storage import exists
 
 PROG = "python -m rayssl.pseudolabel"
 
@@ -93,14 +93,14 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
     options = s3_options(args)
 
     def prepare():
-        configure_s3(options)
         classes = parse_classes(args.classes, args.data)
         for name in ("grid", "num_actors", "batch_size", "num_scenes"):
             if getattr(args, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
         class_prompts(classes, args.template)
         check_clip_args(args.clip_model, args.clip_pretrained)  # ClipLoadError is a ValueError: exit code 2
-        if exists(f"{args.out.rstrip('/')}/{META_FILE}") or exists(f"{args.out.rstrip('/')}/summary.json"):
+        out = args.out.rstrip("/")
+        if exists(f"{out}/{META_FILE}", options.signed()) or exists(f"{out}/summary.json", options.signed()):
             raise UserError(f"--out: {args.out} already holds pseudo-labels; choose another --out (nothing was overwritten)")
         source = None
         if args.data != "scenes":
@@ -113,7 +113,8 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
                        template=args.template, grid=args.grid, gamma=args.gamma, lam=args.lam,
                        num_actors=args.num_actors, batch_size=args.batch_size, keep_vectors=not args.no_vectors,
                        labels=args.labels, num_scenes=args.num_scenes, scenes_size=args.scenes_size,
-                       scenes_split=args.scenes_split, seed=args.seed, max_bad_fraction=args.max_bad_fraction)
+                       scenes_split=args.scenes_split, seed=args.seed, max_bad_fraction=args.max_bad_fraction,
+                       options=options)
         return job, classes, source
 
     def execute(prepared) -> dict:

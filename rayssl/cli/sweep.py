@@ -19,7 +19,6 @@ from rayssl.cli.train import build_parser as train_parser
 from rayssl.cli.train import check_data_source, name_flag, resolve_config
 from rayssl.config import Config, ConfigError
 from rayssl.methods import get_method
-from rayssl.storage import configure_s3
 from tuning.spaces import default_space, describe, load_space_file, validate_space
 
 PROG = "python -m tuning.sweep"
@@ -94,7 +93,6 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
     def prepare():
         try:
             plan, cfg, base, space, print_space = prepare_sweep(argv, prog)
-            configure_s3(cfg.data.s3)
             if print_space:
                 print(describe(space))
                 return None

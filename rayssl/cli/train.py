@@ -25,7 +25,7 @@ from rayssl.data.sources import Source
 from rayssl.methods import get_method, method_names
 from rayssl.presets import layered_config, preset_names
 from rayssl.runtime.internals import SNAPSHOT_FILE
-from rayssl.storage import configure_s3, exists, read_text
+from rayssl.storage import S3Options, exists, read_text
 from rayssl.viz.tracking import RunRecorder, tracking_requirements
 
 PROG = "python -m rayssl.train"
@@ -142,13 +142,16 @@ def resolve_config(args: argparse.Namespace) -> Config:
         section = key.split(".")[0]
         if section in method_names() and section != method and getattr(args, flag, None) is not None:
             raise ConfigError(f"--{flag.replace('_', '-')}: only used by --method {section}")
-    return absolute_paths(layered_config(overrides, file_cfg, args.preset))
+    return localised(layered_config(overrides, file_cfg, args.preset))
 
 
-def absolute_paths(cfg: Config) -> Config:
-    """The Config the CLI runs, fresh or resumed: local paths the training workers open
-    themselves (the method's ``path_keys``) are made absolute, since Ray's workers do not run
-    in the shell's directory (``--pseudo-labels runs/labels`` would not resolve there)."""
+def localised(cfg: Config) -> Config:
+    """The Config the CLI runs, fresh or resumed, with what this shell means made explicit for
+    every process of the run: local paths the training workers open themselves (the method's
+    ``path_keys``) made absolute, since Ray's workers do not run in the shell's directory
+    (``--pseudo-labels runs/labels`` would not resolve there); and the S3 endpoint this shell's
+    environment names, since Ray's other processes must not read it from their own."""
+    cfg.data.s3_endpoint = S3Options.resolved(cfg.data.s3_endpoint).endpoint
     for key in cfg.method.path_keys:
         value = getattr(cfg.method, key, "")
         if value and "://" not in value:
@@ -163,15 +166,16 @@ def prepare_output(cfg: Config, args: argparse.Namespace) -> Config:
             raise ConfigError("--resume needs --output naming the run to continue")
         cfg.run.output = str(Path("runs") / f"{cfg.run.method}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
     stored = f"{cfg.run.output.rstrip('/')}/config.yaml"
+    options = cfg.data.s3.signed()  # the run's own files
     if args.resume:
-        if not exists(stored):
+        if not exists(stored, options):
             raise ConfigError(f"--resume: {cfg.run.output} holds no rayssl run (no config.yaml)")
-        raw = deep_merge(yaml.safe_load(read_text(stored)), flag_overrides(args))
+        raw = deep_merge(yaml.safe_load(read_text(stored, options)), flag_overrides(args))
         raw["run"]["resume"] = True
         raw["run"]["output"] = cfg.run.output
-        return absolute_paths(Config.from_dict(raw))  # a flag given again is as relative as the first time
-    if exists(stored):
-        if not exists(f"{cfg.run.output.rstrip('/')}/{SNAPSHOT_FILE}"):
+        return localised(Config.from_dict(raw))  # a flag given again is as relative as the first time
+    if exists(stored, options):
+        if not exists(f"{cfg.run.output.rstrip('/')}/{SNAPSHOT_FILE}", options):
             raise ConfigError(
                 f"--output: {cfg.run.output} holds a run that stopped before its first checkpoint; choose "
                 "another --output (nothing was overwritten). --resume would start it again from its stored "
@@ -227,7 +231,6 @@ def prepare(args: argparse.Namespace) -> Prepared | None:
     """Everything checked and resolved, nothing started; None for --print-config."""
     try:
         cfg = resolve_config(args)
-        configure_s3(cfg.data.s3)  # before any look-up of an s3:// output
         if args.print_config:
             print(cfg.to_yaml(), end="")
             return None
@@ -241,7 +244,7 @@ def prepare(args: argparse.Namespace) -> Prepared | None:
                            tensorboard=args.tensorboard, mlflow=args.mlflow, run_name=Path(cfg.run.output).name,
                            params={"method": cfg.run.method, "backbone": cfg.model.backbone,
                                    "batch_size": cfg.run.batch_size, "epochs": cfg.run.epochs},
-                           epochs=cfg.run.epochs)
+                           epochs=cfg.run.epochs, options=cfg.data.s3.signed())
     return Prepared(cfg, source, recorder)
 
 

@@ -15,7 +15,6 @@ from typing import Sequence
 
 from rayssl.cli.common import add_s3_flags, run_command, s3_options
 from rayssl.outfile import check_writable
-from rayssl.storage import configure_s3
 from rayssl.viz import pictures
 
 PROG = "python -m rayssl.viz"
@@ -60,7 +59,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
 def draw(args: argparse.Namespace) -> dict:
     options = s3_options(args)
     if args.command == "curves":
-        return pictures.draw_curves(args.run, args.out)
+        return pictures.draw_curves(args.run, args.out, options)
     if args.command == "cdul-labels":
         return pictures.draw_cdul_labels(args.checkpoint, args.out, pseudo_labels=args.pseudo_labels, n=args.n,
                                          top=args.top, select=args.select, seed=args.seed, options=options)
@@ -75,7 +74,6 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
     args = build_parser(prog).parse_args(argv)
 
     def prepare() -> dict:  # the picture is drawn here: every failure is the input's (exit code 2)
-        configure_s3(s3_options(args))
         check_writable(args.out, "--out", overwrite=args.overwrite, options=s3_options(args))
         return draw(args)
 

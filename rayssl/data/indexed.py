@@ -78,11 +78,13 @@ def indexed_files_to_crops(batch: dict, *, fs, spec, min_side: int, stats=None, 
 def build_indexed_train_data(d: DataSection, seed: int, pseudo_labels: str,
                              stats: DataCounts | None = None) -> TrainData:
     """The images ``pseudo_labels`` (a labelling job's output) lists, each row with its index."""
-    meta = read_meta(pseudo_labels)
+    options = d.s3.signed()  # the run's own label table
+    meta = read_meta(pseudo_labels, options)
     src = meta["source"]
     # Images inside tar shards are addressed by their byte range in the shard file.
     ranged = src["kind"] == "webdataset"
-    _, cols = read_pseudo_labels(pseudo_labels, columns=("index", "path") + (("offset", "length") if ranged else ()))
+    _, cols = read_pseudo_labels(pseudo_labels, columns=("index", "path") + (("offset", "length") if ranged else ()),
+                                 options=options)
     spec = crop_spec(d)
     stats = stats if stats is not None else DataCounts()
     index = cols["index"].astype(np.int64)

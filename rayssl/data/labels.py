@@ -14,7 +14,7 @@ import posixpath
 
 from rayssl.data.formats import PARQUET_EXTENSIONS, extension, kind_of
 from rayssl.data.sources import DataError, list_files, translate_errors
-from rayssl.storage import S3Options, filesystem
+from rayssl.storage import S3Options, filesystem, options_for
 
 __all__ = ["CLASS_COLUMNS", "ID_COLUMNS", "image_id", "load_labels", "split_classes"]
 
@@ -59,7 +59,7 @@ def load_labels(uri: str, options: S3Options | None = None) -> dict[str, tuple[s
     or an ImageFolder-style tree (``root/<class>/<image>``) whose folder names are the
     classes. This is the layout ``python -m rayssl.data.scenes`` writes.
     """
-    options = options or S3Options()
+    options = options_for(uri, options)
     fs, path = filesystem(uri, options)
     ext = extension(path)
     with translate_errors(uri, options, "read", what="labels"):

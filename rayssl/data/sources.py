@@ -34,7 +34,7 @@ from functools import cached_property
 
 from rayssl.data.formats import IMAGE_EXTENSIONS, kind_of
 from rayssl.data.tar import index_shard
-from rayssl.storage import S3Options, filesystem, is_remote, is_s3, pyarrow_filesystem
+from rayssl.storage import S3Options, filesystem, is_remote, is_s3, options_for, pyarrow_filesystem
 
 MANIFEST_NAME = "manifest.json"  # written next to the shards by rayssl.data.shards
 
@@ -206,7 +206,7 @@ def _select(uri: str, listing: dict[str, int], what: str) -> tuple[str, list[str
 def resolve_source(uri: str, options: S3Options | None = None, image_column: str = "image") -> Source:
     """Resolve ``uri`` (local path, ``file://``, ``s3://``; prefix, file, glob or brace
     pattern) into a :class:`Source`, listing it once. Raises DataError naming ``uri``."""
-    options = options or S3Options()
+    options = options_for(str(uri), options)
     uri = str(uri)
     if not uri:
         raise DataError("data source is empty")

@@ -44,8 +44,9 @@ def uses_channels_last(cfg: Config, device: torch.device) -> bool:
 def build_method(cfg: Config, device: torch.device, world_size: int = 1) -> Method:
     """The run's method module on ``device``, initialised from ``run.seed`` (the same on every rank)."""
     torch.manual_seed(cfg.run.seed)  # identical init on every rank (DDP also broadcasts)
+    # options: the run's store, for what a method reads itself (CDUL's label table)
     method = get_method(cfg.run.method).model_cls(cfg.method, cfg.model, num_crops=sum(cfg.data.crop_counts),
-                                                  world_size=world_size)
+                                                  world_size=world_size, options=cfg.data.s3.signed())
     if cfg.model.sync_batchnorm and world_size > 1:
         method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
     method.to(device)

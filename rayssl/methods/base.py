@@ -116,6 +116,10 @@ def group_same_size(crops: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 class Method(nn.Module):
     """Base of every method module. Subclasses define ``backbone`` and ``forward``.
 
+    Constructed as ``cls(section, model, num_crops=, world_size=, options=)``: the method's
+    config section, the model section, the crops per image, the number of workers and the
+    run's storage options (``rayssl.storage.S3Options``, for a method that reads files itself).
+
     ``forward(crops, epoch=0, step=0, **columns) -> (loss, metrics)``: ``crops`` are the
     multi-crop views (each (B, 3, h, w)), ``columns`` the extra batch columns named in
     ``batch_columns``; ``metrics`` are detached scalars and hold at least ``"loss"``.

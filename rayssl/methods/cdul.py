@@ -31,6 +31,7 @@ from rayssl.methods.base import Method, MethodConfig, register
 from rayssl.modules.backbone import build_backbone
 from rayssl.sections import DataSection, ModelSection, RunSection, check
 from rayssl.space import choice, loguniform
+from rayssl.storage import S3Options
 
 if TYPE_CHECKING:  # pragma: no cover
     from rayssl.pseudolabel.store import LabelStore
@@ -140,20 +141,22 @@ class CDUL(Method):
     random_init_baseline: ClassVar[bool] = False  # the classifier scores itself, head included
 
     def __init__(self, cfg: CDULConfig, model: ModelSection, num_crops: int = 1, world_size: int | None = None,
-                 store: "LabelStore | None" = None, classes: Sequence[str] | None = None):
+                 options: S3Options | None = None, store: "LabelStore | None" = None,
+                 classes: Sequence[str] | None = None):
         super().__init__()
         self.cfg = cfg
         if store is None:
             from rayssl.pseudolabel.store import store_from_pseudo_labels
 
             store, meta = store_from_pseudo_labels(
-                cfg.pseudo_labels, dtype=getattr(torch, cfg.store_dtype), directory=cfg.store_dir or None)
+                cfg.pseudo_labels, dtype=getattr(torch, cfg.store_dtype), directory=cfg.store_dir or None,
+                options=options)
             classes = meta["classes"]
         self.classes = list(classes) if classes is not None else [str(i) for i in range(store.num_classes)]
         self._store = {"store": store}  # not a buffer: DDP must not broadcast it, it is checkpointed apart
         self.backbone, dim = build_backbone(model.backbone, small_stem=model.small_stem)
         if cfg.init_checkpoint:
-            load_backbone_from_checkpoint(self.backbone, cfg.init_checkpoint)
+            load_backbone_from_checkpoint(self.backbone, cfg.init_checkpoint, options)
         self.head = nn.Linear(dim, store.num_classes)
 
     @property
@@ -227,11 +230,11 @@ class CDUL(Method):
         return mean_average_precision(probs[:, list(ours)], torch.from_numpy(test["labels"][:, list(theirs)]).float())
 
 
-def load_backbone_from_checkpoint(backbone: nn.Module, directory: str) -> None:
+def load_backbone_from_checkpoint(backbone: nn.Module, directory: str, options: S3Options | None = None) -> None:
     """Copy the backbone weights of a rayssl checkpoint (SwAV, MLS or MoCo; a checkpoint or a
     run directory) into ``backbone``."""
     try:
-        sub = backbone_state_dict(load_checkpoint(directory, flag="cdul.init_checkpoint"))
+        sub = backbone_state_dict(load_checkpoint(directory, options, flag="cdul.init_checkpoint"))
     except (CheckpointError, OSError) as exc:
         raise ValueError(str(exc)) from None
     try:

@@ -167,7 +167,8 @@ class MLS(Method):
     random vectors would produce labels that mean nothing.
     """
 
-    def __init__(self, cfg: MLSConfig, model: ModelSection, num_crops: int = 2, world_size: int | None = None):
+    def __init__(self, cfg: MLSConfig, model: ModelSection, num_crops: int = 2, world_size: int | None = None,
+                 options=None):
         super().__init__()
         if num_crops < 2:
             raise ValueError(f"{cfg.section} needs at least 2 crops (two views) per image, got {num_crops}")

@@ -127,7 +127,8 @@ class SwAV(Method):
     rank through ``rank_state_dict``.
     """
 
-    def __init__(self, cfg: SwAVConfig, model: ModelSection, num_crops: int, world_size: int | None = None):
+    def __init__(self, cfg: SwAVConfig, model: ModelSection, num_crops: int, world_size: int | None = None,
+                 options=None):
         super().__init__()
         self.cfg = cfg
         self.num_crops = num_crops

@@ -20,7 +20,7 @@ import json
 import os
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -40,7 +40,7 @@ from rayssl.data.tar import scan_tar_shards
 from rayssl.eval.metrics import mean_average_precision
 from rayssl.pseudolabel.clip import load_clip
 from rayssl.pseudolabel.labels import aggregate_snippets, class_prompts, initial_labels, similarity_vector, snippet_tiles
-from rayssl.storage import filesystem, pyarrow_filesystem, write_text
+from rayssl.storage import S3Options, filesystem, pyarrow_filesystem, write_text
 
 
 
@@ -183,6 +183,7 @@ class LabelJob:
     scenes_split: str = "train"
     seed: int = 0
     max_bad_fraction: float = 0.5
+    options: S3Options = field(default_factory=S3Options)  # the store of --out and --labels (signed)
 
 
 def run_job(job: LabelJob, classes: list[str], source, use_gpu: bool, actor_cpus: float) -> dict:
@@ -222,40 +223,42 @@ def run_job(job: LabelJob, classes: list[str], source, use_gpu: bool, actor_cpus
                                "gamma": job.gamma, "lam": job.lam, "keep_vectors": job.keep_vectors,
                                "threads": max(1, int(actor_cpus)), "stats": stats},
     )
-    fs, root = filesystem(job.out)
+    options = job.options.signed()
+    fs, root = filesystem(job.out, options)
     ds.write_parquet(root, filesystem=pyarrow_filesystem(fs))
     meta = {"classes": classes, "template": job.template, "grid": job.grid, "gamma": job.gamma, "lam": job.lam,
             "clip_model": job.clip_model,
             "clip_pretrained": os.path.basename(job.clip_pretrained) if os.path.isfile(job.clip_pretrained)
             else job.clip_pretrained,
             "num_rows": num_rows, "source": meta_source}
-    write_meta(job.out, meta)
+    write_meta(job.out, meta, options)
     counts = stats.get()
     by_actor = {k: v for k, v in counts.items() if k.startswith("labeller.")}
     summary = {"out": job.out, "classes": len(classes), "num_actors": job.num_actors,
                "actors_used": len(by_actor), "gpu": use_gpu,
                "data": {k: v for k, v in counts.items() if k not in by_actor}}
-    summary.update(score_output(job.out, classes, job.labels))
+    summary.update(score_output(job.out, classes, job.labels, options))
     summary["wall_s"] = round(time.perf_counter() - t0, 1)
-    write_text(f"{job.out.rstrip('/')}/summary.json", json.dumps(summary, indent=1))
+    write_text(f"{job.out.rstrip('/')}/summary.json", json.dumps(summary, indent=1), options)
     return summary
 
 
-def score_output(out: str, classes: list[str], labels_uri: str | None = None) -> dict:
+def score_output(out: str, classes: list[str], labels_uri: str | None = None,
+                 options: S3Options | None = None) -> dict:
     """Rows written and, with ground truth (scenes' ``gt`` column or a labels table), the mAP of
     the global, aggregated and final pseudo-labels."""
-    fs, root = filesystem(out)
+    fs, root = filesystem(out, options)
     files = sorted(p for p in fs.find(root) if p.endswith(".parquet"))
     schema = pq.read_schema(files[0], filesystem=pyarrow_filesystem(fs)) if files else None
     names = schema.names if schema is not None else []
     cols = [c for c in ("index", "id", "soft_label", "global", "aggregated", "gt") if c in names]
-    _, data = read_pseudo_labels(out, columns=cols)
+    _, data = read_pseudo_labels(out, columns=cols, options=options)
     result: dict = {"images_labelled": int(len(data["index"]))}
     gt = None
     if "gt" in data:
         gt = data["gt"].astype(np.float32)
     elif labels_uri:
-        table = load_labels(labels_uri)
+        table = load_labels(labels_uri, options)
         pos = {c: j for j, c in enumerate(classes)}
         gt = np.zeros((len(data["id"]), len(classes)), dtype=np.float32)
         for r, i in enumerate(data["id"]):

@@ -78,12 +78,13 @@ def train(cfg: Config, callbacks: Sequence = (), source: Source | None = None) -
         if steps_per_epoch < 1:
             raise ConfigError(
                 f"--batch-size: global batch {cfg.run.batch_size} exceeds the {data.num_images} training images")
-        write_text(f"{cfg.run.output.rstrip('/')}/config.yaml", cfg.to_yaml())
+        options = cfg.data.s3.signed()  # the run's own files, from every process of the run
+        write_text(f"{cfg.run.output.rstrip('/')}/config.yaml", cfg.to_yaml(), options)
         if cfg.run.resume:
-            carried = carried_data_counts(resume_point(cfg.run.output))
+            carried = carried_data_counts(resume_point(cfg.run.output, options))
             if carried:  # before any map task reports: the totals include the run so far
                 data.stats.add(carried, wait=True)
-        storage_path, name, fs = run_location(cfg.run.output)
+        storage_path, name, fs = run_location(cfg.run.output, options)
         log(f"{cfg.run.method}: {data.num_images} images, {steps_per_epoch} steps/epoch x {cfg.run.epochs} epochs, "
             f"{cfg.run.num_workers} workers ({'GPU' if placement.use_gpu else 'CPU'}, {placement.cpus} CPU each), "
             f"output {cfg.run.output}")
@@ -130,5 +131,5 @@ def _summary(cfg: Config, result, counts: dict, wall: float) -> dict:
         "output": cfg.run.output,
         "checkpoint": checkpoint_uri(result.checkpoint.path, cfg.run.output) if result.checkpoint is not None else None,
     })
-    write_text(f"{cfg.run.output.rstrip('/')}/summary.json", json.dumps(summary, indent=2))
+    write_text(f"{cfg.run.output.rstrip('/')}/summary.json", json.dumps(summary, indent=2), cfg.data.s3.signed())
     return summary

@@ -24,7 +24,7 @@ import ray
 
 from rayssl.checkpoint import CheckpointError, verify_checkpoint_dir
 from rayssl.engine.monitor import log
-from rayssl.storage import exists, filesystem, read_text, write_text
+from rayssl.storage import S3Options, exists, filesystem, read_text, write_text
 
 RAY_VERSION_WRITTEN_AGAINST = "2.60.0"
 
@@ -70,7 +70,7 @@ def _check_snapshot(snap: dict, uri: str) -> None:
             "wrote the run")
 
 
-def resume_point(output: str) -> dict | None:
+def resume_point(output: str, options: S3Options | None = None) -> dict | None:
     """On --resume, make Ray Train restore the newest *complete* checkpoint under ``output``.
 
     Each checkpoint the snapshot lists is verified (``verify_checkpoint_dir``); incomplete ones
@@ -82,11 +82,11 @@ def resume_point(output: str) -> dict | None:
     """
     base = output.rstrip("/")
     snapshot_uri = f"{base}/{SNAPSHOT_FILE}"
-    if not exists(snapshot_uri):
+    if not exists(snapshot_uri, options):
         return None
-    snap = json.loads(read_text(snapshot_uri))
+    snap = json.loads(read_text(snapshot_uri, options))
     _check_snapshot(snap, snapshot_uri)
-    fs, root = filesystem(base)
+    fs, root = filesystem(base, options)
     results = snap.get("checkpoint_results") or []
     indices = snap.get("checkpoint_report_indices") or []
     bad: dict[str, str] = {}
@@ -113,7 +113,7 @@ def resume_point(output: str) -> dict | None:
     for key in SNAPSHOT_KEYS_FILTERED[2:]:
         if key in snap:
             snap[key] = [n for n in snap[key] if n not in bad]
-    write_text(snapshot_uri, json.dumps(snap))
+    write_text(snapshot_uri, json.dumps(snap), options)
     if newest is None:
         log(f"--resume: WARNING no complete checkpoint in {base}; training starts again from epoch 0")
         return None

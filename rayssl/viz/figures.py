@@ -14,6 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from rayssl.outfile import write_bytes
+from rayssl.storage import S3Options
 
 
 def _plt():
@@ -25,12 +26,12 @@ def _plt():
     return plt
 
 
-def save_figure(fig, out: str, dpi: int = 110) -> str:
+def save_figure(fig, out: str, dpi: int = 110, options: S3Options | None = None) -> str:
     """Render ``fig`` to PNG bytes and write them to ``out`` (local or s3://) in one go."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     _plt().close(fig)
-    write_bytes(out, buf.getvalue())
+    write_bytes(out, buf.getvalue(), options=options)
     return out
 
 
@@ -40,7 +41,8 @@ CURVE_PANELS = (("loss", "loss"), ("lr", "learning rate"), ("images_per_s", "ima
 
 
 def plot_training_curves(history: Sequence[dict], out: str, metric: str | None = None,
-                         title: str | None = None) -> dict[str, list[tuple[float, float]]]:
+                         title: str | None = None,
+                         options: S3Options | None = None) -> dict[str, list[tuple[float, float]]]:
     """Loss, learning rate, images/s and the method's metric against the epoch.
 
     Args:
@@ -87,7 +89,7 @@ def plot_training_curves(history: Sequence[dict], out: str, metric: str | None =
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title, fontsize=10)
-    save_figure(fig, out)
+    save_figure(fig, out, options=options)
     return series
 
 
@@ -102,7 +104,8 @@ def prototype_usage(assignments: np.ndarray, num_prototypes: int) -> np.ndarray:
     return np.bincount(a, minlength=num_prototypes)
 
 
-def plot_prototype_usage(counts: np.ndarray, out: str, title: str | None = None) -> dict:
+def plot_prototype_usage(counts: np.ndarray, out: str, title: str | None = None,
+                         options: S3Options | None = None) -> dict:
     """Bar chart of images per prototype, most used first (a collapse shows as one tall bar).
 
     Returns ``{"used", "total", "effective", "largest_share"}``: prototypes with at least one
@@ -127,7 +130,7 @@ def plot_prototype_usage(counts: np.ndarray, out: str, title: str | None = None)
     ax.set_title((title + "\n" if title else "") +
                  f"{stats['used']}/{stats['total']} prototypes used, effective {stats['effective']:.1f}, "
                  f"largest {100 * stats['largest_share']:.1f}% of images", fontsize=9)
-    save_figure(fig, out)
+    save_figure(fig, out, options=options)
     return stats
 
 
@@ -156,7 +159,8 @@ def _tile(ax, image, title: str = "", colour: str | None = None, fontsize: int =
 
 def plot_positives_grid(queries: np.ndarray, gallery: np.ndarray, indices: np.ndarray, sims: np.ndarray,
                         out: str, query_labels: Sequence[set] | None = None,
-                        gallery_labels: Sequence[set] | None = None, title: str | None = None) -> dict:
+                        gallery_labels: Sequence[set] | None = None, title: str | None = None,
+                        options: S3Options | None = None) -> dict:
     """MLS's own visualisation: each query image, then the k queue images chosen as its positives.
 
     Args:
@@ -191,7 +195,7 @@ def plot_positives_grid(queries: np.ndarray, gallery: np.ndarray, indices: np.nd
                 colour = "tab:green" if shared else "tab:red"
             _tile(axes[r][j + 1], g[idx[r, j]], f"{s[r, j]:.2f}", colour)
     fig.suptitle((title + ": " if title else "") + f"query, then its top-{k} queue positives (cosine)", fontsize=9)
-    save_figure(fig, out)
+    save_figure(fig, out, options=options)
     stats = {"k": k, "queries": len(q)}
     if labelled:
         stats["shared_class_fraction"] = float(np.mean(hits)) if hits else float("nan")
@@ -207,7 +211,7 @@ def top_labels(scores: np.ndarray, class_names: Sequence[str], top: int) -> list
 
 def plot_cdul_labels(images: np.ndarray, before: np.ndarray, after: np.ndarray, class_names: Sequence[str],
                      out: str, top: int = 3, truth: np.ndarray | None = None, title: str | None = None,
-                     captions: Sequence[str] | None = None) -> dict:
+                     captions: Sequence[str] | None = None, options: S3Options | None = None) -> dict:
     """CDUL: sample images with their top pseudo-labels before and after gradient alignment.
 
     Args:
@@ -254,6 +258,6 @@ def plot_cdul_labels(images: np.ndarray, before: np.ndarray, after: np.ndarray, 
                 ax.set_title(name, fontsize=9)
     if title:
         fig.suptitle(title, fontsize=10)
-    save_figure(fig, out, dpi=100)
+    save_figure(fig, out, dpi=100, options=options)
     changed = [r for r in range(n) if tb[r][0][0] != ta[r][0][0]]
     return {"before": tb, "after": ta, "changed": changed}

@@ -35,17 +35,17 @@ from rayssl.viz.models import load_label_store, load_method, mls_positives, swav
 __all__ = ["draw_cdul_labels", "draw_curves", "draw_mls_positives", "draw_prototypes"]
 
 
-def draw_curves(run: str, out: str) -> dict:
+def draw_curves(run: str, out: str, options: S3Options | None = None) -> dict:
     """Loss / lr / images/s / metric of a run against the epoch."""
-    history = read_history(run)
+    history = read_history(run, options)
     if not history:
         raise DataError(f"--run {run}: no metrics.jsonl (not a rayssl run, or no epoch finished yet)")
     metric = None
     try:
-        metric = get_method(yaml.safe_load(read_text(f"{run.rstrip('/')}/config.yaml"))["run"]["method"]).metric
+        metric = get_method(yaml.safe_load(read_text(f"{run.rstrip('/')}/config.yaml", options))["run"]["method"]).metric
     except Exception:  # noqa: BLE001 - the curves still draw without the metric panel
         pass
-    series = figures.plot_training_curves(history, out, metric, title=run)
+    series = figures.plot_training_curves(history, out, metric, title=run, options=options)
     return {"picture": "curves", "out": out, "epochs": len(history), "panels": [k for k, v in series.items() if v]}
 
 
@@ -60,9 +60,10 @@ def draw_prototypes(checkpoint: str, out: str, *, data: str = "scenes", num_imag
     ckpt, model, size, scene_size = _model(checkpoint, image_size, options)
     if not isinstance(model, SwAV):
         raise ValueError(f"--checkpoint {ckpt.uri}: prototype usage needs a SwAV checkpoint, got {ckpt.method}")
-    images, _ = sample_images(data, num_images, size, scene_size, seed, options or S3Options())
+    images, _ = sample_images(data, num_images, size, scene_size, seed, options)
     counts = figures.prototype_usage(swav_assignments(model, images), model.cfg.num_prototypes)
-    stats = figures.plot_prototype_usage(counts, out, title=f"{ckpt.method} {ckpt.backbone_name}, epoch {ckpt.epoch}")
+    stats = figures.plot_prototype_usage(counts, out, title=f"{ckpt.method} {ckpt.backbone_name}, epoch {ckpt.epoch}",
+                                         options=options)
     return {"picture": "prototypes", "out": out, "images": len(images), **stats}
 
 
@@ -75,17 +76,18 @@ def draw_mls_positives(checkpoint: str, out: str, *, data: str = "scenes", queri
     if not isinstance(model, MLS):
         raise ValueError(f"--checkpoint {ckpt.uri}: queue positives need an MLS/MoCo checkpoint, got {ckpt.method}")
     k = k or min(model.cfg.k, 8)
-    images, labels = sample_images(data, queries + gallery, size, scene_size, seed, options or S3Options())
+    images, labels = sample_images(data, queries + gallery, size, scene_size, seed, options)
     idx, sims = mls_positives(model, images[:queries], images[queries:], k)
     stats = figures.plot_positives_grid(images[:queries], images[queries:], idx, sims, out,
                                         labels[:queries] if labels else None,
                                         labels[queries:] if labels else None,
-                                        title=f"{ckpt.method} {ckpt.backbone_name}, epoch {ckpt.epoch}")
+                                        title=f"{ckpt.method} {ckpt.backbone_name}, epoch {ckpt.epoch}",
+                                        options=options)
     return {"picture": "mls-positives", "out": out, **stats}
 
 
 def sample_images(data: str, n: int, size: int, scene_size: int, seed: int,
-                  options: S3Options) -> tuple[np.ndarray, list[set] | None]:
+                  options: S3Options | None) -> tuple[np.ndarray, list[set] | None]:
     """``n`` images (uint8 (n, size, size, 3)) and, for the scenes, their class-name sets."""
     if data == "scenes":
         b = generate_batch(range(n), seed=split_seed(seed, "eval-test"), size=scene_size)
@@ -110,7 +112,7 @@ def sample_images(data: str, n: int, size: int, scene_size: int, seed: int,
 FILE_TILE = 128  # side (pixels) of image files drawn by cdul-labels; scenes keep their own size
 
 
-def read_initial_labels(uri: str, recorded: bool, options: S3Options) -> tuple[dict, dict]:
+def read_initial_labels(uri: str, recorded: bool, options: S3Options | None) -> tuple[dict, dict]:
     """The labelling job's table (meta, columns index/id/path/soft_label); DataError (one line)
     when it cannot be read. ``recorded``: ``uri`` comes from the checkpoint's config."""
     flag = "cdul.pseudo_labels (recorded by the run)" if recorded else "--pseudo-labels"
@@ -140,7 +142,7 @@ def choose_rows(before: np.ndarray, after: np.ndarray, index: np.ndarray, select
 
 
 def cdul_images(source: dict, index: np.ndarray, ids: np.ndarray, paths: np.ndarray, n: int, classes: list[str],
-                options: S3Options) -> tuple[list[int], np.ndarray, np.ndarray | None]:
+                options: S3Options | None) -> tuple[list[int], np.ndarray, np.ndarray | None]:
     """The first ``n`` readable images among the candidate rows (in order), read from where the
     label table says they are. Returns (rows used, uint8 (n, H, W, 3), truth (n, C) or None)."""
     kind = source.get("kind")
@@ -178,7 +180,6 @@ def draw_cdul_labels(checkpoint: str, out: str, *, pseudo_labels: str | None = N
     """The ``cdul-labels`` picture: CDUL images with their top pseudo-labels before gradient
     alignment (the labelling job's table) and after it (the checkpoint's label store); returns
     the summary (the labels drawn, per image)."""
-    options = options or S3Options()
     for name, value in (("n", n), ("top", top)):
         if value < 1:
             raise ValueError(f"--{name}: must be >= 1, got {value}")
@@ -220,7 +221,7 @@ def draw_cdul_labels(checkpoint: str, out: str, *, pseudo_labels: str | None = N
     title = (f"CDUL {ckpt.backbone_name}, epoch {ckpt.epoch}: top-{top} pseudo-labels\n"
              f"CLIP initialisation vs after gradient alignment ({store['updates']} label updates)")
     drawn = figures.plot_cdul_labels(images, before[pick], after[pick], classes, out, top=top,
-                                     truth=truth, title=title, captions=captions)
+                                     truth=truth, title=title, captions=captions, options=options)
     summary = {"picture": "cdul-labels", "out": out, "checkpoint": ckpt.uri, "pseudo_labels": uri,
                "select": select, "label_updates": store["updates"], "images": len(used),
                "index": [int(i) for i in cand[pick]], "id": [str(ids[r]) for r in used],

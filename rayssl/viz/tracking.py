@@ -23,7 +23,7 @@ import math
 import os
 import time
 
-from rayssl.storage import exists, is_remote, read_text, write_text
+from rayssl.storage import S3Options, exists, is_remote, read_text, write_text
 from rayssl.viz.figures import plot_training_curves
 
 METRICS_FILE = "metrics.jsonl"
@@ -47,12 +47,12 @@ def tracking_requirements(tensorboard: str | None, mlflow: str | None, output: s
             raise ValueError("--mlflow: mlflow is not installed (pip install mlflow), or drop --mlflow") from None
 
 
-def read_history(output: str) -> list[dict]:
+def read_history(output: str, options: S3Options | None = None) -> list[dict]:
     """The per-epoch metrics a run wrote (``[]`` when it has none yet)."""
     uri = f"{output.rstrip('/')}/{METRICS_FILE}"
-    if not exists(uri):
+    if not exists(uri, options):
         return []
-    return [json.loads(line) for line in read_text(uri).splitlines() if line.strip()]
+    return [json.loads(line) for line in read_text(uri, options).splitlines() if line.strip()]
 
 
 def _scalars(metrics: dict) -> dict:
@@ -65,8 +65,9 @@ class RunRecorder:
 
     def __init__(self, output: str, metric: str | None, title: str = "", tensorboard: str | None = None,
                  mlflow: str | None = None, run_name: str = "", params: dict | None = None,
-                 epochs: int | None = None):
+                 epochs: int | None = None, options: S3Options | None = None):
         self.output = output.rstrip("/")
+        self.options = options  # the run's storage options, carried into the Ray Train controller
         self.metric, self.title = metric, title
         self.tb_dir = (f"{self.output}/tensorboard" if tensorboard == "" else tensorboard)
         self.mlflow_uri, self.run_name, self.params = mlflow, run_name, params or {}
@@ -86,10 +87,12 @@ class RunRecorder:
         if "epoch" not in row:
             return
         if self._history is None:  # on --resume, keep the epochs before this attempt
-            self._history = read_history(self.output)
+            self._history = read_history(self.output, self.options)
         self._history = [r for r in self._history if r.get("epoch", 0) < row["epoch"]] + [row]
-        write_text(f"{self.output}/{METRICS_FILE}", "".join(json.dumps(r) + "\n" for r in self._history))
-        plot_training_curves(self._history, f"{self.output}/{CURVES_FILE}", self.metric, self.title)
+        write_text(f"{self.output}/{METRICS_FILE}", "".join(json.dumps(r) + "\n" for r in self._history),
+                   self.options)
+        plot_training_curves(self._history, f"{self.output}/{CURVES_FILE}", self.metric, self.title,
+                             options=self.options)
         step = int(row["epoch"])
         if self.tb_dir is not None:
             # tensorboardX's synchronous events writer: SummaryWriter queues events for a

@@ -44,7 +44,7 @@ from rayssl.data.formats import extension
 from rayssl.data.labels import load_labels
 from rayssl.data.scenes import SHAPES, generate_scene, split_seed
 from rayssl.data.sources import MANIFEST_NAME, resolve_source, translate_errors
-from rayssl.storage import S3Options, filesystem
+from rayssl.storage import S3Options, filesystem, is_s3, options_for
 
 FORMATS = {"webdataset": "tar", "parquet": "parquet"}
 
@@ -229,7 +229,8 @@ def plan_shards(source: str, out: str, fmt: str = "webdataset", shard_size: int 
                 labels: str = "", overwrite: bool = False, s3: S3Options | None = None) -> ShardPlan:
     """Check the arguments, the source and the output location (no Ray); ShardError/DataError
     name the option."""
-    s3 = s3 or S3Options()
+    if s3 is None:  # both ends must be reachable: refuse an s3:// source or --out without options
+        s3 = options_for(out if is_s3(out) else source, None)
     if fmt not in FORMATS:
         raise ShardError(f"--format: choose webdataset or parquet, got {fmt!r}")
     if shard_size < 1:
