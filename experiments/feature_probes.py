@@ -97,7 +97,8 @@ def probe(backbone: torch.nn.Module, sets: tuple[dict, dict], labels: tuple[dict
 
 def main(argv=None) -> int:
     from rayssl.checkpoint import CheckpointError
-    from rayssl.checkpoint import build_frozen_backbone, load_checkpoint
+    from rayssl.checkpoint import load_checkpoint
+    from rayssl.modules.pretrained import frozen_backbone
     from rayssl.modules.backbone import build_backbone
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -125,7 +126,7 @@ def main(argv=None) -> int:
     torch.manual_seed(a.seed)
     rows = {"random init": probe(build_backbone(arch, small_stem=small_stem)[0], sets, labels, size, a.k)}
     for ckpt in loaded:
-        rows[ckpt.uri] = probe(build_frozen_backbone(ckpt), sets, labels, size, a.k)
+        rows[ckpt.uri] = probe(frozen_backbone(ckpt), sets, labels, size, a.k)
 
     width = max(len(n) for n in rows)
     print(f"{'':{width}}  " + "  ".join(f"{n:>10}" for n in ATTRIBUTES), file=sys.stderr)

@@ -38,7 +38,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from rayssl.modules.backbone import build_backbone
 from rayssl.storage import S3Options, filesystem
 
 FORMAT_VERSION = 1
@@ -291,18 +290,3 @@ def backbone_state_dict(ckpt: LoadedCheckpoint) -> "OrderedDict[str, torch.Tenso
     """The online backbone's weights with torchvision's own key names (``conv1.weight``...)."""
     n = len(BACKBONE_PREFIX)
     return OrderedDict((k[n:], v) for k, v in ckpt.model_state.items() if k.startswith(BACKBONE_PREFIX))
-
-
-def build_frozen_backbone(ckpt: LoadedCheckpoint) -> torch.nn.Module:
-    """The checkpoint's backbone as a torchvision ResNet (``fc`` = Identity) in eval mode.
-
-    Loaded strictly: a state that does not fit the stored architecture is an error.
-    """
-    net, _ = build_backbone(ckpt.backbone_name, small_stem=ckpt.small_stem)
-    try:
-        net.load_state_dict(backbone_state_dict(ckpt), strict=True)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise CheckpointError(f"--checkpoint {ckpt.uri}: the backbone weights do not fit "
-                              f"{ckpt.backbone_name} (small_stem={ckpt.small_stem}): {first}") from None
-    return net.eval()

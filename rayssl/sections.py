@@ -48,7 +48,8 @@ class RunSection:
     checkpoint_every_epochs: int = 1
     keep_checkpoints: int = 2
     log_every_steps: int = 10
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    # auto: bf16 on a GPU that has it, else fp16 (with a gradient scaler) on CUDA, else fp32.
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
     # channels_last memory for convolutions on GPUs. Not used on CPU: measured here, torch's
     # CPU channels_last backward of a ResNet-18 is off by 0.5% (relative, vs float64)
     # where the contiguous path is off by 7e-6.
@@ -73,9 +74,9 @@ class RunSection:
         check(self.keep_checkpoints >= 1, "run.keep_checkpoints", "must be >= 1")
         check(self.log_every_steps >= 1, "run.log_every_steps", "must be >= 1")
         check(
-            self.precision in ("auto", "fp32", "bf16"),
+            self.precision in ("auto", "fp32", "bf16", "fp16"),
             "run.precision",
-            f"must be one of auto, fp32, bf16; got {self.precision!r}",
+            f"must be one of auto, fp32, bf16, fp16; got {self.precision!r}",
         )
 
 
@@ -178,19 +179,21 @@ class DataSection:
 class ModelSection:
     """The backbone and its options."""
 
-    backbone: str = "resnet50"  # resnet18 | resnet34 | resnet50
-    small_stem: bool = False  # 3x3 stride-1 stem without max-pool, for 32-96 px inputs
+    backbone: str = "resnet50"  # resnet18 | resnet34 | resnet50 | timm:<any timm model name>
+    small_stem: bool = False  # 3x3 stride-1 stem without max-pool, for 32-96 px inputs (torchvision ResNets)
     sync_batchnorm: bool = False
     compile: bool = False  # torch.compile the backbone (GPU runs)
+    # Starting weights of the backbone (rayssl.modules.pretrained): a file (local or s3://)
+    # holding a torchvision or timm state dict, a rayssl export, a rayssl checkpoint or run
+    # directory; or "torchvision" / "timm" (/":<tag>") for weights already in the local cache.
+    pretrained: str = ""
 
     def __post_init__(self) -> None:
-        from rayssl.modules.backbone import BACKBONES  # torch-free table
+        from rayssl.modules.backbone import backbone_problem  # imports timm for timm: names only
 
-        check(
-            self.backbone in BACKBONES,
-            "model.backbone",
-            f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}",
-        )
+        problem = backbone_problem(self.backbone, self.small_stem)
+        check(problem is None, "model.small_stem" if problem and "small_stem" in problem else "model.backbone",
+              problem or "")
 
 
 @dataclass
@@ -210,6 +213,7 @@ class OptimSection:
     # SwAV wraps every parameter in LARC; excluding biases/norms (solo-learn's choice) lets
     # them move at the raw learning rate, which collapses the projector at SwAV's lr.
     lars_exclude_bias_norm: bool = False
+    clip_grad_norm: float = 0.0  # > 0: clip the global gradient norm to this before each step
 
     def __post_init__(self) -> None:
         check(self.optimizer in ("lars", "sgd", "adamw"), "optim.optimizer",
@@ -220,6 +224,7 @@ class OptimSection:
         check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
         check(0 <= self.momentum < 1, "optim.momentum", "must be in [0, 1)")
         check(self.lars_eta > 0, "optim.lars_eta", "must be > 0")
+        check(self.clip_grad_norm >= 0, "optim.clip_grad_norm", "must be >= 0 (0: no clipping)")
 
 
 @dataclass

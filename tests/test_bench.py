@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from rayssl.cli import bench
 
 TINY = ["--batch-size", "4", "--steps", "1", "--warmup", "1", "--repeats", "2", "--split-steps", "1",
@@ -95,4 +97,6 @@ def test_the_bench_times_the_step_the_worker_runs(monkeypatch):
     cfg = bench_config("swav", "cpu", 4, TINY[TINY.index("--set"):][1::2])
     out = measure_step(cfg, torch.device("cpu"), steps=2, warmup=1, repeats=2, split_steps=1)
     assert len(calls) == 1 + 2 * 2 and len({id(e) for e in calls}) == 1  # warm-up + 2 runs of 2 steps, one engine
+    assert out["plain_images_per_s"] > 0 and len(out["plain_runs_images_per_s"]) == 2  # the baseline, beside it
+    assert out["step_over_plain"] == pytest.approx(out["images_per_s"] / out["plain_images_per_s"], rel=0.01)
     assert out["images_per_s"] > 0 and calls[0].step == 10**6 + 5  # past the queue start and prototype freeze

@@ -280,7 +280,7 @@ def test_backbone_initialised_from_a_rayssl_checkpoint(tmp_path):
     other, _ = build_backbone("resnet18", small_stem=True)  # 3x3 stem: conv1 shapes differ
     with pytest.raises(ValueError, match="cdul.init_checkpoint: .* does not match model.backbone"):
         load_backbone_from_checkpoint(other, str(tmp_path))
-    with pytest.raises(ValueError, match="cdul.init_checkpoint .*nope: does not exist"):
+    with pytest.raises(ValueError, match="cdul.init_checkpoint: .*nope does not exist"):
         load_backbone_from_checkpoint(other, str(tmp_path / "nope"))
 
 

@@ -15,7 +15,8 @@ from rayssl.data.scenes import write_image_folder
 from rayssl.eval import knn_top1, linear_probe_map
 from rayssl.cli import eval as cli
 from rayssl.eval.features import extract_features, scenes_eval_sets
-from rayssl.checkpoint import build_frozen_backbone, load_checkpoint
+from rayssl.checkpoint import load_checkpoint
+from rayssl.modules.pretrained import frozen_backbone
 from rayssl.eval.preprocess import center_square, label_matrix, split_train_test
 
 
@@ -41,7 +42,7 @@ def _main(argv, capsys):
 
 
 def _features(ckpt_dir, images: np.ndarray) -> torch.Tensor:
-    net = build_frozen_backbone(load_checkpoint(str(ckpt_dir)))
+    net = frozen_backbone(load_checkpoint(str(ckpt_dir)))
     prepared = np.stack([center_square(im, 32) for im in images])
     return extract_features(net, prepared, 32, "cpu")
 

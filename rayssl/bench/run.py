@@ -138,6 +138,8 @@ def format_table(r: dict) -> str:
     if s:
         lines += [f"  step      {s['images_per_s']:>10.1f} img/s   ({s['ms_per_step']:.1f} ms/step, runs "
                   f"{s['runs_images_per_s']})",
+                  f"  plain loop{s['plain_images_per_s']:>10.1f} img/s   (the same step in a hand-written PyTorch "
+                  f"loop; step/plain {s['step_over_plain']:.3f})",
                   f"    backbone {s['backbone_ms']:.1f} ms | heads {s['heads_ms']:.1f} ms | loss {s['loss_ms']:.1f} ms "
                   f"| optimiser {s['optimizer_ms']:.1f} ms" + (f" | (Sinkhorn alone {s['sinkhorn_ms']:.2f} ms)"
                                                             if "sinkhorn_ms" in s else ""),

@@ -5,6 +5,12 @@ The step measured is the one the Ray worker runs (``rayssl.engine.Engine.train_s
 loss (what the method's forward adds beyond backbone and heads) and optimiser, each the median
 over steps, by running the step's stages separately (backbone fwd+bwd; + heads; full fwd+bwd;
 optimiser). No Ray.
+
+Beside it, the baseline a user would write instead: the same method, crops and optimiser in a
+plain PyTorch loop (``plain_step``: autocast forward, zero_grad, backward, optimiser step; no
+schedule, no loss check, no scaler or clipping), timed in alternation with the engine's step so
+that a slow moment of the machine falls on both. ``step_over_plain`` near 1 says the engine adds
+nothing measurable to the step.
 """
 
 from __future__ import annotations
@@ -60,6 +66,15 @@ class StepBench:
         """The training step (the worker's), with the loss unchecked as on a GPU between log steps."""
         return self.engine.train_step(crops if crops is not None else self.crops, columns, check_loss=False)
 
+    def plain_step(self) -> None:
+        """The same step as a hand-written loop would take it (the baseline; no engine)."""
+        with self.engine.autocast():
+            loss, _ = self.method(self.crops, epoch=FAR, step=FAR)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.method.after_backward(FAR)
+        self.optimizer.step()
+
     # -- the split ------------------------------------------------------------------------
     def _backbone_stage(self) -> None:
         with self.engine.autocast():
@@ -111,16 +126,23 @@ def peak_memory(device: torch.device) -> dict:
 
 
 def measure_step(cfg: Config, device: torch.device, steps: int, warmup: int, repeats: int, split_steps: int) -> dict:
-    """images/s of the step (median of ``repeats`` runs of ``steps``), its split and peak memory."""
+    """images/s of the step (median of ``repeats`` runs of ``steps``) and of the plain loop's step,
+    the step's split and peak memory."""
     sb = StepBench(cfg, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for _ in range(warmup):
         sb.step()
-    runs = [cfg.run.batch_size * steps / timed(lambda: [sb.step() for _ in range(steps)], device)
-            for _ in range(repeats)]
-    out = {"images_per_s": round(statistics.median(runs), 2), "runs_images_per_s": [round(r, 2) for r in runs],
-           "steps_per_run": steps, "ms_per_step": round(1000 * cfg.run.batch_size / statistics.median(runs), 3)}
+    b = cfg.run.batch_size
+    runs, plain = [], []
+    for _ in range(repeats):  # alternated: the engine's step, then the plain loop's
+        runs.append(b * steps / timed(lambda: [sb.step() for _ in range(steps)], device))
+        plain.append(b * steps / timed(lambda: [sb.plain_step() for _ in range(steps)], device))
+    ips, plain_ips = statistics.median(runs), statistics.median(plain)
+    out = {"images_per_s": round(ips, 2), "runs_images_per_s": [round(r, 2) for r in runs],
+           "steps_per_run": steps, "ms_per_step": round(1000 * b / ips, 3),
+           "plain_images_per_s": round(plain_ips, 2), "plain_runs_images_per_s": [round(r, 2) for r in plain],
+           "step_over_plain": round(ips / plain_ips, 3)}
     out.update(sb.split(split_steps))
     out["loss_includes"] = sb.method.loss_includes()
     out.update(peak_memory(device))

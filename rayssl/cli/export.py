@@ -25,8 +25,9 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                         "complete checkpoint")
     p.add_argument("--format", required=True, choices=FORMATS, help="target library")
     p.add_argument("--out", required=True, help="file to write (.pth for torchvision/timm, .pkl for detectron2)")
-    p.add_argument("--arch", choices=sorted(BACKBONES), default=None,
-                   help="expected backbone; refused if the checkpoint holds another one (default: the checkpoint's)")
+    p.add_argument("--arch", default=None,
+                   help=f"expected backbone ({', '.join(BACKBONES)} or timm:<name>); refused if the checkpoint "
+                        "holds another one (default: the checkpoint's)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     add_s3_flags(p, anonymous=False)
     return p

@@ -23,6 +23,8 @@ from rayssl.config import Config, ConfigError, deep_merge, load_yaml, parse_assi
 from rayssl.data.pipeline import resolve_data_source
 from rayssl.data.sources import Source
 from rayssl.methods import get_method, method_names
+from rayssl.modules.backbone import build_backbone
+from rayssl.modules.pretrained import load_into, read_weights
 from rayssl.presets import layered_config, preset_names
 from rayssl.runtime.internals import SNAPSHOT_FILE
 from rayssl.storage import S3Options, exists, read_text
@@ -152,10 +154,10 @@ def localised(cfg: Config) -> Config:
     (``--pseudo-labels runs/labels`` would not resolve there); and the S3 endpoint this shell's
     environment names, since Ray's other processes must not read it from their own."""
     cfg.data.s3_endpoint = S3Options.resolved(cfg.data.s3_endpoint).endpoint
-    for key in cfg.method.path_keys:
-        value = getattr(cfg.method, key, "")
-        if value and "://" not in value:
-            setattr(cfg.method, key, os.path.abspath(os.path.expanduser(value)))
+    for section, key in [(cfg.method, k) for k in cfg.method.path_keys] + [(cfg.model, "pretrained")]:
+        value = getattr(section, key, "")
+        if value and "://" not in value and value.split(":", 1)[0] not in ("torchvision", "timm"):
+            setattr(section, key, os.path.abspath(os.path.expanduser(value)))
     return cfg
 
 
@@ -184,6 +186,17 @@ def prepare_output(cfg: Config, args: argparse.Namespace) -> Config:
             f"--output: {cfg.run.output} already holds a run; pass --resume to continue it, "
             "or choose another --output (nothing was overwritten)")
     return cfg
+
+
+def check_pretrained(cfg: Config) -> None:
+    """The starting weights fit the backbone (``model.pretrained``), checked before Ray starts:
+    ConfigError with the lists of missing and unexpected keys when they do not."""
+    if not cfg.model.pretrained:
+        return
+    net, _ = build_backbone(cfg.model.backbone, cfg.model.small_stem)
+    state, origin = read_weights(cfg.model.pretrained, cfg.model.backbone, cfg.data.s3.signed())
+    note = load_into(net, state, cfg.model.backbone, cfg.model.pretrained)
+    print(f"[rayssl] the backbone starts from {origin}" + (f"; {note}" if note else ""), file=sys.stderr)
 
 
 def check_data_source(cfg: Config) -> Source | None:
@@ -236,6 +249,7 @@ def prepare(args: argparse.Namespace) -> Prepared | None:
             return None
         cfg = prepare_output(cfg, args)
         source = check_data_source(cfg)
+        check_pretrained(cfg)
         tracking_requirements(args.tensorboard, args.mlflow, cfg.run.output)
     except ConfigError as exc:
         raise ConfigError(name_flag(str(exc))) from None

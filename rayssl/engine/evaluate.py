@@ -3,7 +3,9 @@
 On held-out labelled scenes (streams disjoint from the training scenes): the method's metric
 (``Method.evaluate``: kNN top-1 for SwAV, a linear probe's mAP for MLS/MoCo, the classifier's
 own mAP for CDUL) and, once per run, the same metric for a randomly initialised backbone of
-the same architecture, so the trained score is read against what training started from.
+the same architecture, so the trained score is read against what training started from; a
+run that started from ``model.pretrained`` also scores those weights (``{metric}_pretrained``),
+so continued pretraining is read against its own starting point.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from rayssl.engine.monitor import log
 from rayssl.eval.features import scenes_eval_sets
 from rayssl.methods import get_method
 from rayssl.modules.backbone import build_backbone
+from rayssl.modules.pretrained import load_into, read_weights
 
 __all__ = ["EpochEvaluator"]
 
@@ -28,6 +31,7 @@ class EpochEvaluator:
         self.metric = get_method(engine.cfg.run.method).metric
         self.sets = None
         self.random_init = None
+        self.pretrained = None
 
     def due(self, epoch: int) -> bool:
         """Whether (0-based) ``epoch`` ends with an evaluation."""
@@ -49,19 +53,31 @@ class EpochEvaluator:
             self.random_init = self._random_init_score(size)
         if self.random_init is not None:
             out[f"{self.metric}_random_init"] = self.random_init
+        if cfg.eval.random_baseline and method.random_init_baseline and cfg.model.pretrained:
+            if self.pretrained is None:
+                self.pretrained = self._start_score(size, pretrained=True)
+            out[f"{self.metric}_pretrained"] = self.pretrained
         log(f"epoch {epoch + 1}: {self.metric} on held-out scenes {out[self.metric]:.4f}"
             + (f" (random init: {self.random_init:.4f})" if self.random_init is not None else "")
+            + (f" (its starting weights: {self.pretrained:.4f})" if self.pretrained is not None else "")
             + f" [{time.perf_counter() - t0:.1f}s]")
         return out
 
     def _random_init_score(self, size: int) -> float:
-        """The metric for a randomly initialised backbone of the same architecture."""
+        return self._start_score(size, pretrained=False)
+
+    def _start_score(self, size: int, pretrained: bool) -> float:
+        """The metric for a randomly initialised backbone of the same architecture, or (``pretrained``)
+        for the weights ``model.pretrained`` names."""
         from rayssl.eval.features import evaluate_on_scenes
 
         cfg = self.engine.cfg
         with torch.random.fork_rng(devices=[]):  # leave the training RNG stream untouched
             torch.manual_seed(cfg.run.seed)
             net, _ = build_backbone(cfg.model.backbone, small_stem=cfg.model.small_stem)
+        if pretrained:
+            state, _ = read_weights(cfg.model.pretrained, cfg.model.backbone, cfg.data.s3.signed())
+            load_into(net, state, cfg.model.backbone, cfg.model.pretrained)
         net.to(self.engine.device)
         return evaluate_on_scenes(self.metric, net, self.sets, size, self.engine.device, cfg.eval.knn_k,
                                   cfg.eval.knn_temperature)

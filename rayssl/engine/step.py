@@ -1,9 +1,10 @@
 """One worker's training state and THE training step (pure PyTorch).
 
-``Engine`` builds what a run trains -- the method module (``rayssl.methods``), its optimiser
-and learning-rate schedule, the precision -- and ``Engine.train_step`` runs one step:
-schedule, forward (loss checked for finiteness), backward, the method's after-backward hook,
-optimiser step. The Ray Train worker (``rayssl.runtime.worker``), the benchmark
+``Engine`` builds what a run trains -- the method module (``rayssl.methods``) with its starting
+weights (``model.pretrained``), its optimiser and learning-rate schedule, the precision -- and
+``Engine.train_step`` runs one step: schedule, forward under autocast (loss checked for
+finiteness), backward (through a gradient scaler in fp16), the method's after-backward hook,
+optional gradient clipping, optimiser step. The Ray Train worker (``rayssl.runtime.worker``), the benchmark
 (``rayssl.bench``) and the experiments all call this one function, so what they measure is
 what training runs. With several workers the caller's process group exists and the engine
 wraps the method in DistributedDataParallel; without one it runs in-process.
@@ -31,9 +32,10 @@ from rayssl.checkpoint import (
 )
 from rayssl.config import Config
 from rayssl.methods import Method, get_method
+from rayssl.modules.pretrained import load_into, read_weights
 from rayssl.optim import Schedule, build_optimizer
 
-__all__ = ["Engine", "autocast_for", "build_method", "checked_forward", "uses_channels_last"]
+__all__ = ["Engine", "autocast_for", "build_method", "checked_forward", "resolve_precision", "uses_channels_last"]
 
 
 def uses_channels_last(cfg: Config, device: torch.device) -> bool:
@@ -47,6 +49,10 @@ def build_method(cfg: Config, device: torch.device, world_size: int = 1) -> Meth
     # options: the run's store, for what a method reads itself (CDUL's label table)
     method = get_method(cfg.run.method).model_cls(cfg.method, cfg.model, num_crops=sum(cfg.data.crop_counts),
                                                   world_size=world_size, options=cfg.data.s3.signed())
+    if cfg.model.pretrained:
+        state, _ = read_weights(cfg.model.pretrained, cfg.model.backbone, cfg.data.s3.signed())
+        load_into(method.backbone, state, cfg.model.backbone, cfg.model.pretrained)
+        method.backbone_loaded()
     if cfg.model.sync_batchnorm and world_size > 1:
         method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
     method.to(device)
@@ -58,11 +64,26 @@ def build_method(cfg: Config, device: torch.device, world_size: int = 1) -> Meth
     return method
 
 
+def resolve_precision(precision: str, device: torch.device, bf16_supported: bool | None = None) -> str:
+    """``run.precision`` on ``device`` -> fp32 | bf16 | fp16. ``auto``: bf16 on a GPU that has it
+    natively (Ampere and later), fp16 on an older GPU (V100, T4), fp32 off CUDA."""
+    if precision != "auto":
+        return precision
+    if device.type != "cuda":
+        return "fp32"
+    if bf16_supported is None:
+        bf16_supported = torch.cuda.is_bf16_supported(including_emulation=False)
+    return "bf16" if bf16_supported else "fp16"
+
+
 def autocast_for(precision: str, device: torch.device) -> tuple[Callable[[], ContextManager], str]:
-    """(context factory, name) for ``run.precision``: bf16 autocast (auto: on CUDA) or fp32."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)), "bf16 autocast"
-    return nullcontext, "fp32"
+    """(context factory, name) for ``run.precision`` on ``device``. Sinkhorn and the losses'
+    exp/log run in float32 whatever the autocast (the methods cast to float)."""
+    resolved = resolve_precision(precision, device)
+    if resolved == "fp32":
+        return nullcontext, "fp32"
+    dtype = torch.bfloat16 if resolved == "bf16" else torch.float16
+    return (lambda: torch.autocast(device.type, dtype=dtype)), f"{resolved} autocast"
 
 
 def checked_forward(model, crops, *, epoch: int, step: int, method_name: str, autocast=nullcontext,
@@ -112,6 +133,10 @@ class Engine:
         self.optimizer = build_optimizer(self.method, cfg.optim)
         self.schedule = Schedule(cfg.optim, cfg.run.batch_size, cfg.run.epochs, steps_per_epoch)
         self.autocast, self.precision = autocast_for(cfg.run.precision, self.device)
+        # fp16's narrow range: the loss is scaled up for backward and the gradients unscaled
+        # before clipping and the step; a step whose gradients overflowed is skipped.
+        self.scaler = (torch.amp.GradScaler(self.device.type)
+                       if resolve_precision(cfg.run.precision, self.device) == "fp16" else None)
         self.channels_last = uses_channels_last(cfg, self.device)
         self.epoch = 0  # the epoch being trained (0-based); after restore(): the next one
         self.step = 0  # optimiser steps taken in the whole run
@@ -127,6 +152,8 @@ class Engine:
             raise CheckpointError(f"cannot resume: {exc}") from None
         self.method.load_state_dict(shared["model"])
         self.optimizer.load_state_dict(shared["optimizer"])
+        if self.scaler is not None and "scaler" in shared:
+            self.scaler.load_state_dict(shared["scaler"])
         self.epoch, self.step, self.images_seen = shared["epoch"], shared["step"], shared["images_seen"]
         mine = load_rank_state(directory, self.rank, map_location=self.device)
         kept = mine is not None and self.method.load_rank_state_dict(mine["method"])
@@ -164,9 +191,22 @@ class Engine:
                                         method_name=self.cfg.run.method, autocast=self.autocast,
                                         check_loss=check_loss, columns=columns)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if self.scaler is None:
+            loss.backward()
+        else:
+            self.scaler.scale(loss).backward()
         self.method.after_backward(self.step)
-        self.optimizer.step()
+        clip = self.cfg.optim.clip_grad_norm
+        if self.scaler is None:
+            if clip:
+                torch.nn.utils.clip_grad_norm_(self.method.parameters(), clip)
+            self.optimizer.step()
+        else:
+            if clip:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.method.parameters(), clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.step += 1
         self.images_seen += self.cfg.run.batch_size
         return {**metrics, "lr": lr}
@@ -180,6 +220,8 @@ class Engine:
         method_state = self.method.shared_state_dict()
         if method_state:
             state["method_state"] = method_state
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
         return state
 
     def write_checkpoint(self, directory: str) -> None:

@@ -1,6 +1,8 @@
 """A pretrained backbone alone, in the layout another library loads (``python -m rayssl.export``).
 
-Formats (the backbone of every rayssl method is a torchvision ResNet without ``fc``):
+A ``timm:<name>`` backbone exports in the ``timm`` format only: its own ``state_dict``, which
+``timm.create_model(<name>, num_classes=0)`` loads strictly. A torchvision ResNet backbone (the
+default; ``fc`` removed) exports in three formats:
 
 - ``torchvision``: a ``state_dict`` (``torch.save``) that loads with ``strict=True`` into
   ``torchvision.models.<arch>()`` once its ``fc`` is removed (``model.fc = nn.Identity()``).
@@ -34,6 +36,7 @@ from collections import OrderedDict
 import torch
 
 from rayssl.checkpoint import LoadedCheckpoint, backbone_state_dict
+from rayssl.modules.backbone import build_backbone, is_timm, timm_name
 
 FORMATS = ("torchvision", "timm", "detectron2")
 
@@ -124,6 +127,20 @@ def export_backbone(ckpt: LoadedCheckpoint, fmt: str, arch: str | None = None) -
                           f"(backbone mismatch; omit --arch or pass --arch {have})")
     state = backbone_state_dict(ckpt)
     notes: list[str] = []
+    if is_timm(have):
+        if fmt != "timm":
+            raise ExportError(f"--format {fmt}: this backbone is the timm model {timm_name(have)}; export it with "
+                              "--format timm")
+        net, _ = build_backbone(have)
+        _strict_load(net, state, f"timm.create_model({timm_name(have)!r}, num_classes=0)")
+        buf = io.BytesIO()
+        torch.save(OrderedDict((k, v.detach().cpu().clone()) for k, v in state.items()), buf)
+        notes.append(f"load: m = timm.create_model({timm_name(have)!r}, num_classes=0); "
+                     "m.load_state_dict(torch.load('PATH'), strict=True)")
+        if hasattr(net, "pos_embed"):
+            notes.append("it was pretrained with dynamic_img_size=True (multi-crop sizes); pass that to "
+                         "timm.create_model to feed it images of another size than its default")
+        return buf.getvalue(), notes
     if ckpt.small_stem and fmt != "torchvision":
         raise ExportError(
             f"--format {fmt}: this {have} uses rayssl's small-image stem (3x3 stride-1 conv1, no max-pool), "

@@ -133,6 +133,10 @@ class Method(nn.Module):
     def after_backward(self, step: int) -> None:
         """Called between ``loss.backward()`` and the optimiser step (e.g. to drop a gradient)."""
 
+    def backbone_loaded(self) -> None:
+        """Called after starting weights were loaded into ``backbone`` (``model.pretrained``):
+        a copy of it (a momentum encoder) takes them too."""
+
     def collapse_classes(self) -> int | None:
         """K when a collapsed model's loss sits at ln K (SwAV's uniform predictions); else None."""
         return None

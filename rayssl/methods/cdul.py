@@ -26,9 +26,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rayssl import dist
-from rayssl.checkpoint import CheckpointError, backbone_state_dict, load_checkpoint
 from rayssl.methods.base import Method, MethodConfig, register
 from rayssl.modules.backbone import build_backbone
+from rayssl.modules.pretrained import load_into, read_weights
 from rayssl.sections import DataSection, ModelSection, RunSection, check
 from rayssl.space import choice, loguniform
 from rayssl.storage import S3Options
@@ -156,7 +156,7 @@ class CDUL(Method):
         self._store = {"store": store}  # not a buffer: DDP must not broadcast it, it is checkpointed apart
         self.backbone, dim = build_backbone(model.backbone, small_stem=model.small_stem)
         if cfg.init_checkpoint:
-            load_backbone_from_checkpoint(self.backbone, cfg.init_checkpoint, options)
+            load_backbone_from_checkpoint(self.backbone, cfg.init_checkpoint, options, arch=model.backbone)
         self.head = nn.Linear(dim, store.num_classes)
 
     @property
@@ -230,18 +230,10 @@ class CDUL(Method):
         return mean_average_precision(probs[:, list(ours)], torch.from_numpy(test["labels"][:, list(theirs)]).float())
 
 
-def load_backbone_from_checkpoint(backbone: nn.Module, directory: str, options: S3Options | None = None) -> None:
-    """Copy the backbone weights of a rayssl checkpoint (SwAV, MLS or MoCo; a checkpoint or a
-    run directory) into ``backbone``."""
-    try:
-        sub = backbone_state_dict(load_checkpoint(directory, options, flag="cdul.init_checkpoint"))
-    except (CheckpointError, OSError) as exc:
-        raise ValueError(str(exc)) from None
-    try:
-        missing, _ = backbone.load_state_dict(sub, strict=False)
-    except RuntimeError as exc:
-        raise ValueError(f"cdul.init_checkpoint: {directory} does not match model.backbone: "
-                         f"{str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else exc}") from None
-    if missing:
-        raise ValueError(f"cdul.init_checkpoint: {directory} does not match model.backbone "
-                         f"(missing {len(missing)} keys, e.g. {missing[0]})")
+def load_backbone_from_checkpoint(backbone: nn.Module, directory: str, options: S3Options | None = None,
+                                  arch: str = "") -> None:
+    """Copy the backbone weights of a rayssl checkpoint or run (SwAV, MLS or MoCo), or any source
+    ``model.pretrained`` takes, into ``backbone`` (``rayssl.modules.pretrained``)."""
+    flag = "cdul.init_checkpoint"
+    state, _ = read_weights(directory, arch, options, flag=flag)
+    load_into(backbone, state, arch, directory, flag=flag)

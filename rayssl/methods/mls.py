@@ -287,6 +287,11 @@ class MLS(Method):
         }
         return loss, metrics
 
+    def backbone_loaded(self) -> None:
+        """The momentum encoder starts as a copy of the online one, pretrained weights included."""
+        with torch.no_grad():
+            self.momentum_backbone.load_state_dict(self.backbone.state_dict())
+
     def loss_includes(self) -> str:
         bce = " + multi-label BCE" if self.cfg.lam > 0 else ""
         return f"momentum-encoder forward (shuffled BN), queue all-gather, InfoNCE{bce}"

@@ -119,11 +119,13 @@ def _summary(cfg: Config, result, counts: dict, wall: float) -> dict:
         "images_seen": m.get("images_seen"),
         "images_per_s": round(m.get("images_per_s", 0.0), 2),
         "final_loss": m.get("loss"),
+        "pretrained": cfg.model.pretrained or None,  # the weights the backbone started from
         "metric": metric,
         metric: m.get(metric),
     }
-    if f"{metric}_random_init" in m:
-        summary[f"{metric}_random_init"] = m[f"{metric}_random_init"]
+    for start in ("random_init", "pretrained"):
+        if f"{metric}_{start}" in m:
+            summary[f"{metric}_{start}"] = m[f"{metric}_{start}"]
     summary.update({
         "restarts": max(0, counts.pop(WORKER_STARTS, 1) - 1),
         "data": counts,
