@@ -174,6 +174,23 @@ def s3_endpoint():
     server.stop()
 
 
+@pytest.fixture
+def fault_proxy(s3_endpoint):
+    """A factory of fault-injecting proxies in front of moto (``tests/faultproxy.py``), all
+    stopped after the test: ``fault_proxy(plan, stall_s=...)``."""
+    from faultproxy import FaultProxy
+
+    started = []
+
+    def make(plan, stall_s: float = 2.0, budget: int = 10_000):
+        proxy = FaultProxy(s3_endpoint, plan, stall_s=stall_s, budget=budget).start()
+        started.append(proxy)
+        return proxy
+    yield make
+    for proxy in started:
+        proxy.stop()
+
+
 def exit_code(main, argv) -> int:
     """A command's exit code, whether it returned it or argparse exited with it."""
     try:

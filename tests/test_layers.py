@@ -30,7 +30,7 @@ ROOMS = {  # a room: the files under these paths
     "engine": ("rayssl/engine/",), "viz": ("rayssl/viz/",), "methods": ("rayssl/methods/",),
     "pseudolabel": ("rayssl/pseudolabel/",), "eval": ("rayssl/eval/",), "export": ("rayssl/export/",),
     "data": ("rayssl/data/",), "parts": ("rayssl/modules/", "rayssl/losses/", "rayssl/optim/"),
-    "core": ("rayssl/sections.py", "rayssl/space.py", "rayssl/checkpoint.py", "rayssl/storage.py", "rayssl/dist.py",
+    "core": ("rayssl/sections.py", "rayssl/space.py", "rayssl/checkpoint.py", "rayssl/storage/", "rayssl/dist.py",
              "rayssl/outfile.py"),
 }
 ABOVE = ("cli", "tuning", "bench", "runtime")

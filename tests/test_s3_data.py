@@ -2,7 +2,10 @@
 
 The S3 server is moto's ThreadedMotoServer on 127.0.0.1 (``s3_endpoint`` in conftest);
 credentials are fake values set for the whole session (``aws_test_env``). End-to-end
-runs are tiny (<= 96 images of 32 px, batch 32, 1 epoch, quick preset).
+runs are tiny (<= 96 images of 32 px, batch 32, 1 epoch, quick preset), and every one of them
+reaches the store through a proxy that fails every third object request in one of six ways
+(503, 500, a dropped connection, a cut body, a stall before or inside the body:
+``tests/faultproxy.py``): their counts are a clean run's, plus the retries.
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ import pytest
 from PIL import Image
 
 from conftest import exit_code, make_tar, tiny_args
+from faultproxy import KINDS, every
 from rayssl import storage
 from rayssl.cli import train
+from rayssl.checkpoint import MODEL_FILE, CheckpointError, verify_checkpoint_dir
 from rayssl.cli import shards
 from rayssl.data.labels import load_labels
 from rayssl.data.sources import DataError, count_samples, expand_braces, resolve_source
@@ -60,10 +65,32 @@ def _error(capsys, argv) -> str:
 
 def _tiny(output, data, *extra):
     # 2 x 32 + 2 x 16 crops of 32 px images; no kNN evaluation: these tests are about data.
+    # A read that stalls is cut after 1 s (the proxy stalls for 1.5 s). timm's 0.4 M-parameter
+    # test ResNet: checkpoints of 5 MB, not 100, go through the proxy.
     return tiny_args(output, "--data", data, "--preset", "quick", "--epochs", "1",
+                     "--set", "model.backbone=timm:test_resnet", "--set", "model.small_stem=false",
                      "--set", "data.crop_sizes=[32,16]", "--set", "data.crop_counts=[2,2]",
                      "--set", "data.min_scale=[0.3,0.1]", "--set", "data.max_scale=[1.0,0.3]",
-                     "--set", "swav.num_prototypes=16", "--set", "eval.num_test_images=0", *extra)
+                     "--set", "swav.num_prototypes=16", "--set", "eval.num_test_images=0",
+                     "--set", "data.s3_timeout_s=1", *extra)
+
+
+def _faulty_store(fault_proxy, refuse=None):
+    """A proxy failing every third object request in turn in each of the six ways (no object
+    more than twice: the client retries 4 times); ``refuse``
+    (a mutable list holding a predicate on (method, path)) answers 503 to every request it
+    matches, for as long as it is set."""
+    transient = every(3, KINDS, per_path=2)
+
+    def plan(method, path, number):
+        if refuse and refuse[0] and refuse[0](method, path):
+            return "503"
+        return transient(method, path, number)
+    return fault_proxy(plan, stall_s=1.5)
+
+
+def _no_skips(data: dict) -> bool:
+    return not any(k.startswith("skipped.") for k in data)
 
 
 # ----------------------------------------------------------------------------- no Ray
@@ -258,7 +285,8 @@ def test_missing_prefix_and_refused_credentials_fail_before_training(s3_endpoint
 # ----------------------------------------------------------------------------- on Ray
 
 
-def test_bucket_of_uncurated_images_trains_and_counts_exactly(ray_session, s3_endpoint, bucket, tmp_path, capsys):
+def test_bucket_of_uncurated_images_trains_and_counts_exactly(ray_session, s3_endpoint, bucket, tmp_path, capsys,
+                                                              fault_proxy):
     fs = _fs(s3_endpoint)
     prefix = f"{bucket}/uncurated"
     files = {f"{prefix}/good/{i:03d}.png": _image(i) for i in range(60)}
@@ -273,13 +301,16 @@ def test_bucket_of_uncurated_images_trains_and_counts_exactly(ray_session, s3_en
         f"{prefix}/README.txt": b"not listed: no image extension",
     })
     fs.pipe(files)
-    assert train.main(_tiny(tmp_path / "run", f"s3://{prefix}", "--s3-endpoint", s3_endpoint)) == 0
+    proxy = _faulty_store(fault_proxy)
+    assert train.main(_tiny(tmp_path / "run", f"s3://{prefix}", "--s3-endpoint", proxy.url)) == 0
     s = _summary(capsys)
+    # The broken files are the only skips: no image lost to a fault, none counted as corrupt.
+    assert s["data"].pop("retried") > 0 and set(proxy.injected) == set(KINDS)
     assert s["data"] == {"seen": 69, "skipped.decode_error": 2, "skipped.empty": 1, "skipped.too_small": 1,
                          "converted.grayscale": 1}
     assert s["steps"] == 69 // 32 and s["images_seen"] == 64
     stored = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert stored["data"] == s["data"]
+    assert {k: v for k, v in stored["data"].items() if k != "retried"} == s["data"]
 
 
 def test_mostly_broken_data_stops_with_the_counts(ray_session, tmp_path):
@@ -305,38 +336,66 @@ def test_mostly_broken_data_stops_with_the_counts(ray_session, tmp_path):
     assert seen >= 64 and bad > seen / 2
 
 
-def test_webdataset_shards_on_s3_train(ray_session, s3_endpoint, bucket, tmp_path, capsys):
+def test_webdataset_shards_on_s3_train(ray_session, s3_endpoint, bucket, tmp_path, capsys, fault_proxy):
     out = f"s3://{bucket}/wds"
     assert shards.main(["--source", "scenes", "--out", out, "--format", "webdataset", "--shard-size", "32",
                         "--num-scenes", "96", "--scene-size", "32", "--s3-endpoint", s3_endpoint]) == 0
     capsys.readouterr()
     data = f"{out}/train-{{000000..000002}}.tar"
-    assert train.main(_tiny(tmp_path / "run", data, "--s3-endpoint", s3_endpoint)) == 0
+    proxy = _faulty_store(fault_proxy)
+    assert train.main(_tiny(tmp_path / "run", data, "--s3-endpoint", proxy.url)) == 0
     s = _summary(capsys)
-    assert s["steps"] == 3 and s["data"] == {"seen": 96}
+    # Shards stream by range reads: a fault mid-shard is retried at its offset, no image lost.
+    assert s["steps"] == 3 and s["data"].pop("retried") > 0 and s["data"] == {"seen": 96}
 
 
 def test_parquet_shards_with_s3_output_and_resume(ray_session, s3_endpoint, bucket, tmp_path, capsys,
-                                                  monkeypatch):
-    # Endpoint from the standard environment variable only: data, config, summary, checkpoints.
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+                                                  monkeypatch, fault_proxy):
     out = f"s3://{bucket}/pq"
     assert shards.main(["--source", "scenes", "--out", out, "--format", "parquet", "--shard-size", "32",
-                        "--num-scenes", "64", "--scene-size", "32"]) == 0
+                        "--num-scenes", "64", "--scene-size", "32", "--s3-endpoint", s3_endpoint]) == 0
     capsys.readouterr()
+    # Endpoint from the standard environment variable only: data, config, summary, checkpoints
+    # -- all through the faulty store.
+    refuse: list = [None]
+    proxy = _faulty_store(fault_proxy, refuse)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
     run = f"s3://{bucket}/runs/pq"
     assert train.main(_tiny(run, out)) == 0
     s1 = _summary(capsys)
-    assert s1["steps"] == 2 and s1["data"] == {"seen": 64}
+    # (Parquet is read by Ray Data's own read tasks: retried through the same filesystem, not counted.)
+    assert s1["steps"] == 2 and _no_skips(s1["data"]) and s1["data"]["seen"] == 64
     assert s1["checkpoint"].startswith(f"s3://{bucket}/runs/pq/checkpoint_")
     fs = _fs(s3_endpoint)
     assert fs.exists(f"{bucket}/runs/pq/config.yaml") and fs.exists(f"{bucket}/runs/pq/summary.json")
     # Written by Ray Train's controller, whose own environment names another endpoint.
     assert fs.exists(f"{bucket}/runs/pq/metrics.jsonl") and fs.exists(f"{bucket}/runs/pq/curves.png")
     assert fs.find(s1["checkpoint"].split("://", 1)[1])  # checkpoint files are in the bucket
+    first = s1["checkpoint"].rsplit("/", 1)[1]
 
+    # The store now refuses every write of a newer checkpoint's model.pt: its upload fails after
+    # the retries and the run stops; what else of that checkpoint landed is never complete.
+    refuse[0] = lambda method, path: (method in ("PUT", "POST") and path.split("?")[0].endswith(f"/{MODEL_FILE}")
+                                      and first not in path)
+    assert train.main(["--output", run, "--resume", "--epochs", "2", "--max-failures", "0"]) != 0
+    err = capsys.readouterr().err
+    assert "the epoch-2 checkpoint did not reach the store" in err and "--resume once fixed" in err
+    assert proxy.injected["503"] >= 5  # the first attempt and its 4 retries
+    # (Ray Train copies a checkpoint's files in name order: the manifest lands, model.pt does not.)
+    partial = [d for d in fs.ls(f"{bucket}/runs/pq") if "/checkpoint_2" in d and first not in d]
+    assert len(partial) == 1 and fs.exists(f"{partial[0]}/manifest.json")
+    for d in partial:
+        with pytest.raises(CheckpointError):
+            verify_checkpoint_dir(d, fs=fs)
+
+    # Resumed again through the (still faulty) store: the run goes on from the epoch-1
+    # checkpoint, and its counts are a clean run's.
+    refuse[0] = None
     assert train.main(["--output", run, "--resume", "--epochs", "2"]) == 0
-    s2 = _summary(capsys)
-    assert s2["epochs"] == 2 and s2["steps"] == 4 and s2["checkpoint"] != s1["checkpoint"]
-    assert s2["data"] == {"seen": 128}  # the whole run's count: the first epoch's 64 carried over the resume
+    captured = capsys.readouterr()
+    s2 = json.loads(captured.out.strip().splitlines()[-1])
+    assert f"skipping incomplete checkpoint s3://{partial[0]}" in captured.err
+    assert "resumed from checkpoint at epoch 1, step 2" in captured.err
+    assert s2["epochs"] == 2 and s2["steps"] == 4 and s2["checkpoint"] not in [s1["checkpoint"], *partial]
+    assert _no_skips(s2["data"]) and s2["data"]["seen"] == 128  # the first epoch's 64 carried over the resume
     assert json.loads(fs.cat_file(f"{bucket}/runs/pq/summary.json"))["steps"] == 4

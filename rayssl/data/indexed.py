@@ -25,6 +25,7 @@ from rayssl.data.scenes import generate_batch
 from rayssl.data.sources import DataError
 from rayssl.data.stats import DataCounts, augment_generators, report
 from rayssl.sections import DataSection
+from rayssl.storage.retrying import fetch_objects
 
 __all__ = ["build_indexed_train_data", "byte_ranges", "fetch_decode_count"]
 
@@ -50,13 +51,12 @@ def fetch_decode_count(paths: list[str], *, fs, min_side: int, stats=None, max_b
                        ends: list[int] | None = None) -> list[tuple[int, np.ndarray]]:
     """Fetch (one concurrent request per batch) and decode images -> ``[(row, rgb uint8)]`` of
     those that are usable; the others are counted in ``stats`` by reason (``read_error``,
-    ``decode_error``, ``empty``, ``too_small`` ...), as ``rayssl.data.pipeline`` counts them.
+    ``storage_error``, ``decode_error``, ``empty``, ``too_small`` ...), retries as ``retried``,
+    as ``rayssl.data.pipeline`` counts them.
     Whole files, or with ``starts``/``ends`` the byte range of each (a tar shard's member)."""
-    fetched = fs.cat_ranges(paths, starts, ends, on_error="return")
-    blobs = [None if isinstance(b, BaseException) else bytes(b) for b in fetched]
+    blobs, counts = fetch_objects(fs, paths, starts, ends)
     keep = [i for i, b in enumerate(blobs) if b is not None]
-    counts = Counter(seen=len(blobs))
-    counts["skipped.read_error"] = len(blobs) - len(keep)
+    counts["seen"] += len(blobs)
     images, skipped, converted = decode_batch([blobs[i] for i in keep], min_side=min_side)
     counts.update({f"skipped.{getattr(k, 'value', k)}": v for k, v in skipped.items()})
     counts.update({f"converted.{k}": v for k, v in converted.items()})

@@ -47,6 +47,7 @@ from rayssl.data.sources import DataError, Source, count_samples, resolve_source
 from rayssl.data.stats import DataCounts, augment_generators, current_epoch, report
 from rayssl.data.tar import iter_tar_images, open_shard
 from rayssl.sections import DataSection
+from rayssl.storage.retrying import fetch_objects, transient
 
 __all__ = ["TrainData", "build_train_data", "epoch_block_order", "image_bytes", "min_image_side",
            "resolve_data_source"]
@@ -147,14 +148,17 @@ def fetch_decode_and_crop(batch: dict, *, fs, spec: MultiCropSpec, min_side: int
                           max_bad_fraction: float = 1.0, uri: str = "") -> dict:
     """``{"path": (N,)}`` image files -> bytes (one concurrent fetch per batch) -> crops.
 
-    A file that cannot be fetched (deleted since the listing, no permission on one key)
-    is skipped as ``read_error`` rather than failing the run.
+    A file that cannot be fetched is skipped, not fatal: ``read_error`` when the object itself
+    is gone or forbidden (deleted since the listing), ``storage_error`` when the store still
+    failed after the retries; the retries are counted (``retried``).
     """
     paths = [str(p) for p in batch["path"]]
-    fetched = fs.cat_ranges(paths, None, None, on_error="return")
-    blobs = [None if isinstance(b, BaseException) else bytes(b) for b in fetched]
-    return decode_crop_count(blobs, [stable_key(p) for p in paths], spec=spec, min_side=min_side, stats=stats,
-                              seed=seed, max_bad_fraction=max_bad_fraction, uri=uri)
+    blobs, fetch_counts = fetch_objects(fs, paths)
+    got = [i for i, b in enumerate(blobs) if b is not None]
+    fetch_counts["seen"] += len(paths) - len(got)  # the failed ones were seen, and skipped by reason
+    return decode_crop_count([blobs[i] for i in got], [stable_key(paths[i]) for i in got], spec=spec,
+                             min_side=min_side, stats=stats, seed=seed, extra=fetch_counts,
+                             max_bad_fraction=max_bad_fraction, uri=uri)
 
 
 def tar_shards_to_crops(batch: dict, *, fs, spec: MultiCropSpec, min_side: int, chunk: int, stats=None,
@@ -164,12 +168,14 @@ def tar_shards_to_crops(batch: dict, *, fs, spec: MultiCropSpec, min_side: int, 
     A generator: each shard is read sequentially and its images are decoded and cropped
     ``chunk`` at a time, so memory holds one chunk, not one shard. A corrupt or truncated
     shard is counted once as ``unreadable_shard``; its members before the damage are used.
-    A member's augmentation key is (shard path, sample key).
+    A member's augmentation key is (shard path, sample key). A shard the store still fails to
+    serve after the retries is counted as ``storage_error_shard`` instead; retries as ``retried``.
     """
     for path in batch["path"]:
         pending: list[bytes] = []
         keys: list[int] = []
         broken = Counter()
+        retried_before = getattr(fs, "retried", 0)
         common = {"spec": spec, "min_side": min_side, "stats": stats, "seed": seed,
                   "max_bad_fraction": max_bad_fraction, "uri": uri, "epoch": current_epoch(stats)}
         try:
@@ -184,8 +190,10 @@ def tar_shards_to_crops(batch: dict, *, fs, spec: MultiCropSpec, min_side: int, 
                             yield out
         except DataError:
             raise
-        except Exception:  # noqa: BLE001 - tarfile.ReadError, EOFError, OSError, zlib errors...
-            broken["skipped.unreadable_shard"] = 1
+        except Exception as exc:  # noqa: BLE001 - tarfile.ReadError, EOFError, OSError, zlib errors...
+            broken["skipped.storage_error_shard" if transient(exc) else "skipped.unreadable_shard"] = 1
+        broken["retried"] = getattr(fs, "retried", 0) - retried_before
+        broken = Counter({k: v for k, v in broken.items() if v})
         if pending or broken:
             out = decode_crop_count(pending, keys, extra=broken, **common)
             if out:

@@ -6,7 +6,8 @@ totals and stop the run with a ``DataError`` once more than ``data.max_bad_fract
 images seen are bad); the training worker announces each epoch before reading it (the epoch
 seeds the augmentations, ``current_epoch``) and shows the skips in its progress lines; the
 driver puts the totals in the run's summary. Keys: ``seen``, ``skipped.<reason>``,
-``converted.<conversion>``, and ``train.worker_group_starts`` (restarts = starts - 1).
+``converted.<conversion>``, ``retried`` (storage requests retried, ``rayssl.storage.retrying``)
+and ``train.worker_group_starts`` (restarts = starts - 1).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ __all__ = ["MIN_SEEN_FOR_BAD_CHECK", "WORKER_STARTS", "DataCounts", "augment_gen
 # a stream cannot stop a run.
 MIN_SEEN_FOR_BAD_CHECK = 64
 # Counts that are not images (a shard is one unit) and so stay out of the bad fraction.
-NOT_IMAGE_COUNTS = ("skipped.unreadable_shard",)
+NOT_IMAGE_COUNTS = ("skipped.unreadable_shard", "skipped.storage_error_shard")
 # Incremented once per start of the training worker group (counted per process, not carried on resume).
 WORKER_STARTS = "train.worker_group_starts"
 
@@ -82,10 +83,11 @@ class DataCounts:
         self.add({WORKER_STARTS: 1})
 
     def skip_text(self) -> str:
-        """`` skipped=N/M`` for a progress line, "" when nothing was skipped."""
+        """`` skipped=N/M`` and `` retried=R`` for a progress line, "" when there are none."""
         counts = self.get_or_empty()
         skipped = sum(v for k, v in counts.items() if k.startswith("skipped."))
-        return f" skipped={skipped}/{counts.get('seen', 0)}" if skipped else ""
+        return ((f" skipped={skipped}/{counts.get('seen', 0)}" if skipped else "")
+                + (f" retried={counts['retried']}" if counts.get("retried") else ""))
 
 
 def current_epoch(stats: DataCounts | None) -> int:

@@ -23,6 +23,7 @@ from rayssl.data.tar import iter_tar_images, open_shard
 from rayssl.eval.features import extract_features
 from rayssl.eval.preprocess import center_square
 from rayssl.modules.backbone import build_backbone
+from rayssl.storage.retrying import fetch_objects
 
 
 # ------------------------------------------------------------------ read functions (map_batches)
@@ -41,9 +42,8 @@ def _decoded(ids, blobs, size: int) -> dict:
 
 def read_files(batch: dict, *, fs, size: int) -> dict:
     """``{"id", "path"}`` image files -> ``{"id", "image"}`` (one concurrent fetch per batch)."""
-    fetched = fs.cat_ranges([str(p) for p in batch["path"]], None, None, on_error="return")
-    blobs = [b"" if isinstance(b, BaseException) else bytes(b) for b in fetched]
-    return _decoded(batch["id"], blobs, size)
+    blobs, _ = fetch_objects(fs, [str(p) for p in batch["path"]])  # retried; the unreadable are skipped
+    return _decoded(batch["id"], [b or b"" for b in blobs], size)
 
 
 def read_tar_shards(batch: dict, *, fs, size: int, chunk: int = 64):

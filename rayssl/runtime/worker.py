@@ -12,11 +12,26 @@ import tempfile
 import ray.train
 import ray.train.torch
 
+from rayssl.checkpoint import CheckpointError, verify_checkpoint_dir
 from rayssl.config import Config
 from rayssl.data.feed import TrainFeed
 from rayssl.engine import Engine, EpochEvaluator, Monitor, control_group, lockstep, log
+from rayssl.storage import StorageError
+from rayssl.storage.checked import take_write_failures
 
 __all__ = ["train_loop_per_worker"]
+
+
+def failed_uploads(epoch: int) -> None:
+    """Stop the run when a file of the checkpoint just reported did not reach the store (after
+    the storage retries): Ray Train's upload does not notice a failed close. The checkpoint
+    stays incomplete (``verify_checkpoint_dir``) and ``--resume`` passes over it."""
+    failed = take_write_failures()
+    if failed:
+        path, exc = failed[0]
+        raise StorageError(f"the epoch-{epoch + 1} checkpoint did not reach the store: writing {path} failed "
+                           f"after the retries ({type(exc).__name__}: {exc}); it is incomplete, and --resume "
+                           f"continues from the previous complete checkpoint")
 
 
 def train_loop_per_worker(payload: dict) -> None:
@@ -30,6 +45,11 @@ def train_loop_per_worker(payload: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
+            try:
+                verify_checkpoint_dir(directory)
+            except CheckpointError as exc:  # e.g. the newest upload failed, then a worker restarted
+                raise CheckpointError(f"Ray Train restored {checkpoint.path}, which is incomplete ({exc}); start "
+                                      "the run again with --resume: it passes over incomplete checkpoints") from None
             note = engine.restore(directory)
         if rank == 0:
             log(note)
@@ -62,6 +82,7 @@ def train_loop_per_worker(payload: dict) -> None:
             with tempfile.TemporaryDirectory(prefix="rayssl-ckpt-") as tmp:
                 engine.write_checkpoint(tmp)  # collective: the manifest records every rank's file
                 ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            failed_uploads(epoch)
         else:
             ray.train.report(report)
         monitor.epoch_done(save)

@@ -34,9 +34,10 @@ class S3Options:
 
     ``endpoint``: an S3-compatible store's URL ("" = AWS). ``anonymous``: unsigned requests
     (a public bucket). ``timeout_s``: the connect and read timeout of one request, so a read
-    that stalls is cut and retried. ``max_retries``: retries after a request's first attempt,
-    by the S3 client, on throttling (503 SlowDown), server errors, dropped connections and
-    timeouts, with exponential backoff (botocore's standard mode: 4 retries wait about 7 s in all).
+    that stalls is cut and retried. ``max_retries``: retries after a request's first attempt
+    on throttling (503 SlowDown), server errors, dropped connections, bodies cut short and
+    timeouts, with capped exponential backoff (``rayssl.storage.retrying``; 4 retries wait
+    2-4 s in all), counted as the run's ``retried``.
     """
 
     endpoint: str = ""
@@ -96,22 +97,21 @@ def _local(uri: str) -> Path:
 
 
 def s3_filesystem(options: S3Options):
-    """An ``s3fs.S3FileSystem`` for ``options`` (credentials from the AWS chain, never stored).
+    """An S3 filesystem for ``options`` (credentials from the AWS chain, never stored).
 
     ``skip_instance_cache`` gives a fresh client (fsspec otherwise reuses one per argument
-    set, with its listings cache), so a listing sees what is in the bucket now. The timeout
-    and retries go to botocore's own retry machinery (standard mode: throttling, 5xx,
-    connection errors and timeouts are retried with backoff).
+    set, with its listings cache), so a listing sees what is in the bucket now. The client's
+    timeouts cut a stalled request; its retries are rayssl's own, counted
+    (``rayssl.storage.retrying``): botocore's and s3fs's loops are set to one attempt.
     """
-    import s3fs
+    from rayssl.storage.retrying import RetryingS3FileSystem
 
-    kwargs: dict = {"anon": options.anonymous, "skip_instance_cache": True,
+    kwargs: dict = {"anon": options.anonymous, "skip_instance_cache": True, "max_retries": options.max_retries,
                     "config_kwargs": {"connect_timeout": options.timeout_s, "read_timeout": options.timeout_s,
-                                      # botocore's max_attempts counts the retries, not the first attempt
-                                      "retries": {"max_attempts": options.max_retries, "mode": "standard"}}}
+                                      "retries": {"max_attempts": 0, "mode": "standard"}}}
     if options.endpoint_url():
         kwargs["endpoint_url"] = options.endpoint_url()
-    return s3fs.S3FileSystem(**kwargs)
+    return RetryingS3FileSystem(**kwargs)
 
 
 def filesystem(uri: str, options: S3Options | None = None):
@@ -133,13 +133,20 @@ def filesystem(uri: str, options: S3Options | None = None):
 
 
 def pyarrow_filesystem(fs):
-    """Wrap an fsspec filesystem for Ray Data / Ray Train (``None`` for the local disk)."""
+    """Wrap an fsspec filesystem for Ray Data / Ray Train (``None`` for the local disk).
+
+    Writes through it that fail when the file is closed (the upload of a small file happens
+    then) are recorded for ``take_write_failures``: ``pyarrow.fs.copy_files``, which Ray Train
+    uploads checkpoints with, drops the error of a stream's close, so a checkpoint would
+    otherwise be reported uploaded with a file missing."""
     import fsspec.implementations.local as local
     import pyarrow.fs as pafs
 
     if isinstance(fs, local.LocalFileSystem):
         return None
-    return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+    from rayssl.storage.checked import CheckedFSSpecHandler
+
+    return pafs.PyFileSystem(CheckedFSSpecHandler(fs))
 
 
 def exists(uri: str, options: S3Options | None = None) -> bool:
