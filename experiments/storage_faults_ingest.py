@@ -17,8 +17,10 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,7 +32,7 @@ BUCKET = "faults-bench"
 KINDS = ("503", "500", "truncate", "stall", "stall_body")
 
 
-def rate_plan(rate: float):
+def rate_plan(rate: float, kinds=KINDS):
     """Every round(1/rate)-th GET of an object gets the next fault kind in turn."""
     if rate <= 0:
         return lambda method, path, number: None
@@ -41,7 +43,7 @@ def rate_plan(rate: float):
         if method != "GET" or number % k:
             return None
         count["n"] += 1
-        return KINDS[(count["n"] - 1) % len(KINDS)]
+        return kinds[(count["n"] - 1) % len(kinds)]
     return plan
 
 
@@ -59,6 +61,7 @@ def main() -> None:
     p.add_argument("--images", type=int, default=1024)
     p.add_argument("--fault-rate", type=float, default=0.05)
     p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--kinds", default=",".join(KINDS), help=f"fault kinds, in turn (default {','.join(KINDS)})")
     p.add_argument("--timeout-s", type=float, default=1.0, help="data.s3_timeout_s (a stall lasts 1.5x)")
     args = p.parse_args()
 
@@ -81,11 +84,13 @@ def main() -> None:
 
         fs = storage.s3_filesystem(S3Options(endpoint=upstream))
         fs.mkdir(BUCKET)
-        subprocess.run([sys.executable, "-m", "rayssl.data.scenes", "--out", "/tmp/faults-bench-scenes",
-                        "--n", str(args.images), "--format", "jpg"], cwd=REPO, check=True, capture_output=True)
-        fs.put("/tmp/faults-bench-scenes/", f"{BUCKET}/scenes/", recursive=True)
+        scenes = Path(tempfile.mkdtemp(prefix="faults-bench-")) / "scenes"
+        subprocess.run([sys.executable, "-m", "rayssl.data.scenes", "--out", str(scenes), "--n", str(args.images),
+                        "--format", "jpg"], cwd=REPO, check=True, capture_output=True)
+        fs.put(f"{scenes}/", f"{BUCKET}/scenes/", recursive=True)
+        shutil.rmtree(scenes.parent)
         for rate in (0.0, args.fault_rate):
-            proxy = FaultProxy(upstream, rate_plan(rate), stall_s=1.5 * args.timeout_s).start()
+            proxy = FaultProxy(upstream, rate_plan(rate, tuple(args.kinds.split(","))), stall_s=1.5 * args.timeout_s).start()
             try:
                 result = ingest(proxy.url, args.seconds, args.timeout_s)
             finally:
