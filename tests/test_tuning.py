@@ -1,5 +1,5 @@
 """Ray Tune sweeps (issue 6): search spaces, their validation, trial planning, and a real
-2-trial sweep that is interrupted and resumed with the same --output."""
+2-trial sweep to S3 that is interrupted and resumed with the same --output."""
 
 from __future__ import annotations
 
@@ -15,16 +15,18 @@ import time
 from pathlib import Path
 
 import pytest
+import s3fs
 import yaml
 
 from conftest import tiny_args
 from test_cluster import end_processes_under
 from rayssl.cli import train
-from rayssl.checkpoint import load_shared_state, verify_checkpoint_dir
+from rayssl.checkpoint import load_checkpoint, verify_checkpoint_dir
 from rayssl.config import ConfigError
 from rayssl.cli import sweep
 from rayssl.methods import get_method, method_names
 from rayssl.space import Dim, randint
+from rayssl.storage import S3Options
 from tuning import runner
 from tuning.spaces import default_space, load_space_file, to_tune, validate_space
 
@@ -127,19 +129,25 @@ def test_trials_never_oversubscribe_the_cluster(cluster, workers, samples, expec
 # --------------------------------------------------------------------------- a real sweep
 
 
-def _sweep_args(out: Path) -> list[str]:
-    space = out.parent / "space.yaml"
+def _sweep_args(out: str, space_dir: Path, endpoint: str) -> list[str]:
+    space = space_dir / "space.yaml"
     space.write_text("swav:\n  num_prototypes: {choice: [16, 32]}\n  epsilon: {loguniform: [0.03, 0.08]}\n"
                      "  queue_length: 0\noptim:\n  base_lr: {loguniform: [0.05, 0.3]}\n")
     return ["--num-samples", "2", "--max-concurrent", "1", "--scheduler", "asha", "--search-space", str(space),
+            "--s3-endpoint", endpoint,
             *tiny_args(out, "--epochs", "2", "--checkpoint-every", "1", "--set", "data.scenes_num_images=64",
                        "--set", "eval.num_train_images=40", "--set", "eval.num_test_images=20",
                        "--set", "eval.knn_k=5")]
 
 
-def test_sweep_interrupted_then_resumed_with_the_same_output(ray_session, tmp_path):
-    out = tmp_path / "sweep"
-    args = _sweep_args(out)
+def test_sweep_to_s3_interrupted_then_resumed_with_the_same_output(ray_session, s3_endpoint, tmp_path):
+    # The output is in the test store, named by --s3-endpoint only: the environment of this
+    # process and of every Ray process names a closed port (conftest), so a trial, Tune's own
+    # state or a callback that re-derived the endpoint would write nowhere.
+    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint, skip_instance_cache=True)
+    fs.mkdir("sweeps")
+    out, key = "s3://sweeps/swav", "sweeps/swav"
+    args = _sweep_args(out, tmp_path, s3_endpoint)
     # 1. A sweep in its own process (own local Ray), interrupted with Ctrl-C once its first
     #    trial has started training.
     ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths
@@ -149,10 +157,11 @@ def test_sweep_interrupted_then_resumed_with_the_same_output(ray_session, tmp_pa
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 240
-        while not list(out.glob("trials/*/config.yaml")) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
+        while not fs.glob(f"{key}/trials/*/config.yaml") and proc.poll() is None and time.monotonic() < deadline:
+            fs.invalidate_cache()
+            time.sleep(0.5)
         assert proc.poll() is None, "the sweep ended before it could be interrupted"
-        started = sorted(p.parent.name for p in out.glob("trials/*/config.yaml"))
+        started = sorted(p.split("/")[-2] for p in fs.glob(f"{key}/trials/*/config.yaml"))
         proc.send_signal(signal.SIGINT)
         first_log, _ = proc.communicate(timeout=120)
     finally:
@@ -160,35 +169,40 @@ def test_sweep_interrupted_then_resumed_with_the_same_output(ray_session, tmp_pa
             proc.kill()
             proc.wait()
         end_processes_under(ray_tmp)
-    stored = json.loads((out / runner.SPEC_FILE).read_text())
+    fs.invalidate_cache()
+    stored = json.loads(fs.cat_file(f"{key}/{runner.SPEC_FILE}"))
     assert stored["num_samples"] == 2 and stored["method"] == "swav"
     assert len(started) == 1, first_log[-3000:]
-    assert not (out / "trials" / started[0] / "summary.json").exists()  # it really was cut short
+    assert not fs.exists(f"{key}/trials/{started[0]}/summary.json")  # it really was cut short
 
-    # 2. The same command again, in this process: Tune restores the experiment, the
-    #    interrupted trial continues under the same id, the other one runs.
+    # 2. The same command again, in this process: Tune restores the experiment from the store,
+    #    the interrupted trial continues under the same id, the other one runs.
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         rc = sweep.main(args)
     assert rc == 0, stderr.getvalue()[-3000:]
     assert "sweep: resuming" in stderr.getvalue()
+    assert "could not record metrics" not in stderr.getvalue()
+    fs.invalidate_cache()
     results = json.loads(stdout.getvalue().strip().splitlines()[-1])
-    assert results == json.loads((out / "results.json").read_text())
+    assert results == json.loads(fs.cat_file(f"{key}/results.json"))
     trials = {t["trial"]: t for t in results["trials"]}
     assert len(trials) == 2 and started[0] in trials
-    assert set(p.name for p in (out / "trials").iterdir()) == set(trials)  # no third run directory
+    assert {p.split("/")[-1] for p in fs.ls(f"{key}/trials")} == set(trials)  # no third run directory
     for t in trials.values():
         assert t["status"] in ("FINISHED", "STOPPED"), t  # ASHA may stop the weaker one after epoch 1
         assert 0.0 <= t["knn_top1"] <= 1.0
         assert t["params"]["swav.num_prototypes"] in (16, 32) and 0.03 <= t["params"]["swav.epsilon"] <= 0.08
-        run_cfg = yaml.safe_load((out / "trials" / t["trial"] / "config.yaml").read_text())
+        run_cfg = yaml.safe_load(fs.cat_file(f"{key}/trials/{t['trial']}/config.yaml"))
         assert run_cfg["swav"]["num_prototypes"] == t["params"]["swav.num_prototypes"]  # the trial trained them
+        assert fs.exists(f"{key}/trials/{t['trial']}/summary.json") == (t["status"] == "FINISHED")
     assert any(t["status"] == "FINISHED" for t in trials.values())
+    assert fs.find(f"{key}/tune")  # Tune's own experiment state, which the second sweep restored from
     best = results["best"]
     assert best["knn_top1"] == max(t["knn_top1"] for t in trials.values())
-    ckpt = Path(best["checkpoint"])
-    assert ckpt.parent == out / "trials" / best["trial"]
-    verify_checkpoint_dir(ckpt)
-    assert load_shared_state(ckpt)["epoch"] == best["epochs"]
-    text = (out / "results.txt").read_text()
-    assert f"best: {best['trial']}" in text and str(ckpt) in text and "swav.epsilon" in text.splitlines()[0]
+    ckpt = best["checkpoint"]
+    assert ckpt.rsplit("/", 1)[0] == f"{out}/trials/{best['trial']}"
+    verify_checkpoint_dir(ckpt.split("://", 1)[1], fs=fs)
+    assert load_checkpoint(ckpt, S3Options(endpoint=s3_endpoint)).epoch == best["epochs"]
+    text = fs.cat_file(f"{key}/results.txt").decode()
+    assert f"best: {best['trial']}" in text and ckpt in text and "swav.epsilon" in text.splitlines()[0]
