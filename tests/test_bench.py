@@ -44,6 +44,12 @@ def test_bench_reports_step_pipeline_and_comm_with_device_augmentation(ray_sessi
     # The pipeline really read the bench's JPEG shards (48 images listed and counted).
     assert p["images_listed"] == 48 and p["data_counts"]["seen"] >= 4
 
+    # The same step fed by a torch DataLoader over the same shards: the baseline a user would write.
+    dl = r["dataloader"]
+    assert dl["images_per_s"] > 0 and len(dl["runs_images_per_s"]) == 2 and dl["num_workers"] >= 1
+    assert abs(r["pipeline_over_dataloader"] - p["images_per_s"] / dl["images_per_s"]) <= 0.01 * r["pipeline_over_dataloader"]
+    assert dl["data"] == p["data"] and not dl["pin_memory"]
+
     c = r["comm"]
     assert c["workers"] == 2 and c["per_worker_batch"] == 2
     sink = c["per_step"]["sinkhorn_marginals"]
@@ -53,17 +59,18 @@ def test_bench_reports_step_pipeline_and_comm_with_device_augmentation(ray_sessi
     assert sink["bytes"] == 4 * (2 + 3 + 3 * 2 * 16 + 1)
     assert c["method_bytes_per_step"] == sink["bytes"]  # SwAV's queue is per worker: no gather
     assert c["gradient_allreduce_bytes"] > 1_000_000 and 0 < c["method_over_gradient_bytes"] < 1e-3
-    for line in ("step", "pipeline", "comm", "sinkhorn_marginals"):
+    for line in ("step", "pipeline", "dataloader", "comm", "sinkhorn_marginals"):
         assert line in text  # the readable table precedes the JSON
 
 
 def test_bench_measures_the_queue_all_gather_of_moco(capsys):
-    assert bench.main(["--method", "moco", "--skip", "step", "--skip", "pipeline", "--comm-steps", "1",
+    assert bench.main(["--method", "moco", "--skip", "step", "--skip", "pipeline", "--skip", "dataloader",
+                       "--comm-steps", "1",
                        "--comm-batch", "2", "--set", "data.crop_sizes=[16]",
                        "--set", "moco.projection_hidden_dim=32", "--set", "moco.projection_dim=8",
                        "--set", "moco.queue_size=64"]) == 0
     _, r = _last_json(capsys)
-    assert "step" not in r and "pipeline" not in r
+    assert "step" not in r and "pipeline" not in r and "dataloader" not in r
     per = r["comm"]["per_step"]
     # 2 workers x 2 keys x (512 backbone + 8 projection) float32, gathered from both workers.
     assert per["queue_keys_all_gather"]["bytes"] == 2 * 2 * (512 + 8) * 4
@@ -100,3 +107,42 @@ def test_the_bench_times_the_step_the_worker_runs(monkeypatch):
     assert out["plain_images_per_s"] > 0 and len(out["plain_runs_images_per_s"]) == 2  # the baseline, beside it
     assert out["step_over_plain"] == pytest.approx(out["images_per_s"] / out["plain_images_per_s"], rel=0.01)
     assert out["images_per_s"] > 0 and calls[0].step == 10**6 + 5  # past the queue start and prototype freeze
+
+
+def test_the_dataloader_baseline_cuts_every_image_into_exact_batches_epoch_after_epoch(tmp_path):
+    """The baseline reads each image of the shards once per epoch, crops it as Ray Data's tasks do,
+    and hands the step exact batches across chunk, shard and epoch boundaries."""
+    import io as _io
+
+    import numpy as np
+    import torch
+    from PIL import Image
+    from torch.utils.data import DataLoader
+
+    from conftest import make_tar
+    from rayssl.bench.dataloader import _batches, _Crops
+    from rayssl.config import Config
+    from rayssl.data.multicrop import crop_spec
+    from rayssl.data.pipeline import resolve_data_source
+
+    def png(i):
+        buf = _io.BytesIO()
+        Image.fromarray(np.full((40, 40, 3), i, dtype=np.uint8)).save(buf, "PNG")
+        return buf.getvalue()
+    sizes = [7, 6]  # 13 images in two shards
+    for s, n in enumerate(sizes):
+        (tmp_path / f"train-{s:06d}.tar").write_bytes(make_tar([(f"{s}_{i:03d}.png", png(10 * s + i)) for i in range(n)]))
+    cfg = Config.from_dict({"data": {"source": str(tmp_path), "crop_sizes": [32, 16], "crop_counts": [2, 1]}})
+    source = resolve_data_source(cfg.data)
+    assert source.kind == "webdataset"
+    chunks = list(_Crops(source, crop_spec(cfg.data), 16, seed=0, chunk=4))
+    assert [len(c["crop_0"]) for c in chunks] == [4, 3, 4, 2]  # per shard, in chunks of 4
+    assert chunks[0]["crop_0"].dtype == np.uint8 and chunks[0]["crop_2"].shape[-3:] in ((3, 16, 16), (16, 16, 3))
+    loader = DataLoader(_Crops(source, crop_spec(cfg.data), 16, seed=0, chunk=4), batch_size=None, num_workers=0)
+    batches = _batches(loader, 5, ["crop_0", "crop_1", "crop_2"])
+    got = [next(batches) for _ in range(6)]  # 30 images: two whole epochs of 13 and 4 of the third
+    assert all(len(b) == 3 and all(len(c) == 5 for c in b) for b in got)
+    # Batch 3 starts inside the first epoch and ends in the second: its rows are the first epoch's
+    # last 3 images and the second epoch's first 2 (the same crops: the epoch is not re-seeded here).
+    flat = torch.cat([b[0] for b in got])
+    assert torch.equal(flat[13:26], flat[:13]) and torch.equal(flat[26:30], flat[:4])

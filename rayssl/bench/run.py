@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from rayssl.bench.comm import measure_comm
+from rayssl.bench.dataloader import measure_dataloader
 from rayssl.bench.config import BENCH_PRESETS, bench_config, ingest_config
 from rayssl.bench.pipeline import measure_ingest, measure_pipeline, write_jpeg_shards
 from rayssl.bench.step import measure_step
@@ -28,7 +29,7 @@ from rayssl.config import Config, deep_merge
 from rayssl.engine import autocast_for, build_method, uses_channels_last
 from rayssl.runtime.cluster import capacity, ray_session
 
-PARTS = ("step", "pipeline", "comm", "ingest")
+PARTS = ("step", "pipeline", "dataloader", "comm", "ingest")
 
 __all__ = ["PARTS", "BenchOptions", "format_table", "run_bench"]
 
@@ -54,7 +55,7 @@ class BenchOptions:
     comm_workers: int = 2
     comm_batch: int = 8
     comm_steps: int = 3
-    parts: tuple[str, ...] = ("step", "pipeline", "comm")  # ingest is measured inside pipeline
+    parts: tuple[str, ...] = ("step", "pipeline", "dataloader", "comm")  # ingest is measured inside pipeline
     sets: tuple[str, ...] = ()
 
     def torch_device(self) -> torch.device:
@@ -92,16 +93,21 @@ def run_bench(opts: BenchOptions) -> dict:
     if "step" in opts.parts:
         result["step"] = measure_step(cfg, device, opts.steps, warmup, opts.repeats, opts.split_steps)
         step_ips = result["step"]["images_per_s"]
-    if "pipeline" in opts.parts:
+    if "pipeline" in opts.parts or "dataloader" in opts.parts:
         with ray_session(dashboard=False, log_to_driver=False):
-            result["pipeline"] = _pipeline(opts, cfg, preset, device, step_ips, warmup)
+            result.update(_fed(opts, cfg, preset, device, step_ips, warmup))
+        p, dl = result.get("pipeline", {}), result.get("dataloader", {})
+        if "images_per_s" in p and "images_per_s" in dl:
+            result["pipeline_over_dataloader"] = round(p["images_per_s"] / dl["images_per_s"], 3)
     if "comm" in opts.parts:
         grad_numel = sum(p.numel() for p in build_method(cfg, torch.device("cpu")).parameters() if p.requires_grad)
         result["comm"] = measure_comm(cfg, opts.comm_workers, opts.comm_batch, opts.comm_steps, grad_numel)
     return result
 
 
-def _pipeline(opts: BenchOptions, cfg: Config, preset: str, device: torch.device, step_ips, warmup: int) -> dict:
+def _fed(opts: BenchOptions, cfg: Config, preset: str, device: torch.device, step_ips, warmup: int) -> dict:
+    """The step fed by the Ray Data pipeline and/or by a plain DataLoader, from the same files."""
+    out: dict = {}
     with tempfile.TemporaryDirectory(prefix="rayssl-bench-") as d:
         source = opts.data
         if not source:
@@ -109,11 +115,17 @@ def _pipeline(opts: BenchOptions, cfg: Config, preset: str, device: torch.device
             source = write_jpeg_shards(os.path.join(d, "shards"), n, BENCH_PRESETS[preset]["scene_size"],
                                        seed=cfg.run.seed)
         pcfg = Config.from_dict(deep_merge(cfg.to_dict(), {"data": {"source": source, **opts.data_options}}))
-        out = measure_pipeline(pcfg, device, opts.steps, warmup, opts.repeats, step_ips, opts.ingest_seconds)
-        out["ray_cpus"] = capacity()[0].get("CPU", 0)
-        if not opts.data:
-            out["data"] = f"local WebDataset shards of JPEG scenes ({BENCH_PRESETS[preset]['scene_size']} px)"
-        return out
+        what = source if opts.data else f"local WebDataset shards of JPEG scenes ({BENCH_PRESETS[preset]['scene_size']} px)"
+        if "pipeline" in opts.parts:
+            p = measure_pipeline(pcfg, device, opts.steps, warmup, opts.repeats, step_ips, opts.ingest_seconds)
+            p["ray_cpus"] = capacity()[0].get("CPU", 0)
+            out["pipeline"] = {**p, "data": what}
+        if "dataloader" in opts.parts:
+            dl = measure_dataloader(pcfg, device, opts.steps, warmup, opts.repeats)
+            if step_ips and "images_per_s" in dl:
+                dl["ratio"] = round(dl["images_per_s"] / step_ips, 3)
+            out["dataloader"] = {**dl, "data": what}
+    return out
 
 
 def _ingest_only(opts: BenchOptions, preset: str) -> dict:
@@ -151,6 +163,15 @@ def format_table(r: dict) -> str:
                      f"augment_on={p['augment_on']}, ray cpus {p.get('ray_cpus')}"
                      + (f", ingest alone {p['ingest_alone_images_per_s']} img/s" if "ingest_alone_images_per_s" in p
                         else "") + ")")
+    dl = r.get("dataloader")
+    if dl and "images_per_s" in dl:
+        ratio = f"{dl['ratio']:.2f}" if dl.get("ratio") is not None else "n/a"
+        lines.append(f"  dataloader{dl['images_per_s']:>10.1f} img/s   (the step fed by a torch DataLoader, "
+                     f"{dl['num_workers']} workers, same files and crops; ratio dataloader/step {ratio}"
+                     + (f"; pipeline/dataloader {r['pipeline_over_dataloader']:.2f}" if "pipeline_over_dataloader" in r
+                        else "") + ")")
+    elif dl:
+        lines.append(f"  dataloader  {dl['skipped']}")
     c = r.get("comm")
     if c:
         lines.append(f"  comm      {c['workers']} workers x batch {c['per_worker_batch']} ({c['backend']}):")

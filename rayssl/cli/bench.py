@@ -2,7 +2,7 @@
 
     python -m rayssl.bench [--method swav|mls|moco] [--preset cpu|gpu] [--device auto|cpu|cuda]
         [--batch-size B] [--steps N] [--warmup N] [--repeats N] [--augment-on cpu|device]
-        [--data URI] [--s3-endpoint URL] [--skip step|pipeline|comm ...] [--only PART] [--set section.key=value ...]
+        [--data URI] [--s3-endpoint URL] [--skip step|pipeline|dataloader|comm ...] [--only PART] [--set section.key=value ...]
 
 Prints a readable table and, as the last stdout line, one JSON object:
 
@@ -12,6 +12,9 @@ Prints a readable table and, as the last stdout line, one JSON object:
 * ``pipeline``: images/s of the same step fed by the real Ray Data pipeline from local JPEG
   shards the bench writes itself (or ``--data``), ``ratio`` = pipeline/step, and the
   pipeline's ingest rate alone;
+* ``dataloader``: the same step fed by a ``torch.utils.data.DataLoader`` over the same files with
+  the same crops (cores - 1 workers): the loop a user would otherwise write;
+  ``pipeline_over_dataloader`` compares the two;
 * ``comm``: bytes and time per step of the collectives the method adds, in
   ``--comm-workers`` gloo processes, next to the gradient all-reduce;
 * ``--only ingest --data URI``: decoded + augmented samples/s out of the pipeline alone.
@@ -55,7 +58,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--comm-workers", type=int, default=2, help="processes for the communication measurement")
     p.add_argument("--comm-batch", type=int, default=8, help="per-worker batch of the communication measurement")
     p.add_argument("--comm-steps", type=int, default=3, help="measured steps of the communication measurement")
-    p.add_argument("--skip", action="append", default=[], choices=["step", "pipeline", "comm"])
+    p.add_argument("--skip", action="append", default=[], choices=["step", "pipeline", "dataloader", "comm"])
     p.add_argument("--only", choices=PARTS, default=None, help="measure one part only (ingest: the pipeline "
                                                                 "alone on --data)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
@@ -72,7 +75,8 @@ def options_from(args: argparse.Namespace) -> BenchOptions:
         raise UserError("--only and --skip: give one of them")
     if args.only == "ingest" and not args.data:
         raise UserError("--only ingest: needs --data (the pipeline's source)")
-    parts = (args.only,) if args.only else tuple(p for p in ("step", "pipeline", "comm") if p not in args.skip)
+    parts = (args.only,) if args.only else tuple(p for p in ("step", "pipeline", "dataloader", "comm")
+                                                         if p not in args.skip)
     return BenchOptions(
         method=args.method, preset=args.preset, device=args.device, batch_size=args.batch_size, steps=args.steps,
         warmup=args.warmup, repeats=args.repeats, split_steps=args.split_steps, augment_on=args.augment_on,

@@ -1,0 +1,106 @@
+"""The baseline a user would otherwise write: the same step fed by a ``torch.utils.data.DataLoader``.
+
+``measure_dataloader`` reads the same files as the pipeline measurement (tar shards or image
+files, local or ``s3://``) with the very functions Ray Data's tasks run on them
+(``tar_shards_to_crops`` / ``fetch_decode_and_crop``: the same decoding, bad-image checks and
+per-sample seeded multi-crop), in ``num_workers`` DataLoader processes (cores - 1, as a user
+would pick; spawned, since this process may hold Ray), with pinned memory on CUDA. The main
+process cuts the workers' chunks into batches of the run's batch size and runs the step
+(``StepBench.step``, the engine's ``train_step``). Epoch after epoch, so a measurement longer
+than the data wraps around as the pipeline's does. No shuffle buffer (the pipeline has one).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from rayssl.bench.step import StepBench, timed
+from rayssl.config import Config
+from rayssl.data.multicrop import crop_spec
+from rayssl.data.pipeline import fetch_decode_and_crop, min_image_side, resolve_data_source, tar_shards_to_crops
+from rayssl.data.tensors import to_float_images
+
+__all__ = ["measure_dataloader"]
+
+
+class _Crops(IterableDataset):
+    """Crop chunks (dicts of uint8 arrays, ``crop_j`` keys) from this worker's share of the files."""
+
+    def __init__(self, source, spec, min_side: int, seed: int, chunk: int):
+        self.source, self.spec, self.min_side, self.seed, self.chunk = source, spec, min_side, seed, chunk
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        paths = self.source.paths[worker::workers]
+        common = {"fs": self.source.fs, "spec": self.spec, "min_side": self.min_side, "seed": self.seed}
+        if self.source.kind == "webdataset":
+            yield from tar_shards_to_crops({"path": paths}, chunk=self.chunk, **common)
+            return
+        for i in range(0, len(paths), self.chunk):
+            out = fetch_decode_and_crop({"path": paths[i:i + self.chunk]}, **common)
+            if out:
+                yield out
+
+
+def _batches(loader: DataLoader, batch_size: int, keys: list[str]):
+    """Exact batches of ``batch_size`` cut from the loader's chunks, epoch after epoch."""
+    pending = {k: [] for k in keys}
+    count = 0
+    while True:
+        got = 0
+        for chunk in loader:
+            got += 1
+            for k in keys:
+                pending[k].append(torch.as_tensor(chunk[k]))
+            count += len(chunk[keys[0]])
+            while count >= batch_size:
+                whole = {k: torch.cat(pending[k]) if len(pending[k]) > 1 else pending[k][0] for k in keys}
+                yield [whole[k][:batch_size] for k in keys]
+                pending = {k: [whole[k][batch_size:]] for k in keys}
+                count -= batch_size
+        if not got:
+            raise RuntimeError("the DataLoader produced no images")
+
+
+def measure_dataloader(cfg: Config, device: torch.device, steps: int, warmup: int, repeats: int,
+                       num_workers: int | None = None) -> dict:
+    """Images/s of the step fed by a DataLoader over ``cfg.data.source``; median over repeats."""
+    source = resolve_data_source(cfg.data)
+    if source.kind not in ("webdataset", "images"):
+        return {"skipped": f"the DataLoader baseline reads tar shards or image files, not {source.kind}"}
+    workers = num_workers if num_workers is not None else max(1, (os.cpu_count() or 2) - 1)
+    sb = StepBench(cfg, device)
+    spec = crop_spec(cfg.data)
+    keys = [f"crop_{j}" for j in range(sum(cfg.data.crop_counts))]
+    dataset = _Crops(source, spec, min_image_side(cfg.data), cfg.run.seed, chunk=cfg.run.batch_size)
+    loader = DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
+                        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+                        multiprocessing_context="spawn" if workers > 0 else None)
+    batches = _batches(loader, cfg.run.batch_size, keys)
+
+    def step():
+        crops = [to_float_images(c.to(device, non_blocking=True), channels_last=sb.engine.channels_last)
+                 for c in next(batches)]
+        sb.step(crops, {})
+
+    t_first = time.perf_counter()
+    for _ in range(max(1, warmup)):
+        step()
+    first = time.perf_counter() - t_first
+    runs = []
+    for _ in range(repeats):
+        def run():
+            for _ in range(steps):
+                step()
+        runs.append(cfg.run.batch_size * steps / timed(run, device))
+    batches.close()
+    del loader
+    ips = statistics.median(runs)
+    return {"images_per_s": round(ips, 2), "runs_images_per_s": [round(r, 2) for r in runs],
+            "num_workers": workers, "pin_memory": device.type == "cuda", "warmup_s": round(first, 2)}
