@@ -68,8 +68,10 @@ def min_image_side(data: DataSection) -> int:
 def decode_crop_count(blobs: list, keys: list[int], *, spec: MultiCropSpec, min_side: int, stats,
                       seed: int = 0, extra: Counter | None = None, max_bad_fraction: float = 1.0,
                       uri: str = "", epoch: int | None = None) -> dict:
-    """Encoded images (``None`` = could not be read) and their stable keys -> crops; counts
-    reported to ``stats``. ``epoch``: the epoch if the caller already read it."""
+    """Encoded images and their stable keys -> crops; counts reported to ``stats``. ``None`` is an
+    image that could not be fetched: seen, and skipped for the reason the fetch counted in
+    ``extra`` (``rayssl.storage.retrying.fetch_objects``). ``epoch``: the epoch if the caller
+    already read it."""
     if isinstance(spec, ShipToDevice):  # data.augment_on=device: the training worker decodes and crops
         return _ship_encoded(blobs, keys, min_side=min_side, stats=stats, extra=extra,
                              max_bad_fraction=max_bad_fraction, uri=uri)
@@ -77,8 +79,6 @@ def decode_crop_count(blobs: list, keys: list[int], *, spec: MultiCropSpec, min_
     readable = [b for b in blobs if b is not None]
     keys = [k for k, b in zip(keys, blobs) if b is not None]
     counts["seen"] += len(blobs)
-    if len(readable) < len(blobs):
-        counts["skipped.read_error"] += len(blobs) - len(readable)
     images, skipped, converted = decode_batch(readable, min_side=min_side)
     counts.update({f"skipped.{getattr(k, 'value', k)}": v for k, v in skipped.items()})
     counts.update({f"converted.{k}": v for k, v in converted.items()})
@@ -100,7 +100,6 @@ def _ship_encoded(blobs: list, keys: list[int], *, min_side: int, stats, extra: 
     counts = Counter(extra or {})
     counts["seen"] += len(blobs)
     readable = [(b, k) for b, k in zip(blobs, keys) if b is not None]
-    counts["skipped.read_error"] += len(blobs) - len(readable)
     good, skipped = check_encoded([b for b, _ in readable], min_side=min_side)
     counts.update({f"skipped.{k}": v for k, v in skipped.items()})
     report(stats, Counter({k: v for k, v in counts.items() if v}), max_bad_fraction, uri)
@@ -153,12 +152,9 @@ def fetch_decode_and_crop(batch: dict, *, fs, spec: MultiCropSpec, min_side: int
     failed after the retries; the retries are counted (``retried``).
     """
     paths = [str(p) for p in batch["path"]]
-    blobs, fetch_counts = fetch_objects(fs, paths)
-    got = [i for i, b in enumerate(blobs) if b is not None]
-    fetch_counts["seen"] += len(paths) - len(got)  # the failed ones were seen, and skipped by reason
-    return decode_crop_count([blobs[i] for i in got], [stable_key(paths[i]) for i in got], spec=spec,
-                             min_side=min_side, stats=stats, seed=seed, extra=fetch_counts,
-                             max_bad_fraction=max_bad_fraction, uri=uri)
+    blobs, fetch_counts = fetch_objects(fs, paths)  # None where the fetch failed, counted by reason
+    return decode_crop_count(blobs, [stable_key(p) for p in paths], spec=spec, min_side=min_side, stats=stats,
+                             seed=seed, extra=fetch_counts, max_bad_fraction=max_bad_fraction, uri=uri)
 
 
 def tar_shards_to_crops(batch: dict, *, fs, spec: MultiCropSpec, min_side: int, chunk: int, stats=None,

@@ -12,7 +12,7 @@ import tempfile
 import ray.train
 import ray.train.torch
 
-from rayssl.checkpoint import CheckpointError, verify_checkpoint_dir
+from rayssl.checkpoint import CheckpointError
 from rayssl.config import Config
 from rayssl.data.feed import TrainFeed
 from rayssl.engine import Engine, EpochEvaluator, Monitor, control_group, lockstep, log
@@ -46,11 +46,10 @@ def train_loop_per_worker(payload: dict) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             try:
-                verify_checkpoint_dir(directory)
+                note = engine.restore(directory)  # verifies the manifest first
             except CheckpointError as exc:  # e.g. the newest upload failed, then a worker restarted
-                raise CheckpointError(f"Ray Train restored {checkpoint.path}, which is incomplete ({exc}); start "
-                                      "the run again with --resume: it passes over incomplete checkpoints") from None
-            note = engine.restore(directory)
+                raise CheckpointError(f"Ray Train restored {checkpoint.path}: {exc}; start the run again with "
+                                      "--resume: it passes over incomplete checkpoints") from None
         if rank == 0:
             log(note)
     engine.start()
