@@ -92,7 +92,7 @@ class DataSection:
     crop_counts: list[int] = field(default_factory=lambda: [2, 6])
     min_scale: list[float] = field(default_factory=lambda: [0.14, 0.05])
     max_scale: list[float] = field(default_factory=lambda: [1.0, 0.14])
-    shuffle_buffer: int = 1024  # rows held by each worker's local shuffle
+    shuffle_buffer: int = 1024  # rows held by each worker's local shuffle (none on the scenes: see crop_scenes)
     read_batch_size: int = 32  # rows per Ray Data augmentation task batch
     # Per-crop photometric augmentation (SwAV: jitter 0.8 with p 0.8, grayscale 0.2, blur 0.5).
     color_jitter: float = 0.8
@@ -183,6 +183,7 @@ class ModelSection:
     small_stem: bool = False  # 3x3 stride-1 stem without max-pool, for 32-96 px inputs (torchvision ResNets)
     sync_batchnorm: bool = False
     compile: bool = False  # torch.compile the backbone (GPU runs)
+    compile_backend: str = "inductor"  # torch.compile's backend (e.g. cudagraphs; eager: tracing alone)
     # Starting weights of the backbone (rayssl.modules.pretrained): a file (local or s3://)
     # holding a torchvision or timm state dict, a rayssl export, a rayssl checkpoint or run
     # directory; or "torchvision" / "timm" (/":<tag>") for weights already in the local cache.

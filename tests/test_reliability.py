@@ -160,6 +160,23 @@ def test_killed_worker_restarts_from_checkpoint_and_finishes_the_run(killed_run)
         killed_run["stderr"][-3000:]
 
 
+def test_the_summary_says_where_the_time_went_a_restart_included(killed_run):
+    """The summary's ``time``: rank 0's totals (of the restarted workers: the epochs before the
+    kill were lost with them) against the wall time after Ray started; the rest, a restart
+    included, is ``other_s``; and a line on stderr says the same."""
+    t = _summary(killed_run["stdout"])["time"]
+    assert set(t) == {"ray_start_s", "after_ray_start_s", "steps_s", "data_wait_s", "first_batch_s", "eval_s",
+                      "checkpoint_s", "other_s", "outside_steps_pct"}
+    assert t["ray_start_s"] is None  # the session's Ray was running: the command started none
+    assert t["after_ray_start_s"] <= killed_run["wall_s"]
+    assert 0 < t["steps_s"] < t["after_ray_start_s"] and t["first_batch_s"] <= t["data_wait_s"]
+    assert t["eval_s"] > 0 and t["checkpoint_s"] > 0  # the last epoch is evaluated; epochs 2-3 saved
+    parts = t["steps_s"] + t["data_wait_s"] + t["eval_s"] + t["checkpoint_s"] + t["other_s"]
+    assert parts == pytest.approx(t["after_ray_start_s"], abs=0.3)  # rounded to 0.1 s each
+    assert t["outside_steps_pct"] == pytest.approx(100 * (1 - t["steps_s"] / t["after_ray_start_s"]), abs=0.2)
+    assert f"{t['outside_steps_pct']:.1f}% outside training steps" in killed_run["stderr"]
+
+
 def test_resume_skips_incomplete_checkpoints_and_falls_back(killed_run, tmp_path, capsys):
     assert killed_run["rc"] == 0
     run = tmp_path / "copy"

@@ -26,14 +26,17 @@ class TrainFeed:
 
     The local shuffle is seeded by (seed, epoch, rank), so a run is reproducible; with
     ``augment_on=device`` the crops are seeded per image by (seed, epoch, image key), as the
-    Ray Data tasks seed them on the CPU path.
+    Ray Data tasks seed them on the CPU path. ``local_shuffle=False``: no shuffle buffer, for
+    rows already in a new order every epoch (``TrainData.shuffled_at_source``).
     """
 
     def __init__(self, source, data: DataSection, device: torch.device, *, batch_size: int, seed: int,
-                 rank: int = 0, columns: Sequence[str] = (), channels_last: bool = False):
+                 rank: int = 0, columns: Sequence[str] = (), channels_last: bool = False,
+                 local_shuffle: bool = True):
         self.source, self.data, self.device = source, data, device
         self.batch_size, self.seed, self.rank = batch_size, seed, rank
         self.columns, self.channels_last = tuple(columns), channels_last
+        self.buffer = data.shuffle_buffer if local_shuffle else 0
         self.keys = [f"crop_{j}" for j in range(sum(data.crop_counts))]
         self.augment = None
         if data.augment_on == "device":
@@ -43,7 +46,7 @@ class TrainFeed:
 
     def epoch(self, epoch: int) -> Iterator[tuple[list[torch.Tensor], dict]]:
         """The batches of (0-based) ``epoch``: ``(crops, columns)``."""
-        buffer = self.data.shuffle_buffer
+        buffer = self.buffer
         shuffle = {"local_shuffle_buffer_size": buffer or None,
                    "local_shuffle_seed": (self.seed * 100003 + epoch * 101 + self.rank) if buffer else None}
         if self.augment is not None:

@@ -41,10 +41,10 @@ import ray
 
 from rayssl.data.decode import decode_batch
 from rayssl.data.multicrop import MultiCropSpec, crop_spec, multicrop_batch, sample_generators, stable_key
-from rayssl.data.scenes import generate_batch, split_seed
+from rayssl.data.scenes import epoch_order, generate_batch, split_seed
 from rayssl.data.ship import ShipToDevice, check_encoded
 from rayssl.data.sources import DataError, Source, count_samples, resolve_source
-from rayssl.data.stats import DataCounts, augment_generators, current_epoch, report
+from rayssl.data.stats import DataCounts, current_epoch, report
 from rayssl.data.tar import iter_tar_images, open_shard
 from rayssl.sections import DataSection
 from rayssl.storage.retrying import fetch_objects, transient
@@ -113,15 +113,22 @@ def _ship_encoded(blobs: list, keys: list[int], *, min_side: int, stats, extra: 
 # ---------------------------------------------------------------- map_batches functions
 
 
-def crop_scenes(batch: dict, *, seed: int, size: int, spec: MultiCropSpec, stats=None) -> dict:
+def crop_scenes(batch: dict, *, seed: int, size: int, spec: MultiCropSpec, stats=None, num_images: int = 0) -> dict:
     """``{"id": (N,)}`` from ``ray.data.range`` -> generated scenes -> crops (the scene
-    index is the sample's augmentation key)."""
+    index is the sample's augmentation key).
+
+    ``num_images``: row ``i`` of epoch ``e`` is scene ``epoch_order(num_images, seed, e)[i]``, so
+    every epoch visits all the scenes in a new global order and no shuffle buffer is needed
+    (``TrainData.shuffled_at_source``); 0 keeps scene ``i`` at row ``i``."""
+    epoch = current_epoch(stats)
     ids = np.asarray(batch["id"])
+    if num_images:
+        ids = epoch_order(num_images, seed, epoch)[ids]
     scenes = generate_batch(ids, seed=seed, size=size)
     report(stats, Counter(seen=len(scenes["image"])))
     if isinstance(spec, ShipToDevice):  # the worker crops the uint8 scenes on its device
         return {"image": scenes["image"], "key": ids.astype(np.uint64)}
-    return multicrop_batch(list(scenes["image"]), spec, augment_generators(seed, stats, ids.tolist()))
+    return multicrop_batch(list(scenes["image"]), spec, sample_generators(seed, epoch, ids.tolist()))
 
 
 def image_bytes(value) -> bytes:
@@ -210,6 +217,9 @@ class TrainData:
     num_images: int  # images listed (before any skips): sizes the LR schedule
     stats: DataCounts  # the run's counts; call stats.set_epoch before reading each epoch
     source: Source | None = None  # None for the built-in scenes
+    # Rows come in a new global order every epoch (the built-in scenes): the workers' local
+    # shuffle buffer would only delay each epoch's first batch.
+    shuffled_at_source: bool = False
 
 
 def _path_blocks(paths: list[str], rows_per_block: int) -> "ray.data.Dataset":
@@ -235,9 +245,9 @@ def build_train_data(d: DataSection, seed: int, stats: DataCounts | None = None,
             crop_scenes,
             batch_size=d.read_batch_size,
             fn_kwargs={"seed": split_seed(seed, "train"), "size": d.scenes_image_size,
-                       "spec": spec, "stats": stats},
+                       "spec": spec, "stats": stats, "num_images": n},
         )
-        return TrainData(ds, n, stats)
+        return TrainData(ds, n, stats, shuffled_at_source=True)
 
     source = source or resolve_data_source(d)
     common = {"spec": spec, "min_side": min_image_side(d), "stats": stats, "seed": seed,

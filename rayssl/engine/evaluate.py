@@ -10,7 +10,10 @@ so continued pretraining is read against its own starting point.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
+from typing import Iterator
 
 import torch
 
@@ -20,7 +23,27 @@ from rayssl.methods import get_method
 from rayssl.modules.backbone import build_backbone
 from rayssl.modules.pretrained import load_into, read_weights
 
-__all__ = ["EpochEvaluator"]
+__all__ = ["EpochEvaluator", "node_threads"]
+
+
+@contextlib.contextmanager
+def node_threads(device: torch.device) -> Iterator[None]:
+    """On CPU, torch uses every core of the node for the duration (then its own count again).
+
+    A CPU worker computes with the threads its Ray CPUs allow (one, for a fraction of a CPU);
+    while rank 0 evaluates, the other ranks wait for it and Ray Data is between epochs, so the
+    node's cores are idle (the default run's evaluation took 31 s on one of two cores).
+    """
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(before, cores))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class EpochEvaluator:
@@ -42,6 +65,10 @@ class EpochEvaluator:
 
     def __call__(self, epoch: int) -> dict:
         """``{metric: score}`` (+ ``{metric}_random_init``), logged."""
+        with node_threads(self.engine.device):
+            return self._evaluate(epoch)
+
+    def _evaluate(self, epoch: int) -> dict:
         cfg, method, device = self.engine.cfg, self.engine.method, self.engine.device
         t0 = time.perf_counter()
         if self.sets is None:

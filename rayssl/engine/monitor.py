@@ -20,7 +20,11 @@ from rayssl.losses import loss_at_uniform
 
 T = TypeVar("T")
 
-__all__ = ["CollapseWatch", "Monitor", "log"]
+__all__ = ["TIME_KEYS", "CollapseWatch", "Monitor", "log"]
+
+# A worker's time, totalled over its epochs (``Monitor.totals``): ``data_wait_s`` includes
+# ``first_batch_s``; ``steps_s`` is the epochs' time not spent waiting for data.
+TIME_KEYS = ("steps_s", "data_wait_s", "first_batch_s", "eval_s", "checkpoint_s")
 
 
 def log(msg: str) -> None:
@@ -72,6 +76,13 @@ class Monitor:
         # "For long": two epochs' worth of log windows (at least 3) with the loss at ln(K).
         self.watch = CollapseWatch(engine.method.collapse_classes(),
                                    windows=max(3, 2 * engine.steps_per_epoch // self.every))
+        # Where this worker's time went since it started, each epoch's report carrying the totals
+        # so far: in steps, blocked on data (the first batches among it), evaluating, checkpointing.
+        self.totals = dict.fromkeys(TIME_KEYS, 0.0)
+
+    def add_time(self, key: str, seconds: float) -> None:
+        """Time spent outside the steps (``eval_s``, ``checkpoint_s``), for the next report."""
+        self.totals[key] += seconds
 
     def batches(self, source: Iterable[T]) -> Iterator[T]:
         """``source`` for the epoch just begun, timing each wait for the next batch."""
@@ -129,6 +140,9 @@ class Monitor:
             "data_wait_s": self.waits.epoch_s,
             "first_batch_s": self.waits.first_batch_s,
         }
+        self.totals["steps_s"] += elapsed - self.waits.epoch_s
+        self.totals["data_wait_s"] += self.waits.epoch_s
+        self.totals["first_batch_s"] += self.waits.first_batch_s or 0.0
         self.elapsed = elapsed
         return self.report
 

@@ -60,7 +60,7 @@ def build_method(cfg: Config, device: torch.device, world_size: int = 1) -> Meth
         method.to(memory_format=torch.channels_last)
     if cfg.model.compile:
         # In place (Module.compile): parameter names, checkpoints and exports stay unchanged.
-        method.backbone.compile()
+        method.backbone.compile(backend=cfg.model.compile_backend)
     return method
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
@@ -35,6 +36,7 @@ def ray_session(*, dashboard: bool = True, log_to_driver: bool = True) -> Iterat
     queries its state API); a one-off job such as writing shards does without it.
     """
     started = not ray.is_initialized()
+    t0 = time.perf_counter()
     if started:
         if os.environ.get("RAY_ADDRESS"):
             ray.init(log_to_driver=log_to_driver)  # joins the cluster named by RAY_ADDRESS
@@ -44,11 +46,21 @@ def ray_session(*, dashboard: bool = True, log_to_driver: bool = True) -> Iterat
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
+    if started:
+        _STARTS.append(time.perf_counter() - t0)
     try:
         yield
     finally:
         if started and ray.is_initialized():
             ray.shutdown()
+
+
+_STARTS: list[float] = []  # seconds each ray_session took to start (or join) Ray, in this process
+
+
+def ray_start_seconds() -> float | None:
+    """How long the last ``ray_session`` of this process took to start or join Ray (None: none did)."""
+    return _STARTS[-1] if _STARTS else None
 
 
 def capacity() -> tuple[dict, int]:

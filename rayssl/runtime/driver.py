@@ -22,15 +22,15 @@ from rayssl.data.indexed import build_indexed_train_data
 from rayssl.data.pipeline import build_train_data
 from rayssl.data.sources import Source
 from rayssl.data.stats import WORKER_STARTS
-from rayssl.engine.monitor import log
+from rayssl.engine.monitor import TIME_KEYS, log
 from rayssl.methods import get_method
 from rayssl.runtime.callbacks import StopOnNonFinite
-from rayssl.runtime.cluster import capacity, check_output_shared, place, ray_session
+from rayssl.runtime.cluster import capacity, check_output_shared, place, ray_session, ray_start_seconds
 from rayssl.runtime.internals import resume_point
 from rayssl.runtime.worker import train_loop_per_worker
 from rayssl.storage import is_remote, run_location, write_text
 
-__all__ = ["carried_data_counts", "checkpoint_uri", "train"]
+__all__ = ["carried_data_counts", "checkpoint_uri", "time_spent", "time_text", "train"]
 
 
 def carried_data_counts(point: dict | None) -> dict:
@@ -66,6 +66,7 @@ def train(cfg: Config, callbacks: Sequence = (), source: Source | None = None) -
     sweep's ``TuneReportCallback``). ``source``: the data source already listed by the caller.
     """
     with ray_session():
+        t_ray = time.perf_counter()
         resources, num_nodes = capacity()
         check_output_shared(cfg.run.output, cfg.run.shared_output, num_nodes)
         placement = place(resources, cfg.run.num_workers, cfg.run.use_gpu, cfg.run.cpus_per_worker)
@@ -90,7 +91,8 @@ def train(cfg: Config, callbacks: Sequence = (), source: Source | None = None) -
             f"output {cfg.run.output}")
         trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config={"config": cfg.to_dict(), "steps_per_epoch": steps_per_epoch, "stats": data.stats},
+            train_loop_config={"config": cfg.to_dict(), "steps_per_epoch": steps_per_epoch, "stats": data.stats,
+                               "shuffled_at_source": data.shuffled_at_source},
             scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=placement.use_gpu,
                                          resources_per_worker={"CPU": placement.cpus}),
             run_config=RunConfig(
@@ -104,12 +106,43 @@ def train(cfg: Config, callbacks: Sequence = (), source: Source | None = None) -
         )
         t0 = time.perf_counter()
         result = trainer.fit()
-        wall = time.perf_counter() - t0
+        t_end = time.perf_counter()
         counts = data.stats.get()
-    return _summary(cfg, result, counts, wall)
+    summary = _summary(cfg, result, counts, t_end - t0, time_spent(result.metrics, ray_start_seconds(), t_end - t_ray))
+    log(time_text(summary["time"]))
+    return summary
 
 
-def _summary(cfg: Config, result, counts: dict, wall: float) -> dict:
+def time_spent(metrics: dict | None, ray_start_s: float | None, after_ray_s: float) -> dict:
+    """Where the run's time went after Ray started: rank 0's totals (``Monitor.totals``, as its
+    last report carries them) against the wall time from the run's start on a running Ray (the
+    command's, or the one it joined: ``ray_start_s``, None when it was running before) to the
+    end of the fit.
+    ``other_s`` is the rest: listing the data, starting the workers, the last checkpoint's upload,
+    and whatever a restart lost. ``outside_steps_pct``: the share of that wall time not in steps."""
+    spent = {k: float(v) for k, v in ((metrics or {}).get("time") or {}).items() if k in TIME_KEYS}
+    accounted = spent.get("steps_s", 0.0) + spent.get("data_wait_s", 0.0) + spent.get("eval_s", 0.0) \
+        + spent.get("checkpoint_s", 0.0)
+    out = {"ray_start_s": ray_start_s, "after_ray_start_s": after_ray_s, **spent,
+           "other_s": max(0.0, after_ray_s - accounted)}
+    out = {k: None if v is None else round(v, 1) for k, v in out.items()}
+    if after_ray_s > 0 and "steps_s" in spent:
+        out["outside_steps_pct"] = round(100.0 * (after_ray_s - spent["steps_s"]) / after_ray_s, 1)
+    return out
+
+
+def time_text(t: dict) -> str:
+    """The summary's ``time`` as one progress line."""
+    start = "Ray was running" if t["ray_start_s"] is None else f"Ray started in {t['ray_start_s']:.1f} s"
+    if "outside_steps_pct" not in t:
+        return f"time: {start}, then {t['after_ray_start_s']:.1f} s"
+    return (f"time: {start}, then {t['after_ray_start_s']:.1f} s, of which "
+            f"{t['outside_steps_pct']:.1f}% outside training steps: waiting for data {t['data_wait_s']:.1f} s "
+            f"(first batches {t['first_batch_s']:.1f} s), evaluation {t['eval_s']:.1f} s, checkpoints "
+            f"{t['checkpoint_s']:.1f} s, starting the workers and the rest {t['other_s']:.1f} s")
+
+
+def _summary(cfg: Config, result, counts: dict, wall: float, spent: dict) -> dict:
     m = dict(result.metrics or {})
     metric = get_method(cfg.run.method).metric
     summary = {
@@ -130,6 +163,7 @@ def _summary(cfg: Config, result, counts: dict, wall: float) -> dict:
         "restarts": max(0, counts.pop(WORKER_STARTS, 1) - 1),
         "data": counts,
         "wall_s": round(wall, 1),
+        "time": spent,
         "output": cfg.run.output,
         "checkpoint": checkpoint_uri(result.checkpoint.path, cfg.run.output) if result.checkpoint is not None else None,
     })

@@ -8,6 +8,7 @@ model, the step, the progress and the evaluation are ``rayssl.engine`` (pure PyT
 from __future__ import annotations
 
 import tempfile
+import time
 
 import ray.train
 import ray.train.torch
@@ -35,8 +36,8 @@ def failed_uploads(epoch: int) -> None:
 
 
 def train_loop_per_worker(payload: dict) -> None:
-    """``payload``: ``config`` (``Config.to_dict()``), ``steps_per_epoch`` and the run's ``stats``
-    (``rayssl.data.stats.DataCounts``)."""
+    """``payload``: ``config`` (``Config.to_dict()``), ``steps_per_epoch``, the run's ``stats``
+    (``rayssl.data.stats.DataCounts``) and ``shuffled_at_source`` (``TrainData``'s)."""
     cfg = Config.from_dict(payload["config"])
     steps_per_epoch, stats = payload["steps_per_epoch"], payload["stats"]
     ctx = ray.train.get_context()
@@ -57,7 +58,8 @@ def train_loop_per_worker(payload: dict) -> None:
         stats.count_worker_start()  # restarts = starts - 1
     feed = TrainFeed(ray.train.get_dataset_shard("train"), cfg.data, engine.device,
                      batch_size=cfg.run.batch_size // world, seed=cfg.run.seed, rank=rank,
-                     columns=engine.method.batch_columns, channels_last=engine.channels_last)
+                     columns=engine.method.batch_columns, channels_last=engine.channels_last,
+                     local_shuffle=not payload.get("shuffled_at_source", False))
     monitor = Monitor(engine, logs=rank == 0, extra_text=stats.skip_text)
     evaluate = EpochEvaluator(engine)
     control = control_group()  # host-side (gloo) group for the per-step "have data" flags
@@ -74,14 +76,21 @@ def train_loop_per_worker(payload: dict) -> None:
         report = monitor.end_epoch()
         if rank == 0:
             if evaluate.due(epoch):
+                t = time.perf_counter()
                 report.update(evaluate(epoch))
+                monitor.add_time("eval_s", time.perf_counter() - t)
             report["data"] = stats.get_or_empty()
         save = epoch + 1 == cfg.run.epochs or (epoch + 1) % cfg.run.checkpoint_every_epochs == 0
         if save:
             with tempfile.TemporaryDirectory(prefix="rayssl-ckpt-") as tmp:
+                t = time.perf_counter()
                 engine.write_checkpoint(tmp)  # collective: the manifest records every rank's file
-                ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+                monitor.add_time("checkpoint_s", time.perf_counter() - t)
+                t = time.perf_counter()
+                ray.train.report({**report, "time": dict(monitor.totals)},
+                                 checkpoint=ray.train.Checkpoint.from_directory(tmp))
+                monitor.add_time("checkpoint_s", time.perf_counter() - t)  # the upload: in the next report
             failed_uploads(epoch)
         else:
-            ray.train.report(report)
+            ray.train.report({**report, "time": dict(monitor.totals)})
         monitor.epoch_done(save)

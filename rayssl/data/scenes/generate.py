@@ -23,6 +23,7 @@ evaluation is balanced.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from PIL import Image, ImageDraw
 from rayssl.data.scenes.shapes import (COLOUR_JITTER, COLOUR_NAMES, COLOURS, MAX_TILT, POLYGONS, RING_INNER,
                                        SHAPE_INDEX, SHAPES, UNIT_AREA)
 
-__all__ = ["SPLITS", "Scene", "generate_batch", "generate_scene", "scenes_from_range_batch", "split_seed"]
+__all__ = ["SPLITS", "Scene", "epoch_order", "generate_batch", "generate_scene", "scenes_from_range_batch", "split_seed"]
 
 SPLITS: tuple[str, ...] = ("train", "eval-train", "eval-test")
 
@@ -345,3 +346,10 @@ def split_seed(seed: int, split: str) -> int:
         return seed
     digest = hashlib.sha256(f"rayssl.scenes/{split}/{seed}".encode()).digest()
     return _SEED_LIMIT + int.from_bytes(digest[:8], "little") % (2**63 - _SEED_LIMIT)
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(num_images: int, seed: int, epoch: int) -> np.ndarray:
+    """The order in which a run visits scenes ``range(num_images)`` in ``epoch``: a permutation
+    seeded by (seed, epoch), the same in every process (a new global shuffle every epoch)."""
+    return np.random.default_rng([seed, epoch, 0x5CE7E5]).permutation(num_images)
