@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "shards": ("shards", "python -m rayssl.data.shards", "write webdataset / Parquet shards on Ray"),
     "scenes": ("scenes", "python -m rayssl.data.scenes", "write the built-in scenes as image files"),
     "bench": ("bench", "python -m rayssl.bench", "step / pipeline / communication / ingest benchmark"),
+    "gpu-check": ("gpu_check", "python -m rayssl gpu-check", "the GPU check: step, pipeline, quality in one JSON"),
 }
 
 

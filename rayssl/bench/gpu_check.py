@@ -1,0 +1,189 @@
+"""The GPU check: on a fresh GPU machine, the figures the CPU cannot give, in one JSON file.
+
+``run_gpu_check`` measures, in order of what matters most, each part once, writing the JSON
+after every part (a check cut short keeps what it measured):
+
+1. ``step``: SwAV's step (``Engine.train_step``), ResNet-50, 2x224 + 6x96, batch 64, bf16,
+   channels_last, LARS, 3000 prototypes, queue full (``--preset gpu`` at batch 64);
+2. ``quality``: SwAV on the built-in scenes, the default recipe, for the epochs that fit in
+   ``quality_s`` (``rayssl.bench.quality``), its kNN against its own random init;
+3. ``pipeline_cpu`` / ``pipeline_device``: the same step fed by the Ray Data pipeline from JPEG
+   shards with ``augment_on`` cpu (beside the DataLoader baseline) and device (needs Ray);
+4. ``step_vit``: the step with ``timm:vit_small_patch16_224`` (needs timm);
+5. ``step_compile``: the ResNet-50 step with ``torch.compile``.
+
+A part that would end past ``budget_s`` is skipped and says so, as is one whose package is
+missing. ``goals`` compares the figures with issue 26's: >= 1,000 img/s per H100-class GPU
+for the ResNet-50 step (aim 1,500) and pipeline/step >= 0.9 with ``augment_on=device``.
+``dry_run``: the same parts at tiny sizes on the CPU (ResNet-18, 2x32 + 2x16, batch 8, a
+few seconds of quality run, compile traced by the eager backend), to test the script.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import importlib.util
+import json
+import os
+import platform
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from rayssl.bench.config import bench_config
+from rayssl.bench.quality import quality_run
+from rayssl.bench.step import measure_step
+from rayssl.config import Config
+from rayssl.outfile import write_bytes
+from rayssl.presets import layered_config
+
+__all__ = ["GOALS", "CheckOptions", "run_gpu_check", "step_config"]
+
+GOALS = {"step_images_per_s": 1000.0, "step_images_per_s_aim": 1500.0, "pipeline_over_step_device": 0.9}
+
+
+@dataclass
+class CheckOptions:
+    out: str  # the JSON file (the command line refuses one that exists)
+    device: str = "cuda"
+    dry_run: bool = False
+    budget_s: float = 480.0  # the whole check
+    quality_s: float = 120.0  # the quality run's training
+    batch_size: int = 64  # per GPU
+
+
+@dataclass
+class Part:
+    name: str
+    estimate_s: float  # what it may take on a GPU, to decide whether it still fits
+    run: Callable[[], dict]
+    needs: str = ""  # a package it needs ("ray", "timm"); skipped without it
+
+
+def _sizes(opts: CheckOptions) -> dict:
+    """Step counts and sizes: the real ones, or the dry run's tiny ones."""
+    if opts.dry_run:
+        return {"preset": "cpu", "batch": 8, "steps": 1, "warmup": 1, "repeats": 1, "split": 1, "num_images": 24,
+                "sets": ("data.crop_sizes=[32,16]", "data.crop_counts=[2,2]", "swav.num_prototypes=32",
+                         "model.backbone=resnet18", "model.small_stem=true"),
+                "vit": ("model.backbone=timm:test_vit", "model.small_stem=false"), "compile_backend": "eager"}
+    return {"preset": "gpu", "batch": opts.batch_size, "steps": 10, "warmup": None, "repeats": 3, "split": 3,
+            "num_images": 0, "sets": ("run.precision=bf16", "run.channels_last=true"), "vit": ("model.backbone=timm:vit_small_patch16_224",),
+            "compile_backend": "inductor"}
+
+
+def _quality_config(opts: CheckOptions) -> Config:
+    """``python -m rayssl.train``'s config (dry run: tiny scenes and heads)."""
+    if not opts.dry_run:
+        return layered_config({})
+    return layered_config({"data": {"scenes_num_images": 48}, "run": {"batch_size": 16},
+                           "eval": {"num_train_images": 40, "num_test_images": 20},
+                           "swav": {"num_prototypes": 16, "projection_hidden_dim": 32, "projection_dim": 16}})
+
+
+def step_config(opts: CheckOptions, *sets: str) -> Config:
+    """The config a step part measures (``sets``: the part's own ``--set``s)."""
+    z = _sizes(opts)
+    return bench_config("swav", z["preset"], z["batch"], (*z["sets"], *sets))
+
+
+def _parts(opts: CheckOptions, device: torch.device, result: dict) -> list[Part]:
+    z = _sizes(opts)
+
+    def warmup(cfg: Config) -> int:
+        return z["warmup"] if z["warmup"] is not None else max(2, cfg.method.warmup_steps(cfg.run.batch_size) + 1)
+
+    def step(*sets: str) -> dict:
+        cfg = step_config(opts, *sets)
+        return {**_describe(cfg), **measure_step(cfg, device, z["steps"], warmup(cfg), z["repeats"], z["split"])}
+
+    def fed(augment_on: str, parts: tuple[str, ...]) -> dict:
+        from rayssl.bench.run import BenchOptions, run_bench  # needs Ray
+
+        r = run_bench(BenchOptions(method="swav", preset=z["preset"], device=str(device), batch_size=z["batch"],
+                                   steps=z["steps"], warmup=z["warmup"], repeats=z["repeats"], augment_on=augment_on,
+                                   num_images=z["num_images"], ingest_seconds=0.0 if opts.dry_run else 5.0,
+                                   parts=parts, sets=z["sets"]))
+        step_ips = (result["parts"].get("step") or {}).get("images_per_s")
+        out = {k: r[k] for k in ("pipeline", "dataloader", "pipeline_over_dataloader") if k in r}
+        if step_ips and "images_per_s" in out.get("pipeline", {}):
+            out["pipeline"]["ratio"] = round(out["pipeline"]["images_per_s"] / step_ips, 3)
+        return out
+
+    q_seconds = 3.0 if opts.dry_run else opts.quality_s
+    return [
+        Part("step", 60, lambda: step()),
+        Part("quality", q_seconds + 60,
+             lambda: quality_run(_quality_config(opts), device, q_seconds, workers=1 if opts.dry_run else None)),
+        Part("pipeline_cpu", 100, lambda: fed("cpu", ("pipeline", "dataloader")), needs="ray"),
+        Part("pipeline_device", 60, lambda: fed("device", ("pipeline",)), needs="ray"),
+        Part("step_vit", 60, lambda: step(*z["vit"]), needs="timm"),
+        Part("step_compile", 150, lambda: step("model.compile=true", f"model.compile_backend={z['compile_backend']}")),
+    ]
+
+
+def _describe(cfg: Config) -> dict:
+    return {"backbone": cfg.model.backbone, "batch_size": cfg.run.batch_size, "precision": cfg.run.precision,
+            "crops": [f"{c}x{s}" for s, c in zip(cfg.data.crop_sizes, cfg.data.crop_counts)],
+            "compile": cfg.model.compile, "channels_last": cfg.run.channels_last}
+
+
+def _goals(parts: dict, dry_run: bool) -> dict:
+    """Issue 26's goals against the figures (``met`` is None where nothing was measured, and on
+    a dry run, whose sizes are not the goals')."""
+    steps = [p["images_per_s"] for k, p in parts.items() if k in ("step", "step_compile") and "images_per_s" in p]
+    best = max(steps) if steps else None
+    ratio = ((parts.get("pipeline_device") or {}).get("pipeline") or {}).get("ratio")
+    return {
+        "step_images_per_s": {"measured": best, "goal": GOALS["step_images_per_s"],
+                              "aim": GOALS["step_images_per_s_aim"],
+                              "met": None if best is None or dry_run else best >= GOALS["step_images_per_s"]},
+        "pipeline_over_step_device": {"measured": ratio, "goal": GOALS["pipeline_over_step_device"],
+                                      "met": None if ratio is None or dry_run
+                                      else ratio >= GOALS["pipeline_over_step_device"]},
+    }
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def run_gpu_check(opts: CheckOptions, log: Callable[[str], None] = lambda s: None) -> dict:
+    """Measure every part that fits in the budget; the result is also written to ``opts.out``."""
+    device = torch.device(opts.device)
+    t0 = time.perf_counter()
+    result = {"gpu_check": 1, "dry_run": opts.dry_run, "date": dt.datetime.now(dt.timezone.utc).isoformat(
+              timespec="seconds"), "device": device.type, "device_name": _device_name(device),
+              "torch": torch.__version__, "cuda": torch.version.cuda, "budget_s": opts.budget_s, "parts": {}}
+    with contextlib.ExitStack() as stack:  # one Ray session for the parts that need Ray, from the first
+        ray_started = False
+        for part in _parts(opts, device, result):
+            elapsed = time.perf_counter() - t0
+            if part.needs and importlib.util.find_spec(part.needs) is None:
+                result["parts"][part.name] = {"skipped": f"{part.needs} is not installed"}
+            elif not opts.dry_run and elapsed + part.estimate_s > opts.budget_s:
+                result["parts"][part.name] = {"skipped": f"over the budget: {elapsed:.0f} s spent, this part may "
+                                                         f"take {part.estimate_s:.0f} s of the {opts.budget_s:.0f} s"}
+            else:
+                log(f"gpu check: {part.name} ({elapsed:.0f} s so far)")
+                t = time.perf_counter()
+                try:
+                    if part.needs == "ray" and not ray_started:
+                        from rayssl.runtime.cluster import ray_session
+
+                        stack.enter_context(ray_session(dashboard=False, log_to_driver=False))
+                        ray_started = True
+                    result["parts"][part.name] = {**part.run(), "part_s": round(time.perf_counter() - t, 1)}
+                except Exception as exc:  # one part failing must not lose the others' figures
+                    result["parts"][part.name] = {"error": f"{type(exc).__name__}: {exc}",
+                                                  "traceback": traceback.format_exc(limit=8)[-3000:]}
+            result["goals"] = _goals(result["parts"], opts.dry_run)
+            result["wall_s"] = round(time.perf_counter() - t0, 1)
+            write_bytes(opts.out, (json.dumps(result, indent=2) + "\n").encode())  # whole, after every part
+    return result

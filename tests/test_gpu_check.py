@@ -1,0 +1,87 @@
+"""The GPU check (``experiments/gpu_check.sh`` = ``rayssl gpu-check``): its dry run on the CPU runs
+every part and writes one JSON file; the full check measures what the issue names; bad input is
+refused before anything runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from rayssl.bench.gpu_check import GOALS, CheckOptions, step_config
+from rayssl.cli import gpu_check
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "experiments" / "gpu_check.sh"
+PARTS = ["step", "quality", "pipeline_cpu", "pipeline_device", "step_vit", "step_compile"]
+
+
+def test_the_dry_run_runs_every_part_and_writes_one_json(ray_session, tmp_path, capsys):
+    out = tmp_path / "check.json"
+    assert gpu_check.main(["--dry-run", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    last = json.loads(captured.out.strip().splitlines()[-1])
+    r = json.loads(out.read_text())
+    assert last["out"] == str(out) and last["errors"] == [] and last["wall_s"] == r["wall_s"]
+    assert r["dry_run"] is True and r["device"] == "cpu" and list(r["parts"]) == PARTS
+    for name, part in r["parts"].items():
+        assert "error" not in part and "skipped" not in part, (name, part)
+        assert part["part_s"] > 0
+    p = r["parts"]
+    for name in ("step", "step_vit", "step_compile"):  # the engine's step, timed with its plain-loop baseline
+        assert p[name]["images_per_s"] > 0 and p[name]["plain_images_per_s"] > 0 and p[name]["batch_size"] == 8
+    assert p["step_compile"]["compile"] is True and p["step"]["compile"] is False
+    assert p["step_vit"]["backbone"] == "timm:test_vit"
+    q = p["quality"]  # trained, then scored against its own random init on held-out scenes
+    assert q["steps"] == q["epochs"] * (48 // 16) and q["images_seen"] == q["steps"] * 16
+    assert 0 <= q["knn_top1"] <= 1 and 0 <= q["knn_top1_random_init"] <= 1
+    assert q["gain_over_random_init"] == pytest.approx(q["knn_top1"] - q["knn_top1_random_init"])
+    for name, augment in (("pipeline_cpu", "cpu"), ("pipeline_device", "device")):
+        pipe = p[name]["pipeline"]
+        assert pipe["augment_on"] == augment and pipe["images_per_s"] > 0
+        assert pipe["ratio"] == pytest.approx(pipe["images_per_s"] / p["step"]["images_per_s"], rel=0.01)
+    assert p["pipeline_cpu"]["dataloader"]["images_per_s"] > 0 and "pipeline_over_dataloader" in p["pipeline_cpu"]
+    # A dry run's sizes are not the goals': figures compared, nothing claimed.
+    g = r["goals"]
+    assert g["step_images_per_s"]["measured"] == max(p["step"]["images_per_s"], p["step_compile"]["images_per_s"])
+    assert g["pipeline_over_step_device"]["measured"] == p["pipeline_device"]["pipeline"]["ratio"]
+    assert g["step_images_per_s"]["goal"] == GOALS["step_images_per_s"] and g["step_images_per_s"]["met"] is None
+    assert "goal step_images_per_s" in captured.err and str(out) in captured.err
+
+
+def test_the_full_check_measures_the_papers_recipe_on_one_gpu():
+    opts = CheckOptions(out="unused.json")
+    cfg = step_config(opts)
+    assert cfg.model.backbone == "resnet50" and cfg.run.batch_size == 64 and cfg.run.precision == "bf16"
+    assert list(cfg.data.crop_sizes) == [224, 96] and list(cfg.data.crop_counts) == [2, 6]
+    assert cfg.run.channels_last and cfg.method.num_prototypes == 3000 and cfg.optim.optimizer == "lars"
+    assert step_config(opts, "model.compile=true").model.compile is True
+    assert step_config(opts, "model.backbone=timm:vit_small_patch16_224").model.backbone.endswith("vit_small_patch16_224")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--budget-s", "0", "--dry-run"], "--budget-s must be > 0"),
+    (["--quality-s", "-1", "--dry-run"], "--quality-s must be > 0"),
+    (["--device", "cpu"], "--device cpu: the check measures a GPU"),
+])
+def test_bad_options_are_refused_naming_them(argv, message, capsys):
+    assert gpu_check.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: the refusal is for machines without")
+def test_without_a_gpu_the_script_says_to_use_the_dry_run(tmp_path):
+    done = subprocess.run(["bash", str(SCRIPT), "--out", str(tmp_path / "x.json")], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and "no CUDA device is available" in done.stderr and "--dry-run" in done.stderr
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_an_existing_file_is_never_overwritten(tmp_path, capsys):
+    out = tmp_path / "mine.json"
+    out.write_text("a user's file")
+    assert gpu_check.main(["--dry-run", "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err and out.read_text() == "a user's file"
