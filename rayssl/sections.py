@@ -230,7 +230,8 @@ class OptimSection:
 
 @dataclass
 class EvalSection:
-    """Evaluation on held-out labelled scenes at the end of the run."""
+    """Evaluation during the run: on the user's labelled images (``data``), else on held-out
+    labelled scenes when training on the built-in scenes, else none."""
 
     knn_k: int = 20
     knn_temperature: float = 0.07
@@ -238,8 +239,21 @@ class EvalSection:
     num_test_images: int = 500  # held-out labelled scenes that are classified
     every_epochs: int = 0  # 0: only at the end
     random_baseline: bool = True  # also evaluate a randomly initialised backbone
+    # Labelled images of the user's, in the forms `rayssl eval` reads: an ImageFolder folder /
+    # prefix, or images / .tar / Parquet shards with a labels table (id -> classes joined by |).
+    data: str = ""
+    labels: str = ""  # default: the class folders of data
+    test_data: str = ""  # held-out images; default: a seeded test_fraction of data
+    test_labels: str = ""
+    test_fraction: float = 0.2
+    protocol: str = "auto"  # auto: knn for one class per image, else multilabel-linear | knn | linear
 
     def __post_init__(self) -> None:
+        check(self.protocol in ("auto", "knn", "linear", "multilabel-linear"), "eval.protocol",
+              f"choose auto, knn, linear or multilabel-linear, got {self.protocol!r}")
+        check(0 < self.test_fraction < 1, "eval.test_fraction", f"must be in (0, 1), got {self.test_fraction}")
+        for key in ("labels", "test_data", "test_labels"):
+            check(not getattr(self, key) or bool(self.data), f"eval.{key}", "needs eval.data (--eval-data)")
         check(self.knn_k >= 1, "eval.knn_k", "must be >= 1")
         check(self.knn_temperature > 0, "eval.knn_temperature", "must be > 0")
         check(self.num_train_images >= 1, "eval.num_train_images", "must be >= 1")

@@ -33,6 +33,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 from rayssl.config import Config, ConfigError, deep_merge
 from rayssl.engine.monitor import log
+from rayssl.eval.evaluate import run_metric
 from rayssl.methods import get_method
 from rayssl.runtime.cluster import capacity, check_output_shared, cpu_share
 from rayssl.runtime.driver import checkpoint_uri, train
@@ -153,6 +154,8 @@ def format_table(results: dict) -> str:
         lines.append(f"best: {best['trial']} {metric}={best[metric]:.4g} checkpoint: {best['checkpoint']}")
     else:
         lines.append(f"best: none (no trial reported {metric})")
+    if results.get("eval_data"):
+        lines.append(f"{metric} measured on: {results['eval_data']}")
     return "\n".join(lines)
 
 
@@ -196,7 +199,7 @@ def run_sweep(plan: SweepPlan, cfg: Config, base: dict, space: dict) -> dict:
                               "start it again with its own options to resume it, or choose another --output")
     else:
         write_text(spec_uri, json.dumps(spec, indent=2), options)
-    metric = get_method(cfg.run.method).metric
+    metric = run_metric(cfg.eval, get_method(cfg.run.method).metric)  # eval.protocol resolved by the command
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, base=base, output=out, cpus_per_worker=cpw),
         {"CPU": TRIAL_DRIVER_CPU},
@@ -226,6 +229,7 @@ def run_sweep(plan: SweepPlan, cfg: Config, base: dict, space: dict) -> dict:
         )
     grid = tuner.fit()
     results = collect_results(grid, metric, cfg.run.epochs, out, list(space))
+    results["eval_data"] = cfg.eval.data or "scenes"  # what the metric was measured on
     write_text(f"{out}/results.json", json.dumps(results, indent=2), options)
     write_text(f"{out}/results.txt", format_table(results) + "\n", options)
     return results

@@ -16,8 +16,9 @@ from typing import Sequence
 
 from rayssl.cli.common import run_command
 from rayssl.cli.train import build_parser as train_parser
-from rayssl.cli.train import check_data_source, name_flag, resolve_config
+from rayssl.cli.train import check_data_source, check_eval_source, name_flag, resolve_config
 from rayssl.config import Config, ConfigError
+from rayssl.eval.evaluate import run_metric
 from rayssl.methods import get_method
 from tuning.spaces import default_space, describe, load_space_file, validate_space
 
@@ -68,8 +69,13 @@ def prepare_sweep(argv: Sequence[str] | None, prog: str = PROG):
         if value is not None and value < low:
             raise ConfigError(f"{flag}: must be >= {low}, got {value}")
     cfg = resolve_config(targs)
-    metric = get_method(cfg.run.method).metric
-    if cfg.eval.num_test_images < 1:
+    if not cfg.data.builtin_scenes and not cfg.eval.data:
+        raise ConfigError(f"--eval-data: a sweep ranks and stops trials by an evaluation on labelled images, and "
+                          f"scores on the built-in scenes say nothing about models of {cfg.data.source}; add "
+                          "--eval-data (labelled images of yours: an ImageFolder, or images with --eval-labels)")
+    check_eval_source(cfg)  # resolves eval.protocol, hence the metric
+    metric = run_metric(cfg.eval, get_method(cfg.run.method).metric)
+    if cfg.eval.num_test_images < 1 and not cfg.eval.data:
         raise ConfigError(f"eval.num_test_images: a sweep ranks trials by {metric} on held-out images; must be >= 1")
     if cfg.eval.every_epochs not in (0, 1):
         raise ConfigError(f"eval.every_epochs: a sweep reports {metric} to Tune every epoch; leave it at 0 or 1, "

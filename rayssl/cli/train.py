@@ -21,7 +21,8 @@ import yaml
 from rayssl.cli.common import add_gpu_flag, add_s3_flags, gpu_choice, run_command
 from rayssl.config import Config, ConfigError, deep_merge, load_yaml, parse_assignment
 from rayssl.data.pipeline import resolve_data_source
-from rayssl.data.sources import Source
+from rayssl.data.sources import DataError, Source
+from rayssl.eval.evaluate import EvalError, open_run_sources, run_metric
 from rayssl.methods import get_method, method_names
 from rayssl.modules.backbone import build_backbone
 from rayssl.modules.pretrained import load_into, read_weights
@@ -50,6 +51,10 @@ FLAG_KEYS: dict[str, str] = {
     "s3_anonymous": "data.s3_anonymous",
     "pseudo_labels": "cdul.pseudo_labels",
     "shared_output": "run.shared_output",
+    "eval_data": "eval.data",
+    "eval_labels": "eval.labels",
+    "eval_test_data": "eval.test_data",
+    "eval_test_labels": "eval.test_labels",
 }
 
 
@@ -95,6 +100,15 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                         "on every node; without it a local --output is refused on a multi-node cluster")
     p.add_argument("--pseudo-labels", default=None, metavar="URI",
                    help="--method cdul: output folder/URI of `python -m rayssl.pseudolabel` (the initial soft labels)")
+    p.add_argument("--eval-data", default=None, metavar="URI",
+                   help="labelled images to evaluate the backbone on during the run (an ImageFolder folder or "
+                        "s3:// prefix, or images / shards with --eval-labels); default: held-out scenes when "
+                        "training on the scenes, else no evaluation")
+    p.add_argument("--eval-labels", default=None, metavar="TABLE",
+                   help="labels of --eval-data (.csv / .parquet: id + classes joined by '|'); default: its class folders")
+    p.add_argument("--eval-test-data", default=None, metavar="URI",
+                   help="held-out labelled images; default: a seeded eval.test_fraction (0.2) of --eval-data")
+    p.add_argument("--eval-test-labels", default=None, metavar="TABLE", help="labels of --eval-test-data")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override any config key, e.g. --set swav.epsilon=0.03 (repeatable)")
     p.add_argument("--print-config", action="store_true",
@@ -154,7 +168,8 @@ def localised(cfg: Config) -> Config:
     (``--pseudo-labels runs/labels`` would not resolve there); and the S3 endpoint this shell's
     environment names, since Ray's other processes must not read it from their own."""
     cfg.data.s3_endpoint = S3Options.resolved(cfg.data.s3_endpoint).endpoint
-    for section, key in [(cfg.method, k) for k in cfg.method.path_keys] + [(cfg.model, "pretrained")]:
+    for section, key in ([(cfg.method, k) for k in cfg.method.path_keys] + [(cfg.model, "pretrained")]
+                         + [(cfg.eval, k) for k in ("data", "labels", "test_data", "test_labels")]):
         value = getattr(section, key, "")
         if value and "://" not in value and value.split(":", 1)[0] not in ("torchvision", "timm"):
             setattr(section, key, os.path.abspath(os.path.expanduser(value)))
@@ -214,6 +229,18 @@ def check_data_source(cfg: Config) -> Source | None:
     return resolve_data_source(cfg.data)
 
 
+def check_eval_source(cfg: Config) -> None:
+    """``--eval-data`` and its labels found and matched before Ray starts (one line naming the
+    option), and ``eval.protocol=auto`` resolved from the labels (stored in the run's config)."""
+    if not cfg.eval.data:
+        return
+    try:
+        open_run_sources(cfg.eval, cfg.run.seed, cfg.data.s3, cfg.data.parquet_image_column)
+    except (EvalError, DataError) as exc:
+        msg = str(exc)
+        raise ConfigError(msg if msg.startswith(("--eval-", "eval.")) else f"--eval-data: {msg}") from None
+
+
 def baseline_note(summary: dict, builtin_scenes: bool) -> str | None:
     """A line for a run whose evaluation did not beat its random-init backbone, else None.
 
@@ -249,12 +276,13 @@ def prepare(args: argparse.Namespace) -> Prepared | None:
             return None
         cfg = prepare_output(cfg, args)
         source = check_data_source(cfg)
+        check_eval_source(cfg)
         check_pretrained(cfg)
         tracking_requirements(args.tensorboard, args.mlflow, cfg.run.output)
     except ConfigError as exc:
         raise ConfigError(name_flag(str(exc))) from None
     spec = get_method(cfg.run.method)
-    recorder = RunRecorder(cfg.run.output, spec.metric, title=f"{cfg.run.method} ({cfg.model.backbone}) {cfg.run.output}",
+    recorder = RunRecorder(cfg.run.output, run_metric(cfg.eval, spec.metric), title=f"{cfg.run.method} ({cfg.model.backbone}) {cfg.run.output}",
                            tensorboard=args.tensorboard, mlflow=args.mlflow, run_name=Path(cfg.run.output).name,
                            params={"method": cfg.run.method, "backbone": cfg.model.backbone,
                                    "batch_size": cfg.run.batch_size, "epochs": cfg.run.epochs},

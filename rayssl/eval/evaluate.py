@@ -18,6 +18,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import pyarrow.parquet as pq
 import torch
@@ -26,18 +27,19 @@ from rayssl.checkpoint import LoadedCheckpoint, backbone_state_dict
 from rayssl.data.labels import ID_COLUMNS, image_id, load_labels
 from rayssl.data.scenes import SHAPES
 from rayssl.data.sources import DataError, resolve_source
-from rayssl.eval.job import ActorPool, scene_features, source_features
+from rayssl.eval.job import ActorPool, FeatureTable, scene_features, source_features
 from rayssl.eval.knn import knn_top1
 from rayssl.eval.linear import linear_probe_map, linear_probe_top1
 from rayssl.eval.preprocess import label_matrix, split_train_test
 from rayssl.modules.backbone import build_backbone
+from rayssl.sections import EvalSection
 from rayssl.storage import S3Options
 
 PROTOCOLS = ("knn", "linear", "multilabel-linear")
 METRIC = {"knn": "knn_top1", "linear": "linear_top1", "multilabel-linear": "linear_map"}
 
-__all__ = ["METRIC", "PROTOCOLS", "EvalError", "EvalRequest", "LabelledSource", "Sources", "evaluate",
-           "format_table", "open_sources"]
+__all__ = ["METRIC", "PROTOCOLS", "EvalError", "EvalRequest", "Extractor", "LabelledSource", "Sources", "evaluate",
+           "format_table", "open_run_sources", "open_sources", "resolve_protocol", "run_metric", "run_request"]
 
 
 class EvalError(ValueError):
@@ -136,9 +138,12 @@ class LabelledSource:
                             f"it names are not in {self.flag} {self.uri} (first: {first})")
 
 
-def _features_for(ls: LabelledSource, ckpt: LoadedCheckpoint, state, size, pool: ActorPool, batch_size):
-    table = source_features(ls.source, ls.ids_by_path, ckpt.backbone_name, ckpt.small_stem, state, size=size,
-                            pool=pool, batch_size=batch_size, parquet_id_column=ls.parquet_id_column)
+# (labelled source, backbone state, input size) -> its features; default: the Ray Data job
+Extractor = Callable[[LabelledSource, dict, int], FeatureTable]
+
+
+def _features_for(ls: LabelledSource, state, size, extract: Extractor):
+    table = extract(ls, state, size)
     if ls.ids_by_path is None:  # shards: their ids are only known now
         ls.check_ids(set(table.ids))
     keep = [r for r, i in enumerate(table.ids) if i in ls.labels]
@@ -178,26 +183,78 @@ class Sources:
     test: LabelledSource | None = None
 
 
-def open_sources(req: EvalRequest, options: S3Options) -> Sources:
-    """Resolve and check the request's data and labels, before any image is read."""
+def open_sources(req: EvalRequest, options: S3Options, flag_prefix: str = "--") -> Sources:
+    """Resolve and check the request's data and labels, before any image is read. Errors name
+    the options as ``{flag_prefix}data`` ... (``--eval-`` for a training run's)."""
     req.check()
     if req.data == "scenes":
         return Sources()
-    train = LabelledSource(req.data, req.labels, "--data", "--labels", options, req.parquet_image_column)
+    f = flag_prefix
+    train = LabelledSource(req.data, req.labels, f"{f}data", f"{f}labels", options, req.parquet_image_column)
     test = None
     if req.test_data:
         table = req.labels if req.labels and req.labels.endswith((".csv", ".parquet", ".pq")) else None
-        test = LabelledSource(req.test_data, req.test_labels or table, "--test-data", "--test-labels", options,
+        test = LabelledSource(req.test_data, req.test_labels or table, f"{f}test-data", f"{f}test-labels", options,
                               req.parquet_image_column)
     return Sources(train, test)
 
 
-def evaluate(req: EvalRequest, ckpt: LoadedCheckpoint, sources: Sources, pool: ActorPool) -> dict:
+def open_run_sources(section: EvalSection, seed: int, options: S3Options, image_column: str = "image") -> Sources:
+    """A training run's ``eval.data`` opened and checked (errors name ``--eval-data`` ...), its
+    ``protocol`` resolved in place (``auto``); EvalError for a protocol the labels cannot take."""
+    req = run_request(section, seed, image_column)
+    req.protocol = "knn" if section.protocol == "auto" else section.protocol
+    sources = open_sources(req, options, flag_prefix="--eval-")
+    found = resolve_protocol(sources)
+    if section.protocol == "auto":
+        section.protocol = found
+    elif section.protocol != "multilabel-linear" and found != "knn":
+        raise EvalError(f"eval.protocol: {section.protocol} needs one class per image, but {section.data} has images "
+                        "with several; use multilabel-linear (or auto)")
+    return sources
+
+
+# ------------------------------------------------------------------ during a training run
+
+
+def run_request(section: EvalSection, seed: int, image_column: str = "image") -> EvalRequest:
+    """The request a training run's evaluation makes on ``eval.data`` (``protocol`` resolved
+    first, ``resolve_protocol``): the same scoring as ``rayssl eval`` on the run's checkpoint."""
+    return EvalRequest(data=section.data, labels=section.labels or None, protocol=section.protocol,
+                       test_data=section.test_data or None, test_labels=section.test_labels or None,
+                       test_fraction=section.test_fraction, k=section.knn_k, temperature=section.knn_temperature,
+                       seed=seed, parquet_image_column=image_column)
+
+
+def resolve_protocol(sources: Sources) -> str:
+    """``eval.protocol=auto``: knn when every labelled image has one class, else multilabel-linear."""
+    tables = [ls.labels for ls in (sources.train, sources.test) if ls is not None]
+    single = all(len(classes) == 1 for labels in tables for classes in labels.values())
+    return "knn" if single else "multilabel-linear"
+
+
+def run_metric(section: EvalSection, method_metric: str) -> str:
+    """The metric a run reports (and a sweep ranks by): its protocol's on ``eval.data``, else the
+    method's own on the built-in scenes."""
+    return METRIC[section.protocol] if section.data else method_metric
+
+
+def evaluate(req: EvalRequest, ckpt: LoadedCheckpoint, sources: Sources, pool: ActorPool,
+             extract: Extractor | None = None) -> dict:
     """Score ``ckpt``'s frozen backbone as ``req`` asks, its features extracted by ``pool``
-    (a Ray Data batch-inference job on the connected Ray); returns the result dict."""
+    (a Ray Data batch-inference job on the connected Ray) or, for labelled sources, by
+    ``extract`` (a training run's own evaluation: ``rayssl.runtime.evaluation``); returns the
+    result dict."""
     size = req.image_size or ckpt.image_size
     state = backbone_state_dict(ckpt)
     info: dict = {"skipped": 0}
+    where = "in the run's rank-0 worker" if extract is not None else \
+        f"{pool.actors} {'GPU' if pool.use_gpu else 'CPU'} actor(s)"
+    features_of = extract
+    if features_of is None:
+        def features_of(ls: LabelledSource, st: dict, sz: int) -> FeatureTable:
+            return source_features(ls.source, ls.ids_by_path, ckpt.backbone_name, ckpt.small_stem, st, size=sz,
+                                   pool=pool, batch_size=req.batch_size, parquet_id_column=ls.parquet_id_column)
 
     def extract(st):
         if req.data == "scenes":
@@ -211,10 +268,10 @@ def evaluate(req: EvalRequest, ckpt: LoadedCheckpoint, sources: Sources, pool: A
                 y = t.columns["label"]
             info["classes"] = list(SHAPES)
             return t.features[tr], y[tr], t.features[~tr], y[~tr]
-        ids, feats, label_sets, skipped = _features_for(sources.train, ckpt, st, size, pool, req.batch_size)
+        ids, feats, label_sets, skipped = _features_for(sources.train, st, size, features_of)
         info["skipped"] = skipped
         if sources.test is not None:
-            ids_te, f_te, sets_te, sk = _features_for(sources.test, ckpt, st, size, pool, req.batch_size)
+            ids_te, f_te, sets_te, sk = _features_for(sources.test, st, size, features_of)
             info["skipped"] += sk
             classes = sorted({c for s in label_sets + sets_te for c in s})
             info["classes"] = classes
@@ -230,8 +287,7 @@ def evaluate(req: EvalRequest, ckpt: LoadedCheckpoint, sources: Sources, pool: A
     f_tr, y_tr, f_te, y_te = extract(state)
     extract_s = time.perf_counter() - t0
     log(f"features: {len(f_tr)} train + {len(f_te)} test images, dim {f_tr.shape[1]}, {extract_s:.1f}s "
-        f"({(len(f_tr) + len(f_te)) / max(extract_s, 1e-9):.1f} img/s, {pool.actors} "
-        f"{'GPU' if pool.use_gpu else 'CPU'} actor(s))")
+        f"({(len(f_tr) + len(f_te)) / max(extract_s, 1e-9):.1f} img/s, {where})")
     metric = METRIC[req.protocol]
     result = {
         "checkpoint": ckpt.uri, "method": ckpt.method, "backbone": ckpt.backbone_name, "epoch": ckpt.epoch,

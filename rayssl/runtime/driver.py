@@ -24,7 +24,9 @@ from rayssl.data.sources import Source
 from rayssl.data.stats import WORKER_STARTS
 from rayssl.engine.monitor import TIME_KEYS, log
 from rayssl.methods import get_method
+from rayssl.eval.evaluate import run_metric
 from rayssl.runtime.callbacks import StopOnNonFinite
+from rayssl.runtime.evaluation import no_evaluation_note
 from rayssl.runtime.cluster import capacity, check_output_shared, place, ray_session, ray_start_seconds
 from rayssl.runtime.internals import resume_point
 from rayssl.runtime.worker import train_loop_per_worker
@@ -86,6 +88,9 @@ def train(cfg: Config, callbacks: Sequence = (), source: Source | None = None) -
             if carried:  # before any map task reports: the totals include the run so far
                 data.stats.add(carried, wait=True)
         storage_path, name, fs = run_location(cfg.run.output, options)
+        note = no_evaluation_note(cfg)
+        if note:
+            log(note)
         log(f"{cfg.run.method}: {data.num_images} images, {steps_per_epoch} steps/epoch x {cfg.run.epochs} epochs, "
             f"{cfg.run.num_workers} workers ({'GPU' if placement.use_gpu else 'CPU'}, {placement.cpus} CPU each), "
             f"output {cfg.run.output}")
@@ -144,7 +149,7 @@ def time_text(t: dict) -> str:
 
 def _summary(cfg: Config, result, counts: dict, wall: float, spent: dict) -> dict:
     m = dict(result.metrics or {})
-    metric = get_method(cfg.run.method).metric
+    metric = run_metric(cfg.eval, get_method(cfg.run.method).metric)
     summary = {
         "method": cfg.run.method,
         "epochs": m.get("epoch"),
@@ -155,6 +160,8 @@ def _summary(cfg: Config, result, counts: dict, wall: float, spent: dict) -> dic
         "pretrained": cfg.model.pretrained or None,  # the weights the backbone started from
         "metric": metric,
         metric: m.get(metric),
+        # what the metric was measured on: the user's labelled images, held-out scenes, or none
+        "eval_data": cfg.eval.data or ("scenes" if cfg.data.builtin_scenes and cfg.eval.num_test_images else None),
     }
     for start in ("random_init", "pretrained"):
         if f"{metric}_{start}" in m:

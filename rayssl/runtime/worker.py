@@ -16,7 +16,8 @@ import ray.train.torch
 from rayssl.checkpoint import CheckpointError
 from rayssl.config import Config
 from rayssl.data.feed import TrainFeed
-from rayssl.engine import Engine, EpochEvaluator, Monitor, control_group, lockstep, log
+from rayssl.engine import Engine, Monitor, control_group, lockstep, log
+from rayssl.runtime.evaluation import evaluator_for
 from rayssl.storage import StorageError
 from rayssl.storage.checked import take_write_failures
 
@@ -61,7 +62,7 @@ def train_loop_per_worker(payload: dict) -> None:
                      columns=engine.method.batch_columns, channels_last=engine.channels_last,
                      local_shuffle=not payload.get("shuffled_at_source", False))
     monitor = Monitor(engine, logs=rank == 0, extra_text=stats.skip_text)
-    evaluate = EpochEvaluator(engine)
+    evaluate = evaluator_for(engine)  # the user's labelled images, the held-out scenes, or nothing
     control = control_group()  # host-side (gloo) group for the per-step "have data" flags
 
     for epoch in range(engine.epoch, cfg.run.epochs):

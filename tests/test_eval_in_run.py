@@ -1,0 +1,102 @@
+"""Evaluation during a run on the user's own labelled images (``--eval-data``), not on scenes.
+
+A run on a folder of images with a labelled ImageFolder evaluation split reports the kNN top-1
+of that split, equal to ``rayssl eval`` on the run's checkpoint, an unreadable evaluation image
+skipped and counted; a run on the user's data without one evaluates nothing and says so; a
+sweep without one is refused before anything starts; bad evaluation options name themselves.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_args
+from rayssl.cli import eval as eval_cli
+from rayssl.cli import sweep as sweep_cli
+from rayssl.cli import train as train_cli
+from rayssl.data.scenes import write_image_folder
+from rayssl.presets import layered_config
+from rayssl.runtime.evaluation import no_evaluation_note
+
+
+def _last_json(out: str) -> dict:
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("user-data")
+    train = write_image_folder(root / "unlabelled", 128, seed=3, size=48, fmt="jpg", split="train")
+    split = write_image_folder(root / "labelled", 60, seed=3, size=48, fmt="jpg", layout="imagefolder", split="eval-train")
+    broken = next(p for p in sorted(split.iterdir()) if p.is_dir())
+    (broken / "scene-broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    return train, split
+
+
+def test_a_run_scores_the_users_split_as_rayssl_eval_scores_its_checkpoint(ray_session, folders, tmp_path, capsys):
+    train, split = folders
+    out = tmp_path / "run"
+    rc = train_cli.main(tiny_args(out, "--data", str(train), "--preset", "quick", "--epochs", "1",
+                                  "--eval-data", str(split)))
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err[-3000:]
+    s = _last_json(captured.out)
+    assert s["metric"] == "knn_top1" and s["eval_data"] == str(split) and 0 <= s["knn_top1"] <= 1
+    assert f"knn_top1 on {split}" in captured.err and "1 unreadable skipped" in captured.err
+    report = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    assert report["knn_top1"] == s["knn_top1"] and report["eval_skipped_images"] == 1
+    assert report["eval_images"] == 60  # 48 train + 12 test, the broken one not among them
+
+    assert eval_cli.main(["--checkpoint", str(out), "--data", str(split), "--protocol", "knn"]) == 0
+    e = _last_json(capsys.readouterr().out)
+    assert e["skipped_images"] == 1 and e["num_train"] + e["num_test"] == 60
+    assert abs(e["knn_top1"] - s["knn_top1"]) <= 1 / e["num_test"] + 1e-9  # within one image
+
+
+def test_without_an_evaluation_source_a_run_on_user_data_evaluates_nothing_and_says_so():
+    on_scenes = layered_config({})
+    assert no_evaluation_note(on_scenes) is None
+    on_folder = layered_config({"data": {"source": "/data/photos"}})
+    note = no_evaluation_note(on_folder)
+    assert "no evaluation during this run" in note and "--eval-data" in note and "/data/photos" in note
+    assert no_evaluation_note(layered_config({"data": {"source": "/data/photos"}, "eval": {"data": "/data/val"}})) is None
+
+
+def test_a_sweep_on_user_data_without_an_evaluation_source_is_refused(folders, tmp_path, capsys):
+    train, _ = folders
+    rc = sweep_cli.main(["--data", str(train), "--output", str(tmp_path / "sweep"), "--num-samples", "2"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "--eval-data" in err and "ranks and stops trials" in err
+    assert not (tmp_path / "sweep").exists()  # nothing started, nothing written
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--eval-labels", "labels.csv"], "--eval-labels (eval.labels): needs eval.data (--eval-data)"),
+    (["--eval-data", "/nonexistent/labelled"], "--eval-data"),
+    (["--set", "eval.protocol=svm"], "eval.protocol: choose auto, knn, linear or multilabel-linear"),
+])
+def test_bad_evaluation_options_are_refused_naming_them(folders, tmp_path, capsys, extra, message):
+    train, _ = folders
+    assert train_cli.main(["--data", str(train), "--output", str(tmp_path / "r"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert not Path(tmp_path / "r").exists()
+
+
+def test_a_sweep_on_user_data_ranks_by_the_evaluation_on_it(folders, tmp_path):
+    """The trials' config carries the evaluation source with its protocol resolved from the
+    labels, and the metric Tune ranks and stops trials by is that protocol's."""
+    from rayssl.eval.evaluate import run_metric
+    from rayssl.methods import get_method
+
+    train, split = folders
+    _, cfg, base, _, _ = sweep_cli.prepare_sweep(["--data", str(train), "--eval-data", str(split), "--output",
+                                                  str(tmp_path / "sweep"), "--set", "eval.protocol=auto"])
+    assert base["eval"]["data"] == str(split) and base["eval"]["protocol"] == "knn"  # one class per image
+    assert run_metric(cfg.eval, get_method("swav").metric) == "knn_top1" and cfg.eval.every_epochs == 1
+    multi = layered_config({"data": {"source": str(train)}, "eval": {"data": str(split), "protocol": "multilabel-linear"}})
+    assert run_metric(multi.eval, "knn_top1") == "linear_map"
