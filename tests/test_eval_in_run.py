@@ -100,3 +100,16 @@ def test_a_sweep_on_user_data_ranks_by_the_evaluation_on_it(folders, tmp_path):
     assert run_metric(cfg.eval, get_method("swav").metric) == "knn_top1" and cfg.eval.every_epochs == 1
     multi = layered_config({"data": {"source": str(train)}, "eval": {"data": str(split), "protocol": "multilabel-linear"}})
     assert run_metric(multi.eval, "knn_top1") == "linear_map"
+
+
+def test_the_users_data_is_evaluated_every_eval_every_epochs_and_at_the_end():
+    from types import SimpleNamespace
+
+    from rayssl.runtime.evaluation import UserDataEvaluation
+
+    cfg = layered_config({"data": {"source": "/data/photos"}, "run": {"epochs": 5},
+                          "eval": {"data": "/data/val", "every_epochs": 2, "num_test_images": 0}})
+    due = UserDataEvaluation(SimpleNamespace(cfg=cfg)).due
+    assert [due(e) for e in range(5)] == [False, True, False, True, True]  # scenes' num_test_images plays no part
+    cfg.eval.every_epochs = 0
+    assert [due(e) for e in range(5)] == [False, False, False, False, True]

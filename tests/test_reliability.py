@@ -168,7 +168,7 @@ def test_the_summary_says_where_the_time_went_a_restart_included(killed_run):
     assert set(t) == {"ray_start_s", "after_ray_start_s", "steps_s", "data_wait_s", "first_batch_s", "eval_s",
                       "checkpoint_s", "other_s", "outside_steps_pct"}
     assert t["ray_start_s"] is None  # the session's Ray was running: the command started none
-    assert t["after_ray_start_s"] <= killed_run["wall_s"]
+    assert t["after_ray_start_s"] <= killed_run["wall_s"] + 0.05  # rounded to 0.1 s
     assert 0 < t["steps_s"] < t["after_ray_start_s"] and t["first_batch_s"] <= t["data_wait_s"]
     assert t["eval_s"] > 0 and t["checkpoint_s"] > 0  # the last epoch is evaluated; epochs 2-3 saved
     parts = t["steps_s"] + t["data_wait_s"] + t["eval_s"] + t["checkpoint_s"] + t["other_s"]

@@ -206,3 +206,22 @@ def test_sweep_to_s3_interrupted_then_resumed_with_the_same_output(ray_session, 
     assert load_checkpoint(ckpt, S3Options(endpoint=s3_endpoint)).epoch == best["epochs"]
     text = fs.cat_file(f"{key}/results.txt").decode()
     assert f"best: {best['trial']}" in text and ckpt in text and "swav.epsilon" in text.splitlines()[0]
+
+
+def test_a_trial_that_reported_its_last_epoch_without_a_summary_was_stopped_not_finished(tmp_path):
+    """ASHA can stop a trial at its last report (a rung it passed unrecorded across a resume):
+    it trained every epoch but never wrote its summary; the results call it STOPPED."""
+    from types import SimpleNamespace
+
+    from tuning.runner import collect_results
+
+    def trial(tid, epoch, knn):
+        return SimpleNamespace(metrics={"trial_id": tid, "epoch": epoch, "knn_top1": knn, "loss": 5.0},
+                               metrics_dataframe=None, error=None, config={"swav.epsilon": 0.05}, path=str(tmp_path / tid))
+
+    (tmp_path / "trials" / "a").mkdir(parents=True)
+    (tmp_path / "trials" / "a" / "summary.json").write_text("{}")
+    grid = [trial("a", 2, 0.3), trial("b", 2, 0.2), trial("c", 1, 0.1)]
+    r = collect_results(grid, "knn_top1", 2, str(tmp_path), ["swav.epsilon"])
+    assert {t["trial"]: t["status"] for t in r["trials"]} == {"a": "FINISHED", "b": "STOPPED", "c": "STOPPED"}
+    assert r["best"]["trial"] == "a"

@@ -37,7 +37,7 @@ from rayssl.eval.evaluate import run_metric
 from rayssl.methods import get_method
 from rayssl.runtime.cluster import capacity, check_output_shared, cpu_share
 from rayssl.runtime.driver import checkpoint_uri, train
-from rayssl.storage import exists, read_text, run_location, write_text
+from rayssl.storage import S3Options, exists, read_text, run_location, write_text
 from tuning.spaces import describe, nest, space_to_jsonable, to_tune
 
 # The Tune function only drives its trial's TorchTrainer: a quarter CPU is plenty.
@@ -101,8 +101,15 @@ def _num(x: Any) -> float | None:
     return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else None
 
 
-def collect_results(grid, metric: str, epochs: int, output: str, keys: Sequence[str]) -> dict:
-    """Tune's ResultGrid -> the sweep's results dict (trials table + best trial)."""
+def collect_results(grid, metric: str, epochs: int, output: str, keys: Sequence[str],
+                    options: S3Options | None = None) -> dict:
+    """Tune's ResultGrid -> the sweep's results dict (trials table + best trial).
+
+    FINISHED: the trial reported its last epoch and wrote its summary. One that reported its
+    last epoch but has no summary was stopped there by the scheduler (ASHA can stop a trial at
+    its last report when a rung it passed unrecorded, e.g. across a resume, judges it weak):
+    STOPPED, like any trial stopped early.
+    """
     rows = []
     for r in grid:
         m = dict(r.metrics or {})
@@ -113,9 +120,11 @@ def collect_results(grid, metric: str, epochs: int, output: str, keys: Sequence[
             if len(paths):
                 ckpt = checkpoint_uri(str(paths.iloc[-1]), output)
         done = m.get("epoch")
-        status = "ERROR" if r.error else ("FINISHED" if done == epochs else ("STOPPED" if done else "PENDING"))
+        trial = m.get("trial_id") or Path(str(r.path)).name
+        finished = done == epochs and exists(f"{output.rstrip('/')}/trials/{trial}/summary.json", options)
+        status = "ERROR" if r.error else ("FINISHED" if finished else ("STOPPED" if done else "PENDING"))
         row = {
-            "trial": m.get("trial_id") or Path(str(r.path)).name,
+            "trial": trial,
             "status": status,
             "epochs": done,
             metric: _num(m.get(metric)),
@@ -228,7 +237,7 @@ def run_sweep(plan: SweepPlan, cfg: Config, base: dict, space: dict) -> dict:
             run_config=tune.RunConfig(name=name, storage_path=storage_path, storage_filesystem=fs, verbose=1),
         )
     grid = tuner.fit()
-    results = collect_results(grid, metric, cfg.run.epochs, out, list(space))
+    results = collect_results(grid, metric, cfg.run.epochs, out, list(space), options)
     results["eval_data"] = cfg.eval.data or "scenes"  # what the metric was measured on
     write_text(f"{out}/results.json", json.dumps(results, indent=2), options)
     write_text(f"{out}/results.txt", format_table(results) + "\n", options)

@@ -57,10 +57,12 @@ class UserDataEvaluation:
         self.req = run_request(cfg.eval, cfg.run.seed, cfg.data.parquet_image_column)
         self.sources = None
         self.random_init: float | None = None
-        self.scenes_rule = EpochEvaluator(engine)  # the same epochs as the scenes' evaluation
 
     def due(self, epoch: int) -> bool:
-        return self.scenes_rule.due(epoch)
+        """The last epoch, and every ``eval.every_epochs`` (0: the last only)."""
+        cfg = self.engine.cfg
+        every = cfg.eval.every_epochs
+        return epoch + 1 == cfg.run.epochs or bool(every and (epoch + 1) % every == 0)
 
     def __call__(self, epoch: int) -> dict:
         cfg, t0 = self.engine.cfg, time.perf_counter()
