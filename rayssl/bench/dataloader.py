@@ -19,6 +19,7 @@ import time
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from rayssl.bench.quality import cut_batches
 from rayssl.bench.step import StepBench, timed
 from rayssl.config import Config
 from rayssl.data.multicrop import crop_spec
@@ -48,24 +49,20 @@ class _Crops(IterableDataset):
                 yield out
 
 
-def _batches(loader: DataLoader, batch_size: int, keys: list[str]):
-    """Exact batches of ``batch_size`` cut from the loader's chunks, epoch after epoch."""
-    pending = {k: [] for k in keys}
-    count = 0
+def _epochs(loader: DataLoader):
+    """The loader's chunks, epoch after epoch (a batch may span two); an epoch without any stops it."""
     while True:
         got = 0
         for chunk in loader:
             got += 1
-            for k in keys:
-                pending[k].append(torch.as_tensor(chunk[k]))
-            count += len(chunk[keys[0]])
-            while count >= batch_size:
-                whole = {k: torch.cat(pending[k]) if len(pending[k]) > 1 else pending[k][0] for k in keys}
-                yield [whole[k][:batch_size] for k in keys]
-                pending = {k: [whole[k][batch_size:]] for k in keys}
-                count -= batch_size
+            yield chunk
         if not got:
             raise RuntimeError("the DataLoader produced no images")
+
+
+def _batches(loader: DataLoader, batch_size: int, keys: list[str]):
+    """Exact batches of ``batch_size`` cut from the loader's chunks, epoch after epoch."""
+    return cut_batches(_epochs(loader), batch_size, keys)
 
 
 def measure_dataloader(cfg: Config, device: torch.device, steps: int, warmup: int, repeats: int,

@@ -72,8 +72,8 @@ def _sizes(opts: CheckOptions) -> dict:
                          "model.backbone=resnet18", "model.small_stem=true"),
                 "vit": ("model.backbone=timm:test_vit", "model.small_stem=false"), "compile_backend": "eager"}
     return {"preset": "gpu", "batch": opts.batch_size, "steps": 10, "warmup": None, "repeats": 3, "split": 3,
-            "num_images": 0, "sets": ("run.precision=bf16", "run.channels_last=true"), "vit": ("model.backbone=timm:vit_small_patch16_224",),
-            "compile_backend": "inductor"}
+            "num_images": 0, "sets": ("run.precision=bf16", "run.channels_last=true"),
+            "vit": ("model.backbone=timm:vit_small_patch16_224",), "compile_backend": "inductor"}
 
 
 def _quality_config(opts: CheckOptions) -> Config:

@@ -23,7 +23,14 @@ from rayssl.methods import get_method
 from rayssl.modules.backbone import build_backbone
 from rayssl.modules.pretrained import load_into, read_weights
 
-__all__ = ["EpochEvaluator", "node_threads"]
+__all__ = ["EpochEvaluator", "evaluated_epoch", "node_threads"]
+
+
+def evaluated_epoch(cfg, epoch: int) -> bool:
+    """Whether a run evaluates after (0-based) ``epoch``: the last, and every ``eval.every_epochs``
+    (0: the last only)."""
+    every = cfg.eval.every_epochs
+    return epoch + 1 == cfg.run.epochs or bool(every and (epoch + 1) % every == 0)
 
 
 @contextlib.contextmanager
@@ -57,11 +64,8 @@ class EpochEvaluator:
         self.pretrained = None
 
     def due(self, epoch: int) -> bool:
-        """Whether (0-based) ``epoch`` ends with an evaluation."""
-        cfg = self.engine.cfg
-        every = cfg.eval.every_epochs
-        last = epoch + 1 == cfg.run.epochs
-        return cfg.eval.num_test_images > 0 and (last or bool(every and (epoch + 1) % every == 0))
+        """Whether (0-based) ``epoch`` ends with an evaluation on the scenes."""
+        return self.engine.cfg.eval.num_test_images > 0 and evaluated_epoch(self.engine.cfg, epoch)
 
     def __call__(self, epoch: int) -> dict:
         """``{metric: score}`` (+ ``{metric}_random_init``), logged."""

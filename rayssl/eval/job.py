@@ -11,6 +11,7 @@ through the actors untouched. The pure parts (preprocessing, metrics) live in
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Iterable, Iterator
 
 import numpy as np
 import ray
@@ -95,7 +96,7 @@ def read_scenes(batch: dict, *, seed: int, n_train: int, scene_size: int, size: 
 class BackboneFeatures:
     """Ray Data actor: holds the frozen backbone once; ``{"image", ...}`` -> ``{"feature", ...}``."""
 
-    def __init__(self, arch: str, small_stem: bool, state_ref, size: int, threads: int = 1):
+    def __init__(self, arch: str, small_stem: bool, state_ref, size: int, threads: int = 1, device: str | None = None):
         import torch
 
         if not torch.cuda.is_available():
@@ -103,7 +104,7 @@ class BackboneFeatures:
         state = ray.get(state_ref[0]) if isinstance(state_ref, list) else state_ref
         self.net, _ = build_backbone(arch, small_stem=small_stem)
         self.net.load_state_dict(state, strict=True)
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.net.to(self.device).eval()
         self.size = size
 
@@ -135,9 +136,11 @@ class FeatureTable:
     skipped: int = 0  # listed images that could not be read or decoded
 
 
-def _collect(ds, expected: int | None) -> FeatureTable:
+def collect(batches: Iterable[dict], expected: int | None) -> FeatureTable:
+    """``{"id", "feature", ...}`` batches -> one table; ``expected``: the images listed (None when
+    only the reading knows, as in shards), so the unreadable ones are counted."""
     ids, feats, cols = [], [], {}
-    for b in ds.iter_batches(batch_size=1024, batch_format="numpy"):
+    for b in batches:
         ids.extend(str(i) for i in b["id"])
         feats.append(np.asarray(b["feature"], dtype=np.float32))
         for k, v in b.items():
@@ -147,6 +150,10 @@ def _collect(ds, expected: int | None) -> FeatureTable:
     columns = {k: np.concatenate(v) for k, v in cols.items()}
     skipped = max(0, expected - len(ids)) if expected is not None else 0
     return FeatureTable(ids, features, columns, skipped)
+
+
+def _collect(ds, expected: int | None) -> FeatureTable:
+    return collect(ds.iter_batches(batch_size=1024, batch_format="numpy"), expected)
 
 
 def _infer(ds, arch: str, small_stem: bool, state: dict, size: int, pool: ActorPool, batch_size: int):
@@ -184,12 +191,10 @@ def source_features(source: Source, ids_by_path: dict[str, str] | None, arch: st
         step = 64
         ds = ray.data.from_arrow([table.slice(i, step) for i in range(0, len(paths), step)]).map_batches(
             read_files, batch_size=64, fn_kwargs={"fs": source.fs, "size": size})
-        expected = len(paths)
     elif source.kind == "webdataset":
         table = pa.table({"path": source.paths})
         ds = ray.data.from_arrow([table.slice(i, 1) for i in range(len(source.paths))]).map_batches(
             read_tar_shards, batch_size=1, fn_kwargs={"fs": source.fs, "size": size})
-        expected = None
     else:  # parquet
         if not parquet_id_column:
             raise ValueError(f"--data {source.uri}: Parquet shards need an id column to match labels")
@@ -197,5 +202,33 @@ def source_features(source: Source, ids_by_path: dict[str, str] | None, arch: st
             [parquet_id_column, source.image_column]).map_batches(
             read_parquet_rows, batch_size=64,
             fn_kwargs={"id_column": parquet_id_column, "image_column": source.image_column, "size": size})
-        expected = None
-    return _collect(_infer(ds, arch, small_stem, state, size, pool, batch_size), expected)
+    return _collect(_infer(ds, arch, small_stem, state, size, pool, batch_size), listed_images(source, ids_by_path))
+
+
+def read_source(source: Source, ids_by_path: dict[str, str] | None, *, size: int,
+                parquet_id_column: str | None = None, chunk: int = 64) -> Iterator[dict]:
+    """The ``{"id", "image"}`` batches ``source_features``' read tasks produce, read in this
+    process, ``chunk`` images at a time (a training run's own evaluation,
+    ``rayssl.runtime.evaluation``): the same read functions, so the same images and pixels."""
+    if source.kind == "images":
+        paths = list(ids_by_path)
+        for i in range(0, len(paths), chunk):
+            part = paths[i:i + chunk]
+            yield read_files({"id": [ids_by_path[p] for p in part], "path": part}, fs=source.fs, size=size)
+    elif source.kind == "webdataset":
+        for path in source.paths:
+            yield from read_tar_shards({"path": [path]}, fs=source.fs, size=size, chunk=chunk)
+    else:  # parquet
+        import pyarrow.parquet as pq
+
+        for path in source.paths:
+            with source.fs.open(path, "rb") as f:
+                for rows in pq.ParquetFile(f).iter_batches(batch_size=chunk,
+                                                           columns=[parquet_id_column, source.image_column]):
+                    yield read_parquet_rows(rows.to_pydict(), id_column=parquet_id_column,
+                                            image_column=source.image_column, size=size)
+
+
+def listed_images(source: Source, ids_by_path: dict[str, str] | None) -> int | None:
+    """How many images ``source`` lists for evaluation (None for shards: only reading them tells)."""
+    return len(ids_by_path) if source.kind == "images" else None

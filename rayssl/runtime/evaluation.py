@@ -2,8 +2,8 @@
 
 * ``eval.data`` given: the user's labelled images, scored as ``rayssl eval`` scores a checkpoint
   (``rayssl.eval.evaluate.evaluate``: the same reading, resizing, split, kNN or linear probe) on
-  the run's live weights, the features extracted on rank 0's device by the read functions the
-  eval job's Ray Data tasks run (``UserDataEvaluation``);
+  the run's live weights, the features extracted on rank 0's device by the eval job's own read
+  functions and inference code, in-process (``UserDataEvaluation``);
 * else, training on the built-in scenes: held-out scenes (``rayssl.engine.EpochEvaluator``);
 * else nothing, said once (``no_evaluation_note``): a score on generated scenes says nothing
   about a model of the user's images.
@@ -16,23 +16,16 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
-import pyarrow.parquet as pq
 import torch
 
-from rayssl.checkpoint import LoadedCheckpoint
+from rayssl.checkpoint import BACKBONE_PREFIX, LoadedCheckpoint
 from rayssl.config import Config
 from rayssl.engine import EpochEvaluator, log
-from rayssl.engine.evaluate import node_threads
+from rayssl.engine.evaluate import evaluated_epoch, node_threads
 from rayssl.eval.evaluate import LabelledSource, evaluate, open_run_sources, run_request
-from rayssl.eval.features import extract_features
-from rayssl.eval.job import ActorPool, FeatureTable, read_files, read_parquet_rows, read_tar_shards
-from rayssl.modules.backbone import build_backbone
+from rayssl.eval.job import ActorPool, BackboneFeatures, FeatureTable, collect, listed_images, read_source
 
 __all__ = ["UserDataEvaluation", "evaluator_for", "no_evaluation_note"]
-
-CHUNK = 64  # images read and encoded at a time
-
 
 def no_evaluation_note(cfg: Config) -> str | None:
     """The one line a run without an evaluation says, else None."""
@@ -59,10 +52,7 @@ class UserDataEvaluation:
         self.random_init: float | None = None
 
     def due(self, epoch: int) -> bool:
-        """The last epoch, and every ``eval.every_epochs`` (0: the last only)."""
-        cfg = self.engine.cfg
-        every = cfg.eval.every_epochs
-        return epoch + 1 == cfg.run.epochs or bool(every and (epoch + 1) % every == 0)
+        return evaluated_epoch(self.engine.cfg, epoch)
 
     def __call__(self, epoch: int) -> dict:
         cfg, t0 = self.engine.cfg, time.perf_counter()
@@ -72,7 +62,8 @@ class UserDataEvaluation:
             self.req.baseline = cfg.eval.random_baseline and self.random_init is None
             ckpt = LoadedCheckpoint(uri=f"{cfg.run.output} (epoch {epoch + 1}, live weights)", state={
                 "method": cfg.run.method, "config": cfg.to_dict(), "epoch": epoch + 1,
-                "model": {k: v.detach().cpu() for k, v in self.engine.method.state_dict().items()}})
+                "model": {k: v.detach().cpu() for k, v in self.engine.method.state_dict().items()
+                          if k.startswith(BACKBONE_PREFIX)}})  # what evaluate reads of it
             result = evaluate(self.req, ckpt, self.sources, ActorPool(), extract=self._features)
         metric = result["metric"]
         if f"{metric}_random_init" in result:
@@ -89,41 +80,14 @@ class UserDataEvaluation:
         return out
 
     def _features(self, ls: LabelledSource, state: dict, size: int) -> FeatureTable:
-        """Features of every readable image of ``ls`` (what ``rayssl.eval.job.source_features``
-        returns), read and encoded here, a chunk at a time."""
-        cfg, device = self.engine.cfg, self.engine.device
-        net, _ = build_backbone(cfg.model.backbone, small_stem=cfg.model.small_stem)
-        net.load_state_dict(state, strict=True)
-        net.to(device)
-        ids: list[str] = []
-        feats: list[torch.Tensor] = []
-        for batch in _read(ls, size):
-            if len(batch["id"]):
-                ids += [str(i) for i in batch["id"]]
-                feats.append(extract_features(net, batch["image"], size, device))
-        expected = len(ls.ids_by_path) if ls.ids_by_path is not None else None
-        features = torch.cat(feats).numpy() if feats else np.zeros((0, 0), np.float32)
-        return FeatureTable(ids, features, {}, max(0, expected - len(ids)) if expected is not None else 0)
-
-
-def _read(ls: LabelledSource, size: int):
-    """``{"id", "image"}`` batches of ``ls``'s images, decoded and resized as the eval job's tasks do."""
-    src = ls.source
-    if src.kind == "images":
-        paths = list(ls.ids_by_path)
-        for i in range(0, len(paths), CHUNK):
-            chunk = paths[i:i + CHUNK]
-            yield read_files({"id": [ls.ids_by_path[p] for p in chunk], "path": chunk}, fs=src.fs, size=size)
-    elif src.kind == "webdataset":
-        for path in src.paths:
-            yield from read_tar_shards({"path": [path]}, fs=src.fs, size=size, chunk=CHUNK)
-    else:  # parquet
-        for path in src.paths:
-            with src.fs.open(path, "rb") as f:
-                for rows in pq.ParquetFile(f).iter_batches(batch_size=CHUNK,
-                                                           columns=[ls.parquet_id_column, src.image_column]):
-                    yield read_parquet_rows(rows.to_pydict(), id_column=ls.parquet_id_column,
-                                            image_column=src.image_column, size=size)
+        """What ``rayssl.eval.job.source_features`` returns for ``ls``, computed here: the eval
+        job's read functions (``read_source``) and its inference actor's code (``BackboneFeatures``)
+        in this process, on this worker's device and threads."""
+        cfg = self.engine.cfg
+        encode = BackboneFeatures(cfg.model.backbone, cfg.model.small_stem, state, size,
+                                  threads=torch.get_num_threads(), device=str(self.engine.device))
+        batches = read_source(ls.source, ls.ids_by_path, size=size, parquet_id_column=ls.parquet_id_column)
+        return collect((encode(b) for b in batches if len(b["id"])), listed_images(ls.source, ls.ids_by_path))
 
 
 def evaluator_for(engine):
