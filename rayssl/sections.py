@@ -46,7 +46,17 @@ class RunSection:
     # without it a local output is refused on a multi-node cluster (checkpoints would scatter).
     shared_output: bool = False
     checkpoint_every_epochs: int = 1
+    # Also checkpoint every N optimiser steps inside an epoch (None: only at epoch ends); a run
+    # resumed from such a checkpoint continues from its step, the epoch's data position restored.
+    checkpoint_every_steps: int | None = None
+    # async: workers go on training while a checkpoint uploads (Ray Train's ASYNC upload); the
+    # run's last checkpoint is always uploaded before the run ends. sync: wait for each upload.
+    checkpoint_upload: str = "async"  # async | sync
     keep_checkpoints: int = 2
+    # Spot preemption: every N steps the workers ask Ray Train together whether a node of theirs is
+    # about to be reclaimed, and then write a just-in-time checkpoint (0: never ask).
+    preemption_check_every_steps: int = 20
+    max_preemptions: int = -1  # restarts after preemptions, apart from max_failures; -1: unlimited
     log_every_steps: int = 10
     # auto: bf16 on a GPU that has it, else fp16 (with a gradient scaler) on CUDA, else fp32.
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
@@ -71,6 +81,14 @@ class RunSection:
         )
         check(self.max_failures >= -1, "run.max_failures", "must be >= 0 (or -1 for unlimited)")
         check(self.checkpoint_every_epochs >= 1, "run.checkpoint_every_epochs", "must be >= 1")
+        check(self.checkpoint_every_steps is None or self.checkpoint_every_steps >= 1, "run.checkpoint_every_steps",
+              f"must be >= 1 (leave it unset for epoch checkpoints only), got {self.checkpoint_every_steps}")
+        check(self.checkpoint_upload in ("async", "sync"), "run.checkpoint_upload",
+              f"must be async or sync, got {self.checkpoint_upload!r}")
+        check(self.preemption_check_every_steps >= 0, "run.preemption_check_every_steps",
+              f"must be >= 0 (0: never ask), got {self.preemption_check_every_steps}")
+        check(self.max_preemptions >= -1, "run.max_preemptions",
+              f"must be >= 0, or -1 for unlimited; got {self.max_preemptions}")
         check(self.keep_checkpoints >= 1, "run.keep_checkpoints", "must be >= 1")
         check(self.log_every_steps >= 1, "run.log_every_steps", "must be >= 1")
         check(

@@ -37,6 +37,10 @@ def _error(capsys, argv) -> str:
         (["--data", "/nonexistent/images"], "data source '/nonexistent/images' does not exist"),
         (["--set", "data.crop_sizes=[96,32]"], "data.crop_sizes: the largest crop (96 px) is larger than the built-in scenes"),
         (["--method", "mls", "--set", "mls.k=64", "--set", "mls.queue_size=64"], "mls.k: must be smaller than mls.queue_size=64"),
+        (["--checkpoint-every-steps", "0"], "--checkpoint-every-steps (run.checkpoint_every_steps): must be >= 1"),
+        (["--max-preemptions", "-2"], "--max-preemptions (run.max_preemptions): must be >= 0, or -1 for unlimited"),
+        (["--set", "run.checkpoint_upload=later"], "run.checkpoint_upload: must be async or sync, got 'later'"),
+        (["--set", "run.preemption_check_every_steps=-1"], "run.preemption_check_every_steps: must be >= 0"),
     ],
 )
 def test_bad_values_are_refused_with_the_option_named(capsys, argv, expected):

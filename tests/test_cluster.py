@@ -528,21 +528,27 @@ def _two_node_session(shared: str, local: str, report: str) -> None:
         cluster.shutdown()
 
 
-def test_two_node_cluster_trains_and_refuses_a_local_output(tmp_path):
+def run_cluster_session(module: str, function: str, *args, **env: str) -> subprocess.CompletedProcess:
+    """``module.function(*args)`` (a test module's cluster session) in a subprocess with its own Ray
+    temp dir, whose processes are ended afterwards whatever happened."""
     temp_dir = tempfile.mkdtemp(prefix="rn", dir="/tmp")
-    shared, local, report = tmp_path / "shared-run", tmp_path / "local-run", tmp_path / "report.json"
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import test_cluster as t; "
-            "t._two_node_session(*sys.argv[2:])")
+    code = (f"import sys; sys.path.insert(0, sys.argv[1]); import {module} as t; "
+            f"t.{function}(*sys.argv[2:])")
     try:
-        proc = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent), str(shared), str(local),
-                               str(report)], cwd=REPO, capture_output=True, text=True,
+        return subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent), *map(str, args)],
+                              cwd=REPO, capture_output=True, text=True,
                               # Every node is on loopback: without this, Ray resolves a 127.0.0.1
                               # cluster address to the machine's network address, which the
                               # loopback-only GCS does not listen on.
-                              env=_isolated_env(temp_dir, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0"),
+                              env=_isolated_env(temp_dir, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", **env),
                               timeout=540)
     finally:
         end_processes_under(temp_dir)
+
+
+def test_two_node_cluster_trains_and_refuses_a_local_output(tmp_path):
+    shared, local, report = tmp_path / "shared-run", tmp_path / "local-run", tmp_path / "report.json"
+    proc = run_cluster_session("test_cluster", "_two_node_session", shared, local, report)
     assert report.is_file(), (proc.stdout + proc.stderr)[-4000:]
     r = json.loads(report.read_text())
     assert r["nodes"] == [3.0, 3.0]

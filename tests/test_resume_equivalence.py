@@ -64,9 +64,15 @@ def pseudo_labels(tmp_path_factory) -> Path:
     return write_scene_pseudo_labels(tmp_path_factory.mktemp("labels"), CLASSES, soft)
 
 
+# SwAV's run also checkpoints every 3 steps (steps 3 and 6: inside epochs 1 and 2).
+STEP_CHECKPOINTS = {"swav": 3}
+
+
 def _args(method: str, out: Path) -> list[str]:
+    every = STEP_CHECKPOINTS.get(method)
+    steps = ["--checkpoint-every-steps", str(every), "--keep-checkpoints", "4"] if every else []
     return ["--output", str(out), "--method", method, "--num-workers", "2", "--batch-size", str(BATCH),
-            "--epochs", "2", "--checkpoint-every", "1", "--keep-checkpoints", "2",
+            "--epochs", "2", "--checkpoint-every", "1", "--keep-checkpoints", "2", *steps,
             "--set", f"data.scenes_num_images={NUM_IMAGES}", "--set", "data.deterministic=true",
             # The method's held-out metric (SwAV kNN, MLS linear probe) on a few scenes.
             "--set", "eval.num_train_images=100", "--set", "eval.num_test_images=50",
@@ -77,10 +83,25 @@ def _summary(out: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def _by_epoch(run: Path) -> dict[int, tuple[Path, dict]]:
+def _checkpoints(run: Path) -> list[tuple[Path, dict]]:
     snap = json.loads((run / SNAPSHOT_FILE).read_text())
-    return {r["metrics"]["epoch"]: (run / r["checkpoint_dir_name"], r["metrics"])
-            for r in snap["checkpoint_results"]}
+    return [(run / r["checkpoint_dir_name"], r["metrics"]) for r in snap["checkpoint_results"]]
+
+
+def _by_epoch(run: Path) -> dict[int, tuple[Path, dict]]:
+    """The checkpoints written at epoch ends (those inside an epoch are reported without one)."""
+    return {m["epoch"]: (path, m) for path, m in _checkpoints(run) if "epoch" in m}
+
+
+def _assert_same_state(a_dir: Path, b_dir: Path) -> None:
+    """The whole state of two checkpoints: weights, optimiser, shared method state, every rank's."""
+    a, b = load_shared_state(a_dir), load_shared_state(b_dir)
+    assert a["step"] == b["step"]
+    _assert_close(a["model"], b["model"], "model")
+    _assert_close(a["optimizer"], b["optimizer"], "optimizer")
+    _assert_close(a.get("method_state"), b.get("method_state"), "method_state")  # CDUL's label store
+    for r in range(2):
+        _assert_close(load_rank_state(a_dir, r), load_rank_state(b_dir, r), f"rank_{r}")
 
 
 def _assert_close(a, b, where: str) -> None:
@@ -161,7 +182,9 @@ def test_resumed_run_matches_the_uninterrupted_run(ray_session, tmp_path, capsys
     shutil.copytree(full, killed)
     ckpts = _by_epoch(killed)
     assert sorted(ckpts) == [1, 2]
-    (ckpts[2][0] / MANIFEST_FILE).unlink()
+    for path, m in _checkpoints(killed):  # the epoch-2 checkpoint, and the one inside epoch 2
+        if m["step"] > STEPS_PER_EPOCH:
+            (path / MANIFEST_FILE).unlink()
 
     assert train.main(["--output", str(killed), "--resume"]) == 0
     captured = capsys.readouterr()
@@ -179,10 +202,34 @@ def test_resumed_run_matches_the_uninterrupted_run(ray_session, tmp_path, capsys
     for key in ("first_loss", "loss"):
         assert res_metrics[key] == pytest.approx(full_metrics[key], rel=1e-5, abs=1e-6), key
     # The whole state at the end of the epoch.
-    a, b = load_shared_state(full_ckpt), load_shared_state(res_ckpt)
-    assert a["step"] == b["step"] == 2 * STEPS_PER_EPOCH
-    _assert_close(a["model"], b["model"], "model")
-    _assert_close(a["optimizer"], b["optimizer"], "optimizer")
-    _assert_close(a.get("method_state"), b.get("method_state"), "method_state")  # CDUL's label store
-    for r in range(2):
-        _assert_close(load_rank_state(full_ckpt, r), load_rank_state(res_ckpt, r), f"rank_{r}")
+    assert load_shared_state(full_ckpt)["step"] == 2 * STEPS_PER_EPOCH
+    _assert_same_state(full_ckpt, res_ckpt)
+    if method in STEP_CHECKPOINTS:
+        _resume_inside_an_epoch(full, tmp_path / "killed-mid-epoch", capsys, s_full)
+
+
+def _resume_inside_an_epoch(full: Path, killed: Path, capsys, s_full: dict) -> None:
+    """A job killed after the step-6 checkpoint, 2 steps into epoch 2: --resume continues from
+    that step, the epoch's data position restored, and ends in the uninterrupted run's state."""
+    every = STEP_CHECKPOINTS["swav"]
+    mid = [(p, m) for p, m in _checkpoints(full) if "epoch" not in m]
+    assert [(m["step"], m["epoch_in_progress"], m["epoch_step"]) for _, m in mid] == [
+        (every, 1, every), (2 * every, 2, 2 * every - STEPS_PER_EPOCH)]
+    assert all("data" in m and "time" in m for _, m in mid)
+    state = load_shared_state(mid[1][0])
+    assert (state["epoch"], state["epoch_step"], state["reason"]) == (1, 2, "steps")
+    # The trackers count epochs: the checkpoints inside one are not rows of metrics.jsonl.
+    rows = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+
+    shutil.copytree(full, killed)
+    (_by_epoch(killed)[2][0] / MANIFEST_FILE).unlink()
+    assert train.main(["--output", str(killed), "--resume"]) == 0
+    captured = capsys.readouterr()
+    s_res = _summary(captured.out)
+    assert f"resumed from checkpoint at epoch 1, step {2 * every} (2 steps into epoch 2)" in captured.err
+    assert s_res["steps"] == s_full["steps"] and s_res["images_seen"] == s_full["images_seen"]
+    assert s_res["preemptions"] == 0 and s_res["restarts"] == 0
+    res_ckpt, res_metrics = _by_epoch(killed)[2]
+    assert res_metrics["loss"] == pytest.approx(_by_epoch(full)[2][1]["loss"], rel=1e-5, abs=1e-6)
+    _assert_same_state(_by_epoch(full)[2][0], res_ckpt)

@@ -77,6 +77,16 @@ def plan_trials(cluster: Mapping[str, float], num_workers: int, use_gpu: bool | 
 # --------------------------------------------------------------------------- the trial
 
 
+class EpochReports(TuneReportCallback):
+    """Forwards the reports of whole epochs to Tune: a checkpoint written inside an epoch
+    (``run.checkpoint_every_steps``, a preemption) is reported without an ``epoch`` and without
+    the metric, which the scheduler (ASHA, by epoch) must not see."""
+
+    def after_report(self, run_context, metrics, checkpoint):
+        if metrics and "epoch" in metrics[0]:
+            super().after_report(run_context, metrics, checkpoint)
+
+
 def train_trial(config: dict, base: dict, output: str, cpus_per_worker: float) -> None:
     """The Tune function: one trial = one rayssl run under ``<output>/trials/<trial id>``.
 
@@ -91,7 +101,7 @@ def train_trial(config: dict, base: dict, output: str, cpus_per_worker: float) -
         run["cpus_per_worker"] = cpus_per_worker
     cfg = Config.from_dict(raw)  # the sweep's config: its storage options travel with it
     cfg.run.resume = exists(f"{trial_out}/config.yaml", cfg.data.s3.signed())
-    train(cfg, callbacks=[TuneReportCallback()])
+    train(cfg, callbacks=[EpochReports()])
 
 
 # --------------------------------------------------------------------------- results

@@ -46,6 +46,8 @@ FLAG_KEYS: dict[str, str] = {
     "seed": "run.seed",
     "max_failures": "run.max_failures",
     "checkpoint_every": "run.checkpoint_every_epochs",
+    "checkpoint_every_steps": "run.checkpoint_every_steps",
+    "max_preemptions": "run.max_preemptions",
     "keep_checkpoints": "run.keep_checkpoints",
     "s3_endpoint": "data.s3_endpoint",
     "s3_anonymous": "data.s3_anonymous",
@@ -93,6 +95,11 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                    help="worker failures to recover from by restarting from the last checkpoint (-1: unlimited)")
     p.add_argument("--checkpoint-every", type=int, default=None, metavar="EPOCHS",
                    help="checkpoint every N epochs (always at the end)")
+    p.add_argument("--checkpoint-every-steps", type=int, default=None, metavar="STEPS",
+                   help="also checkpoint every N steps inside an epoch; a resumed run continues from the step")
+    p.add_argument("--max-preemptions", type=int, default=None,
+                   help="spot preemptions to recover from (a just-in-time checkpoint is written when a node is "
+                        "about to be reclaimed), apart from --max-failures; -1 (default): unlimited")
     p.add_argument("--keep-checkpoints", type=int, default=None, help="how many latest checkpoints to keep")
     add_s3_flags(p)
     p.add_argument("--shared-output", action="store_const", const=True, default=None,

@@ -10,6 +10,7 @@ asked for (CDUL's image ``index``). No Ray import: ``source`` is anything with R
 
 from __future__ import annotations
 
+from itertools import islice
 from typing import Iterator, Sequence
 
 import torch
@@ -44,20 +45,24 @@ class TrainFeed:
 
             self.augment = DeviceMultiCrop(crop_spec(data), device, channels_last=channels_last)
 
-    def epoch(self, epoch: int) -> Iterator[tuple[list[torch.Tensor], dict]]:
-        """The batches of (0-based) ``epoch``: ``(crops, columns)``."""
+    def epoch(self, epoch: int, skip: int = 0) -> Iterator[tuple[list[torch.Tensor], dict]]:
+        """The batches of (0-based) ``epoch``: ``(crops, columns)``, after the first ``skip`` ones.
+
+        ``skip``: batches this worker already trained on before a mid-epoch checkpoint. They are
+        read and dropped (with ``augment_on=device`` before any decoding), so the epoch goes on
+        from the same position: exactly the same rows with ``data.deterministic``."""
         buffer = self.buffer
         shuffle = {"local_shuffle_buffer_size": buffer or None,
                    "local_shuffle_seed": (self.seed * 100003 + epoch * 101 + self.rank) if buffer else None}
         if self.augment is not None:
             from rayssl.data.gpu_augment import device_crop_batches
 
-            rows = self.source.iter_batches(batch_size=self.batch_size, drop_last=True, batch_format="numpy",
-                                            **shuffle)
+            rows = islice(self.source.iter_batches(batch_size=self.batch_size, drop_last=True,
+                                                   batch_format="numpy", **shuffle), skip, None)
             for batch in device_crop_batches(rows, self.augment, seed=self.seed, epoch=epoch, min_side=1):
                 yield batch.pop("crops"), {k: batch[k] for k in self.columns}
             return
-        for batch in self.source.iter_torch_batches(batch_size=self.batch_size, drop_last=True, device=self.device,
-                                                    **shuffle):
+        for batch in islice(self.source.iter_torch_batches(batch_size=self.batch_size, drop_last=True,
+                                                           device=self.device, **shuffle), skip, None):
             yield ([to_float_images(batch[k], channels_last=self.channels_last) for k in self.keys],
                    {k: batch[k] for k in self.columns})

@@ -19,7 +19,7 @@ import ray
 from rayssl.data.multicrop import sample_generators
 from rayssl.data.sources import DataError
 
-__all__ = ["MIN_SEEN_FOR_BAD_CHECK", "WORKER_STARTS", "DataCounts", "augment_generators", "bad_fraction_error",
+__all__ = ["MIN_SEEN_FOR_BAD_CHECK", "PER_PROCESS", "PREEMPTIONS", "WORKER_STARTS", "DataCounts", "augment_generators", "bad_fraction_error",
            "current_epoch", "report"]
 
 # The bad-data check waits for this many images, so a few broken files at the start of
@@ -29,6 +29,11 @@ MIN_SEEN_FOR_BAD_CHECK = 64
 NOT_IMAGE_COUNTS = ("skipped.unreadable_shard", "skipped.storage_error_shard")
 # Incremented once per start of the training worker group (counted per process, not carried on resume).
 WORKER_STARTS = "train.worker_group_starts"
+# Preemption notices the workers of this process received, and the restarts that followed one.
+PREEMPTION_NOTICES = "train.preemption_notices"
+PREEMPTIONS = "train.preemptions"
+# Counted per process (a --resume starts them again); kept out of the carried counts and the summary.
+PER_PROCESS = (WORKER_STARTS, PREEMPTION_NOTICES, PREEMPTIONS)
 
 
 @ray.remote(num_cpus=0)
@@ -80,7 +85,15 @@ class DataCounts:
         return int(ray.get(self.actor.epoch.remote()))
 
     def count_worker_start(self) -> None:
-        self.add({WORKER_STARTS: 1})
+        """One more start of the worker group in this process. A restart after a preemption
+        notice (``count_preemption_notice``) not yet matched by one counts as a preemption."""
+        counts = self.add({WORKER_STARTS: 1}, wait=True)
+        if counts.get(WORKER_STARTS, 0) > 1 and counts.get(PREEMPTION_NOTICES, 0) > counts.get(PREEMPTIONS, 0):
+            self.add({PREEMPTIONS: 1}, wait=True)
+
+    def count_preemption_notice(self) -> None:
+        """The workers learnt that a node of theirs is about to be preempted."""
+        self.add({PREEMPTION_NOTICES: 1}, wait=True)
 
     def skip_text(self) -> str:
         """`` skipped=N/M`` and `` retried=R`` for a progress line, "" when there are none."""

@@ -111,7 +111,7 @@ class Monitor:
         win_s = time.perf_counter() - self.win_t
         ips = self.win_n * e.cfg.run.batch_size / win_s
         wait_pct = 100.0 * self.waits.take_window() / win_s
-        log(f"epoch {e.epoch + 1}/{e.cfg.run.epochs} step {self.steps}/{e.steps_per_epoch} "
+        log(f"epoch {e.epoch + 1}/{e.cfg.run.epochs} step {e.epoch_step}/{e.steps_per_epoch} "
             f"loss={mean_loss:.4f} lr={metrics['lr']:.4g} {ips:.1f} img/s data_wait={wait_pct:.0f}%"
             f"{e.method.progress_text(metrics)}{self.extra_text()}")
         warn = self.watch.update(mean_loss, e.step)
@@ -120,9 +120,25 @@ class Monitor:
         self.win_loss.zero_()
         self.win_n, self.win_t = 0, time.perf_counter()
 
-    def end_epoch(self) -> dict:
-        """The epoch's report (what ``ray.train.report`` carries); raises when no batch came."""
+    def mid_epoch_report(self, data: dict) -> dict:
+        """What a checkpoint inside an epoch is reported with. It has no ``epoch`` key: the
+        trackers and Tune, which count epochs, pass over it; ``data``: rank 0's data counts,
+        which a run resumed from this checkpoint carries on from."""
         e = self.engine
+        return {"step": e.step, "epoch_in_progress": e.epoch + 1, "epoch_step": e.epoch_step,
+                "images_seen": e.images_seen, "data": data}
+
+    def end_epoch(self) -> dict:
+        """The epoch's report (what ``ray.train.report`` carries); raises when no batch came.
+        An epoch resumed from a checkpoint taken at its last batch has no step left: its report
+        then has no loss."""
+        e = self.engine
+        if self.steps == 0 and e.epoch_step:
+            self.elapsed = time.perf_counter() - self.t0
+            self.report = {"epoch": e.epoch + 1, "step": e.step, "images_seen": e.images_seen, "loss": None,
+                           "images_per_s": 0.0, "data_wait_s": self.waits.epoch_s,
+                           "first_batch_s": self.waits.first_batch_s}
+            return self.report
         if self.steps == 0:
             raise RuntimeError(
                 f"epoch {e.epoch}: no batch reached the workers (global batch {e.cfg.run.batch_size} may exceed "
@@ -150,6 +166,7 @@ class Monitor:
         """The epoch's closing line (rank 0)."""
         if self.logs:
             r = self.report
-            log(f"epoch {r['epoch']} done: {self.steps} steps, loss {r['loss']:.4f}, {r['images_per_s']:.1f} img/s, "
+            loss = "no loss" if r["loss"] is None else f"loss {r['loss']:.4f}"
+            log(f"epoch {r['epoch']} done: {self.steps} steps, {loss}, {r['images_per_s']:.1f} img/s, "
                 f"{self.waits.epoch_s:.1f} of {self.elapsed:.1f} s waiting for data "
-                f"(first batch {self.waits.first_batch_s:.1f} s)" + (", checkpoint saved" if saved else ""))
+                f"(first batch {self.waits.first_batch_s or 0.0:.1f} s)" + (", checkpoint saved" if saved else ""))

@@ -140,6 +140,7 @@ class Engine:
         self.channels_last = uses_channels_last(cfg, self.device)
         self.epoch = 0  # the epoch being trained (0-based); after restore(): the next one
         self.step = 0  # optimiser steps taken in the whole run
+        self.epoch_step = 0  # steps taken in the epoch being trained (a mid-epoch checkpoint resumes here)
         self.images_seen = 0
         self.restored = False
 
@@ -155,6 +156,7 @@ class Engine:
         if self.scaler is not None and "scaler" in shared:
             self.scaler.load_state_dict(shared["scaler"])
         self.epoch, self.step, self.images_seen = shared["epoch"], shared["step"], shared["images_seen"]
+        self.epoch_step = shared.get("epoch_step", 0)
         mine = load_rank_state(directory, self.rank, map_location=self.device)
         kept = mine is not None and self.method.load_rank_state_dict(mine["method"])
         if "method_state" in shared:  # state shared by all ranks (CDUL's label store)
@@ -162,7 +164,9 @@ class Engine:
         if mine is not None and shared.get("world_size") == self.world_size:
             set_rng_state(mine["rng"])
         self.restored = True
-        return (f"resumed from checkpoint at epoch {self.epoch}, step {self.step}"
+        n = self.epoch_step
+        within = f" ({n} step{'' if n == 1 else 's'} into epoch {self.epoch + 1})" if n else ""
+        return (f"resumed from checkpoint at epoch {self.epoch}, step {self.step}{within}"
                 + ("" if kept else " (per-worker state such as queues restarted empty)"))
 
     def start(self) -> None:
@@ -208,14 +212,18 @@ class Engine:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         self.step += 1
+        self.epoch_step += 1
         self.images_seen += self.cfg.run.batch_size
         return {**metrics, "lr": lr}
 
     # -- checkpoints ------------------------------------------------------------------------
-    def shared_state(self) -> dict:
-        """What every rank shares: weights, optimiser, counters (epochs completed), config."""
+    def shared_state(self, mid_epoch: bool = False, reason: str = "epoch") -> dict:
+        """What every rank shares: weights, optimiser, counters (epochs completed, and with
+        ``mid_epoch`` the steps taken in the epoch under way), config, and why it was written
+        (``reason``: epoch | steps | preemption)."""
         state = {"method": self.cfg.run.method, "model": self.method.state_dict(),
-                 "optimizer": self.optimizer.state_dict(), "epoch": self.epoch + 1, "step": self.step,
+                 "optimizer": self.optimizer.state_dict(), "epoch": self.epoch + (0 if mid_epoch else 1),
+                 "epoch_step": self.epoch_step if mid_epoch else 0, "step": self.step, "reason": reason,
                  "images_seen": self.images_seen, "world_size": self.world_size, "config": self.cfg.to_dict()}
         method_state = self.method.shared_state_dict()
         if method_state:
@@ -224,9 +232,10 @@ class Engine:
             state["scaler"] = self.scaler.state_dict()
         return state
 
-    def write_checkpoint(self, directory: str) -> None:
-        """Collective: every rank writes its own file; rank 0 the shared state and, last, the manifest."""
+    def write_checkpoint(self, directory: str, mid_epoch: bool = False, reason: str = "epoch") -> None:
+        """Collective: every rank writes its own file; rank 0 the shared state and, last, the manifest.
+        ``mid_epoch``: a checkpoint inside the epoch being trained (see :meth:`shared_state`)."""
         size = write_rank_state(directory, self.rank, {"method": self.method.rank_state_dict(), "rng": rng_state()})
         sizes = gather_rank_sizes(size, self.device)  # the manifest records every rank's file
         if self.rank == 0:
-            write_shared_state(directory, self.shared_state(), world_size=self.world_size, rank_sizes=sizes)
+            write_shared_state(directory, self.shared_state(mid_epoch, reason), world_size=self.world_size, rank_sizes=sizes)

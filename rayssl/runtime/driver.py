@@ -21,7 +21,7 @@ from rayssl.config import Config, ConfigError
 from rayssl.data.indexed import build_indexed_train_data
 from rayssl.data.pipeline import build_train_data
 from rayssl.data.sources import Source
-from rayssl.data.stats import WORKER_STARTS
+from rayssl.data.stats import PER_PROCESS, PREEMPTIONS, WORKER_STARTS
 from rayssl.engine.monitor import TIME_KEYS, log
 from rayssl.methods import get_method
 from rayssl.eval.evaluate import run_metric
@@ -39,9 +39,9 @@ def carried_data_counts(point: dict | None) -> dict:
     """The data counts (images seen, skipped by reason, converted) that the run had reached
     at the checkpoint ``point``, as rank 0 reported them with it; so a resumed run's summary
     and its bad-data check count the whole run, not only the part after the resume. The
-    count of worker-group starts stays behind: restarts are counted per process."""
+    counts of worker-group starts and preemptions stay behind: they are counted per process."""
     counts = ((point or {}).get("metrics") or {}).get("data") or {}
-    return {k: v for k, v in counts.items() if k != WORKER_STARTS}
+    return {k: v for k, v in counts.items() if k not in PER_PROCESS}
 
 
 def checkpoint_uri(path: str, output: str) -> str:
@@ -102,7 +102,8 @@ def train(cfg: Config, callbacks: Sequence = (), source: Source | None = None) -
                                          resources_per_worker={"CPU": placement.cpus}),
             run_config=RunConfig(
                 name=name, storage_path=storage_path, storage_filesystem=fs,
-                failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+                failure_config=FailureConfig(max_failures=cfg.run.max_failures,
+                                             max_preemption_failures=cfg.run.max_preemptions),
                 callbacks=[*callbacks, StopOnNonFinite()],
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
             ),
@@ -167,8 +168,10 @@ def _summary(cfg: Config, result, counts: dict, wall: float, spent: dict) -> dic
         if f"{metric}_{start}" in m:
             summary[f"{metric}_{start}"] = m[f"{metric}_{start}"]
     summary.update({
-        "restarts": max(0, counts.pop(WORKER_STARTS, 1) - 1),
-        "data": counts,
+        # restarts of the workers after a preemption notice, and after anything else
+        "preemptions": counts.get(PREEMPTIONS, 0),
+        "restarts": max(0, counts.get(WORKER_STARTS, 1) - 1 - counts.get(PREEMPTIONS, 0)),
+        "data": {k: v for k, v in counts.items() if k not in PER_PROCESS},
         "wall_s": round(wall, 1),
         "time": spent,
         "output": cfg.run.output,

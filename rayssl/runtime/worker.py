@@ -12,6 +12,7 @@ import time
 
 import ray.train
 import ray.train.torch
+from ray.train import CheckpointUploadMode
 
 from rayssl.checkpoint import CheckpointError
 from rayssl.config import Config
@@ -24,16 +25,82 @@ from rayssl.storage.checked import take_write_failures
 __all__ = ["train_loop_per_worker"]
 
 
-def failed_uploads(epoch: int) -> None:
-    """Stop the run when a file of the checkpoint just reported did not reach the store (after
+def failed_uploads() -> None:
+    """Stop the run when a file of a checkpoint already reported did not reach the store (after
     the storage retries): Ray Train's upload does not notice a failed close. The checkpoint
-    stays incomplete (``verify_checkpoint_dir``) and ``--resume`` passes over it."""
+    stays incomplete (``verify_checkpoint_dir``) and ``--resume`` passes over it. With
+    asynchronous uploads a failure is found at the next checkpoint or at the end of the run."""
     failed = take_write_failures()
     if failed:
         path, exc = failed[0]
-        raise StorageError(f"the epoch-{epoch + 1} checkpoint did not reach the store: writing {path} failed "
-                           f"after the retries ({type(exc).__name__}: {exc}); it is incomplete, and --resume "
-                           f"continues from the previous complete checkpoint")
+        raise StorageError(f"a checkpoint did not reach the store: writing {path} failed after the retries "
+                           f"({type(exc).__name__}: {exc}); it is incomplete, and --resume continues from the "
+                           f"previous complete checkpoint")
+
+
+class Checkpoints:
+    """When and how one worker checkpoints: at epoch ends (``run.checkpoint_every_epochs``),
+    every ``run.checkpoint_every_steps`` inside an epoch, and just in time when Ray Train says a
+    node of the run is about to be preempted (asked every ``run.preemption_check_every_steps``,
+    a collective). Uploads are asynchronous (``run.checkpoint_upload``) except the run's last
+    checkpoint and a just-in-time one, which must be stored before the node goes."""
+
+    def __init__(self, engine: Engine, monitor: Monitor, on_notice=lambda: None):
+        self.engine, self.monitor, self.run, self.on_notice = engine, monitor, engine.cfg.run, on_notice
+        self.preempted: set[str] = set()  # nodes a just-in-time checkpoint was written for
+        self.preemption_at_epoch_end = False
+
+    def _preemption_news(self) -> bool:
+        """Collective (every rank asks at the same steps): a node not yet checkpointed for is going."""
+        e, ask = self.engine, self.run.preemption_check_every_steps
+        if not ask or e.step % ask:
+            return False
+        info = ray.train.get_preemption_info()
+        if info is None or set(info.preempted_node_ids) <= self.preempted:
+            return False
+        self.preempted |= set(info.preempted_node_ids)
+        self.on_notice()
+        if e.rank == 0:
+            log(f"node(s) {', '.join(n[:12] for n in info.preempted_node_ids)} (ranks {info.preempted_ranks}) "
+                f"about to be preempted: just-in-time checkpoint at step {e.step}")
+        return True
+
+    def after_step(self) -> str | None:
+        """Why to checkpoint inside the epoch after the step just taken (the same on every rank)."""
+        e = self.engine
+        at_end = e.epoch_step >= e.steps_per_epoch  # then the epoch's own checkpoint follows
+        if self._preemption_news():
+            self.preemption_at_epoch_end = at_end
+            return None if at_end else "preemption"
+        every = self.run.checkpoint_every_steps
+        return "steps" if every and not at_end and e.step % every == 0 else None
+
+    def at_epoch_end(self) -> str | None:
+        """Why to checkpoint at the end of the epoch just trained, or None."""
+        epochs = self.engine.epoch + 1
+        if self.preemption_at_epoch_end:
+            self.preemption_at_epoch_end = False
+            return "preemption"
+        return "epoch" if epochs == self.run.epochs or epochs % self.run.checkpoint_every_epochs == 0 else None
+
+    def save(self, metrics: dict, *, reason: str, mid_epoch: bool) -> None:
+        """Collective: write the checkpoint and report it with ``metrics`` (rank 0's count)."""
+        e = self.engine
+        last = not mid_epoch and e.epoch + 1 == self.run.epochs
+        failed_uploads()  # an earlier asynchronous upload that failed stops the run here
+        directory = tempfile.mkdtemp(prefix="rayssl-ckpt-")  # Ray Train deletes it once uploaded
+        t = time.perf_counter()
+        e.write_checkpoint(directory, mid_epoch=mid_epoch, reason=reason)
+        self.monitor.add_time("checkpoint_s", time.perf_counter() - t)
+        wait = last or reason == "preemption" or self.run.checkpoint_upload == "sync"
+        t = time.perf_counter()
+        ray.train.report({**metrics, "time": dict(self.monitor.totals)},
+                         checkpoint=ray.train.Checkpoint.from_directory(directory),
+                         checkpoint_upload_mode=CheckpointUploadMode.SYNC if wait else CheckpointUploadMode.ASYNC,
+                         delete_local_checkpoint_after_upload=True)
+        self.monitor.add_time("checkpoint_s", time.perf_counter() - t)  # the upload: in the next report
+        if wait:
+            failed_uploads()
 
 
 def train_loop_per_worker(payload: dict) -> None:
@@ -55,8 +122,8 @@ def train_loop_per_worker(payload: dict) -> None:
         if rank == 0:
             log(note)
     engine.start()
-    if rank == 0:
-        stats.count_worker_start()  # restarts = starts - 1
+    if rank == 0:  # restarts = starts - 1 - preemptions
+        stats.count_worker_start()
     feed = TrainFeed(ray.train.get_dataset_shard("train"), cfg.data, engine.device,
                      batch_size=cfg.run.batch_size // world, seed=cfg.run.seed, rank=rank,
                      columns=engine.method.batch_columns, channels_last=engine.channels_last,
@@ -64,16 +131,22 @@ def train_loop_per_worker(payload: dict) -> None:
     monitor = Monitor(engine, logs=rank == 0, extra_text=stats.skip_text)
     evaluate = evaluator_for(engine)  # the user's labelled images, the held-out scenes, or nothing
     control = control_group()  # host-side (gloo) group for the per-step "have data" flags
+    checkpoints = Checkpoints(engine, monitor, stats.count_preemption_notice if rank == 0 else lambda: None)
 
     for epoch in range(engine.epoch, cfg.run.epochs):
-        engine.epoch = epoch
+        engine.epoch, skip = epoch, engine.epoch_step  # skip > 0: resumed from inside this epoch
         if rank == 0:  # before asking for the epoch's data: its augmentations are seeded by the epoch
             stats.set_epoch(epoch)
         monitor.begin_epoch()
         # Every rank must take the same number of steps (collectives inside the step): all
         # stop as soon as one runs out of data, decided on the host one step ahead.
-        for crops, columns in monitor.batches(lockstep(feed.epoch(epoch), control, limit=steps_per_epoch)):
+        for crops, columns in monitor.batches(lockstep(feed.epoch(epoch, skip), control,
+                                                       limit=steps_per_epoch - skip)):
             monitor.after_step(engine.train_step(crops, columns))
+            reason = checkpoints.after_step()
+            if reason:
+                checkpoints.save(monitor.mid_epoch_report(stats.get_or_empty() if rank == 0 else {}),
+                                 reason=reason, mid_epoch=True)
         report = monitor.end_epoch()
         if rank == 0:
             if evaluate.due(epoch):
@@ -81,17 +154,10 @@ def train_loop_per_worker(payload: dict) -> None:
                 report.update(evaluate(epoch))
                 monitor.add_time("eval_s", time.perf_counter() - t)
             report["data"] = stats.get_or_empty()
-        save = epoch + 1 == cfg.run.epochs or (epoch + 1) % cfg.run.checkpoint_every_epochs == 0
-        if save:
-            with tempfile.TemporaryDirectory(prefix="rayssl-ckpt-") as tmp:
-                t = time.perf_counter()
-                engine.write_checkpoint(tmp)  # collective: the manifest records every rank's file
-                monitor.add_time("checkpoint_s", time.perf_counter() - t)
-                t = time.perf_counter()
-                ray.train.report({**report, "time": dict(monitor.totals)},
-                                 checkpoint=ray.train.Checkpoint.from_directory(tmp))
-                monitor.add_time("checkpoint_s", time.perf_counter() - t)  # the upload: in the next report
-            failed_uploads(epoch)
+        reason = checkpoints.at_epoch_end()
+        if reason:
+            checkpoints.save(report, reason=reason, mid_epoch=False)
         else:
             ray.train.report({**report, "time": dict(monitor.totals)})
-        monitor.epoch_done(save)
+        monitor.epoch_done(reason is not None)
+        engine.epoch_step = 0
