@@ -36,7 +36,12 @@ class RunSection:
     output: str = ""  # local dir or s3:// URI; empty -> ./runs/<method>-<timestamp>
     epochs: int = 100
     batch_size: int = 256  # global, split evenly over workers
-    num_workers: int = 2
+    num_workers: int = 2  # with max_workers: the fewest the run trains with
+    # Elastic: Ray Train runs between num_workers and max_workers workers, as many as the cluster
+    # can hold, and resizes (from the latest checkpoint) as nodes come and go. The global batch
+    # stays batch_size: each worker's share is batch_size / workers. None: exactly num_workers.
+    max_workers: int | None = None
+    elastic_check_s: float = 60.0  # how often an elastic run looks for room for more workers
     use_gpu: bool | None = None  # None: use GPUs when the cluster has them
     cpus_per_worker: float | None = None  # None: sized from the cluster's CPUs
     seed: int = 0
@@ -69,10 +74,17 @@ class RunSection:
         check(self.epochs >= 1, "run.epochs", f"must be >= 1, got {self.epochs}")
         check(self.batch_size >= 1, "run.batch_size", f"must be >= 1, got {self.batch_size}")
         check(self.num_workers >= 1, "run.num_workers", f"must be >= 1, got {self.num_workers}")
+        check(self.elastic_check_s > 0, "run.elastic_check_s", f"must be > 0, got {self.elastic_check_s}")
+        check(self.max_workers is None or self.max_workers >= self.num_workers, "run.max_workers",
+              f"must be >= run.num_workers={self.num_workers}, got {self.max_workers}")
+        uneven = [w for w in self.worker_counts if self.batch_size % w]
         check(
-            self.batch_size % self.num_workers == 0,
+            not uneven,
             "run.batch_size",
-            f"global batch {self.batch_size} is not divisible by num_workers {self.num_workers}",
+            f"global batch {self.batch_size} is not divisible by num_workers {self.num_workers}"
+            if self.max_workers is None else
+            f"global batch {self.batch_size} is not divisible by {', '.join(map(str, uneven))} workers (the run "
+            f"may train with any of {self.num_workers}-{self.max_workers}, and keeps its global batch)",
         )
         check(
             self.cpus_per_worker is None or self.cpus_per_worker > 0,
@@ -96,6 +108,19 @@ class RunSection:
             "run.precision",
             f"must be one of auto, fp32, bf16, fp16; got {self.precision!r}",
         )
+
+    @property
+    def worker_counts(self) -> range:
+        """Every number of workers the run may train with."""
+        return range(self.num_workers, (self.max_workers or self.num_workers) + 1)
+
+    @property
+    def elastic(self) -> bool:
+        return self.max_workers is not None and self.max_workers > self.num_workers
+
+    @property
+    def workers_text(self) -> str:
+        return f"{self.num_workers}-{self.max_workers}" if self.elastic else str(self.num_workers)
 
 
 @dataclass

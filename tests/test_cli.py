@@ -37,6 +37,13 @@ def _error(capsys, argv) -> str:
         (["--data", "/nonexistent/images"], "data source '/nonexistent/images' does not exist"),
         (["--set", "data.crop_sizes=[96,32]"], "data.crop_sizes: the largest crop (96 px) is larger than the built-in scenes"),
         (["--method", "mls", "--set", "mls.k=64", "--set", "mls.queue_size=64"], "mls.k: must be smaller than mls.queue_size=64"),
+        (["--num-workers", "3-2"], "argument --num-workers: MIN-MAX needs MIN <= MAX, got '3-2'"),
+        (["--num-workers", "two"], "argument --num-workers: expected N or MIN-MAX (e.g. 2-8), got 'two'"),
+        (["--num-workers", "1-3", "--batch-size", "32"],
+         "--batch-size (run.batch_size): global batch 32 is not divisible by 3 workers (the run may train with "
+         "any of 1-3"),
+        (["--num-workers", "2-3", "--batch-size", "96", "--set", "swav.queue_length=200"],
+         "swav.queue_length: 200 is not divisible by run.num_workers=3"),
         (["--checkpoint-every-steps", "0"], "--checkpoint-every-steps (run.checkpoint_every_steps): must be >= 1"),
         (["--max-preemptions", "-2"], "--max-preemptions (run.max_preemptions): must be >= 0, or -1 for unlimited"),
         (["--set", "run.checkpoint_upload=later"], "run.checkpoint_upload: must be async or sync, got 'later'"),
@@ -45,6 +52,15 @@ def _error(capsys, argv) -> str:
 )
 def test_bad_values_are_refused_with_the_option_named(capsys, argv, expected):
     assert expected in _error(capsys, argv)
+
+
+def test_a_worker_range_is_an_elastic_run_and_a_count_a_fixed_one(capsys):
+    assert train.main(["--num-workers", "2-4", "--batch-size", "96", "--print-config"]) == 0
+    run = yaml.safe_load(capsys.readouterr().out)["run"]
+    assert (run["num_workers"], run["max_workers"]) == (2, 4)
+    assert train.main(["--num-workers", "3", "--batch-size", "63", "--print-config"]) == 0
+    run = yaml.safe_load(capsys.readouterr().out)["run"]
+    assert (run["num_workers"], run["max_workers"]) == (3, None)
 
 
 def test_unknown_method_is_refused_by_argparse(capsys):

@@ -96,12 +96,31 @@ def test_every_method_steps_and_resumes_through_the_engine(name, tmp_path):
     restored.start()
     assert _same(restored.method.rank_state_dict(), engine.method.rank_state_dict())
     assert _same(restored.method.shared_state_dict(), engine.method.shared_state_dict())
+    _restore_on_more_workers(cfg, restored, tmp_path)  # before either takes another step
     engine.epoch = restored.epoch = 1
     a = engine.train_step(crops, {k: columns[k] for k in columns_needed})
     b = restored.train_step(crops, {k: columns[k] for k in columns_needed})
     assert torch.equal(a["loss"], b["loss"]) and restored.step == engine.step
     for (k, v), (_, w) in zip(engine.method.state_dict().items(), restored.method.state_dict().items()):
         assert torch.equal(v, w), k
+
+
+def _restore_on_more_workers(cfg: Config, one: Engine, directory) -> None:
+    """An elastic run grown from 1 worker to 2 restores the 1-worker checkpoint: a state every
+    rank held alike (MLS/MoCo's global queue) reaches both ranks; a worker's share of one
+    (SwAV's per-worker queue) starts empty; the weights and shared state come whole."""
+    grown = [Engine(cfg, steps_per_epoch=IMAGES // BATCH, device="cpu", world_size=2, rank=r) for r in (0, 1)]
+    notes = [e.restore(str(directory)) for e in grown]
+    saved = one.method.rank_state_dict()
+    for e, note in zip(grown, notes):
+        assert _same(e.method.state_dict(), one.method.state_dict())
+        assert _same(e.method.shared_state_dict(), one.method.shared_state_dict())
+        if not saved:
+            assert "restarted empty" not in note
+        elif e.method.replicated_rank_state:
+            assert _same(e.method.rank_state_dict(), saved) and "restarted empty" not in note
+        else:
+            assert not _same(e.method.rank_state_dict(), saved) and "restarted empty" in note
 
 
 def test_registration_refuses_a_second_method_of_the_same_name():

@@ -1,7 +1,7 @@
 """When a worker checkpoints (issue 25): every N steps inside an epoch, at epoch ends, and just in
 time after a preemption notice -- once per newly preempted node, also when the notice comes at
 an epoch's last step. Ray Train's ``get_preemption_info`` is replaced by a script of what Ray
-would say at each step; the runs that really drain a node are in tests/test_preemption.py, the
+would say at each step; the runs that really drain a node are in tests/test_spot_and_elastic.py, the
 resume from a step checkpoint in tests/test_resume_equivalence.py."""
 
 from __future__ import annotations

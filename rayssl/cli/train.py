@@ -60,6 +60,18 @@ FLAG_KEYS: dict[str, str] = {
 }
 
 
+def worker_range(text: str) -> int | tuple[int, int]:
+    """``--num-workers``: N, or MIN-MAX for an elastic run."""
+    low, sep, high = text.partition("-")
+    try:
+        counts = (int(low), int(high)) if sep else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or MIN-MAX (e.g. 2-8), got {text!r}") from None
+    if isinstance(counts, tuple) and counts[0] > counts[1]:
+        raise argparse.ArgumentTypeError(f"MIN-MAX needs MIN <= MAX, got {text!r}")
+    return counts
+
+
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
@@ -79,7 +91,9 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="number of epochs (quick preset: 8)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="GLOBAL batch size, split evenly over the workers (quick preset: 64)")
-    p.add_argument("--num-workers", type=int, default=None, help="number of Ray Train workers (default 2)")
+    p.add_argument("--num-workers", type=worker_range, default=None, metavar="N|MIN-MAX",
+                   help="number of Ray Train workers (default 2); MIN-MAX: elastic, as many as the cluster holds "
+                        "(the global batch stays --batch-size)")
     add_gpu_flag(p, "training workers", default=None)
     p.add_argument("--cpus-per-worker", type=float, default=None,
                    help="CPUs reserved per training worker; default: sized so Ray Data keeps >= 1 CPU")
@@ -141,6 +155,8 @@ def flag_overrides(args: argparse.Namespace) -> dict:
             continue
         if flag == "use_gpu":
             value = gpu_choice(value)
+        if flag == "num_workers":  # N: exactly N (also over a stored elastic range); MIN-MAX: elastic
+            value, out.setdefault("run", {})["max_workers"] = value if isinstance(value, tuple) else (value, None)
         section, name = key.split(".")
         out.setdefault(section, {})[name] = value
     for assignment in args.set:

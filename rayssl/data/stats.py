@@ -19,7 +19,7 @@ import ray
 from rayssl.data.multicrop import sample_generators
 from rayssl.data.sources import DataError
 
-__all__ = ["MIN_SEEN_FOR_BAD_CHECK", "PER_PROCESS", "PREEMPTIONS", "WORKER_STARTS", "DataCounts", "augment_generators", "bad_fraction_error",
+__all__ = ["MIN_SEEN_FOR_BAD_CHECK", "PER_PROCESS", "PREEMPTIONS", "RESIZES", "WORKER_STARTS", "WORLD_SIZE", "DataCounts", "augment_generators", "bad_fraction_error",
            "current_epoch", "report"]
 
 # The bad-data check waits for this many images, so a few broken files at the start of
@@ -32,8 +32,12 @@ WORKER_STARTS = "train.worker_group_starts"
 # Preemption notices the workers of this process received, and the restarts that followed one.
 PREEMPTION_NOTICES = "train.preemption_notices"
 PREEMPTIONS = "train.preemptions"
+# Worker-group starts with another number of workers than the start before (an elastic run
+# resized), and that number, kept as a count (the actor only adds).
+RESIZES = "train.resizes"
+WORLD_SIZE = "train.world_size"
 # Counted per process (a --resume starts them again); kept out of the carried counts and the summary.
-PER_PROCESS = (WORKER_STARTS, PREEMPTION_NOTICES, PREEMPTIONS)
+PER_PROCESS = (WORKER_STARTS, PREEMPTION_NOTICES, PREEMPTIONS, RESIZES, WORLD_SIZE)
 
 
 @ray.remote(num_cpus=0)
@@ -84,12 +88,18 @@ class DataCounts:
     def epoch(self) -> int:
         return int(ray.get(self.actor.epoch.remote()))
 
-    def count_worker_start(self) -> None:
-        """One more start of the worker group in this process. A restart after a preemption
-        notice (``count_preemption_notice``) not yet matched by one counts as a preemption."""
+    def count_worker_start(self, world_size: int) -> None:
+        """One more start of the worker group, of ``world_size`` workers, in this process. A start
+        with another number of workers than the last counts as a resize; else a restart after a
+        preemption notice (``count_preemption_notice``) not yet matched by one, as a preemption."""
         counts = self.add({WORKER_STARTS: 1}, wait=True)
-        if counts.get(WORKER_STARTS, 0) > 1 and counts.get(PREEMPTION_NOTICES, 0) > counts.get(PREEMPTIONS, 0):
-            self.add({PREEMPTIONS: 1}, wait=True)
+        before = counts.get(WORLD_SIZE, 0)
+        change = {WORLD_SIZE: world_size - before}
+        if before and before != world_size:
+            change[RESIZES] = 1
+        elif counts.get(WORKER_STARTS, 0) > 1 and counts.get(PREEMPTION_NOTICES, 0) > counts.get(PREEMPTIONS, 0):
+            change[PREEMPTIONS] = 1
+        self.add(change, wait=True)
 
     def count_preemption_notice(self) -> None:
         """The workers learnt that a node of theirs is about to be preempted."""

@@ -157,7 +157,13 @@ class Engine:
             self.scaler.load_state_dict(shared["scaler"])
         self.epoch, self.step, self.images_seen = shared["epoch"], shared["step"], shared["images_seen"]
         self.epoch_step = shared.get("epoch_step", 0)
-        mine = load_rank_state(directory, self.rank, map_location=self.device)
+        resized = shared.get("world_size") != self.world_size
+        if not resized:
+            mine = load_rank_state(directory, self.rank, map_location=self.device)
+        elif self.method.replicated_rank_state:  # every rank held the same copy: take rank 0's
+            mine = load_rank_state(directory, 0, map_location=self.device)
+        else:  # a worker's share of the state does not carry over to another worker count
+            mine = None
         kept = mine is not None and self.method.load_rank_state_dict(mine["method"])
         if "method_state" in shared:  # state shared by all ranks (CDUL's label store)
             self.method.load_shared_state_dict(shared["method_state"])
@@ -166,8 +172,9 @@ class Engine:
         self.restored = True
         n = self.epoch_step
         within = f" ({n} step{'' if n == 1 else 's'} into epoch {self.epoch + 1})" if n else ""
+        empty = not kept and bool(self.method.rank_state_dict())
         return (f"resumed from checkpoint at epoch {self.epoch}, step {self.step}{within}"
-                + ("" if kept else " (per-worker state such as queues restarted empty)"))
+                + (" (per-worker state such as queues restarted empty)" if empty else ""))
 
     def start(self) -> None:
         """Per-rank randomness from here on (unless restored), and DDP with several workers."""

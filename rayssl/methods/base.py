@@ -129,6 +129,10 @@ class Method(nn.Module):
     batch_columns: ClassVar[tuple[str, ...]] = ()
     # Whether the end-of-run evaluation also scores a randomly initialised backbone.
     random_init_baseline: ClassVar[bool] = True
+    # Whether every rank holds the same rank state (a global queue, kept in step on every
+    # worker): after a change of worker count each rank restores rank 0's copy. Otherwise rank
+    # state is each worker's share (SwAV's per-worker queues) and starts empty after one.
+    replicated_rank_state: ClassVar[bool] = False
 
     def after_backward(self, step: int) -> None:
         """Called between ``loss.backward()`` and the optimiser step (e.g. to drop a gradient)."""

@@ -304,6 +304,8 @@ class MLS(Method):
         return torch.cat([g, z], dim=1)
 
     # -- per-rank state --------------------------------------------------------------------
+    replicated_rank_state = True  # the queue of the global batch's keys, the same on every worker
+
     def rank_state_dict(self) -> dict:
         return {"queue": self.queue.state_dict()}
 

@@ -65,18 +65,20 @@ class SwAVConfig(MethodConfig):
             f"codes are computed for large crops only: indices must be in [0, {n_large})",
         )
         if self.queue_length:
-            workers = run.num_workers
-            local_batch = run.batch_size // workers
-            check(
-                self.queue_length % workers == 0,
-                "swav.queue_length",
-                f"{self.queue_length} is not divisible by run.num_workers={workers} (each worker keeps an equal share)",
-            )
-            check(
-                self.queue_length // workers >= local_batch,
-                "swav.queue_length",
-                f"each worker's queue ({self.queue_length // workers}) must hold at least its batch ({local_batch})",
-            )
+            for workers in run.worker_counts:
+                local_batch = run.batch_size // workers
+                check(
+                    self.queue_length % workers == 0,
+                    "swav.queue_length",
+                    f"{self.queue_length} is not divisible by run.num_workers={workers} (each worker keeps an "
+                    "equal share)",
+                )
+                check(
+                    self.queue_length // workers >= local_batch,
+                    "swav.queue_length",
+                    f"each worker's queue ({self.queue_length // workers}) must hold at least its batch "
+                    f"({local_batch})",
+                )
 
     def fit_batch(self, batch_size: int, workers: int) -> dict:
         """Each worker's queue share a whole number of rows, at least its batch."""

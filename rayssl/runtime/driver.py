@@ -21,7 +21,7 @@ from rayssl.config import Config, ConfigError
 from rayssl.data.indexed import build_indexed_train_data
 from rayssl.data.pipeline import build_train_data
 from rayssl.data.sources import Source
-from rayssl.data.stats import PER_PROCESS, PREEMPTIONS, WORKER_STARTS
+from rayssl.data.stats import PER_PROCESS, PREEMPTIONS, RESIZES, WORKER_STARTS, WORLD_SIZE
 from rayssl.engine.monitor import TIME_KEYS, log
 from rayssl.methods import get_method
 from rayssl.eval.evaluate import run_metric
@@ -71,7 +71,8 @@ def train(cfg: Config, callbacks: Sequence = (), source: Source | None = None) -
         t_ray = time.perf_counter()
         resources, num_nodes = capacity()
         check_output_shared(cfg.run.output, cfg.run.shared_output, num_nodes)
-        placement = place(resources, cfg.run.num_workers, cfg.run.use_gpu, cfg.run.cpus_per_worker)
+        # sized for the most workers the run may have
+        placement = place(resources, max(cfg.run.worker_counts), cfg.run.use_gpu, cfg.run.cpus_per_worker)
         index_table = cfg.method.indexed_data()
         if index_table:  # rows keep each image's index for the method's per-image state
             data = build_indexed_train_data(cfg.data, cfg.run.seed, index_table)
@@ -92,14 +93,16 @@ def train(cfg: Config, callbacks: Sequence = (), source: Source | None = None) -
         if note:
             log(note)
         log(f"{cfg.run.method}: {data.num_images} images, {steps_per_epoch} steps/epoch x {cfg.run.epochs} epochs, "
-            f"{cfg.run.num_workers} workers ({'GPU' if placement.use_gpu else 'CPU'}, {placement.cpus} CPU each), "
+            f"{cfg.run.workers_text} workers ({'GPU' if placement.use_gpu else 'CPU'}, {placement.cpus} CPU each), "
             f"output {cfg.run.output}")
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"config": cfg.to_dict(), "steps_per_epoch": steps_per_epoch, "stats": data.stats,
                                "shuffled_at_source": data.shuffled_at_source},
-            scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=placement.use_gpu,
-                                         resources_per_worker={"CPU": placement.cpus}),
+            scaling_config=ScalingConfig(num_workers=(cfg.run.num_workers, cfg.run.max_workers) if cfg.run.elastic
+                                         else cfg.run.num_workers, use_gpu=placement.use_gpu,
+                                         resources_per_worker={"CPU": placement.cpus},
+                                         elastic_resize_monitor_interval_s=cfg.run.elastic_check_s),
             run_config=RunConfig(
                 name=name, storage_path=storage_path, storage_filesystem=fs,
                 failure_config=FailureConfig(max_failures=cfg.run.max_failures,
@@ -168,9 +171,12 @@ def _summary(cfg: Config, result, counts: dict, wall: float, spent: dict) -> dic
         if f"{metric}_{start}" in m:
             summary[f"{metric}_{start}"] = m[f"{metric}_{start}"]
     summary.update({
-        # restarts of the workers after a preemption notice, and after anything else
+        # the workers' restarts: with another worker count (elastic), after a preemption notice,
+        # and after anything else; and how many trained at the end
+        "workers": counts.get(WORLD_SIZE) or cfg.run.num_workers,
+        "resizes": counts.get(RESIZES, 0),
         "preemptions": counts.get(PREEMPTIONS, 0),
-        "restarts": max(0, counts.get(WORKER_STARTS, 1) - 1 - counts.get(PREEMPTIONS, 0)),
+        "restarts": max(0, counts.get(WORKER_STARTS, 1) - 1 - counts.get(PREEMPTIONS, 0) - counts.get(RESIZES, 0)),
         "data": {k: v for k, v in counts.items() if k not in PER_PROCESS},
         "wall_s": round(wall, 1),
         "time": spent,

@@ -122,8 +122,11 @@ def train_loop_per_worker(payload: dict) -> None:
         if rank == 0:
             log(note)
     engine.start()
-    if rank == 0:  # restarts = starts - 1 - preemptions
-        stats.count_worker_start()
+    if rank == 0:  # restarts = starts - 1 - preemptions - resizes
+        stats.count_worker_start(world)
+        if cfg.run.elastic:
+            log(f"{world} workers ({cfg.run.workers_text} allowed): {cfg.run.batch_size // world} images each "
+                f"per step, global batch {cfg.run.batch_size}")
     feed = TrainFeed(ray.train.get_dataset_shard("train"), cfg.data, engine.device,
                      batch_size=cfg.run.batch_size // world, seed=cfg.run.seed, rank=rank,
                      columns=engine.method.batch_columns, channels_last=engine.channels_last,

@@ -1,4 +1,6 @@
-"""Spot preemption (issue 25): a node of a running job is drained as a spot reclaim drains it
+"""Spot preemption and elastic workers (issue 25).
+
+Preemption: a node of a running job is drained as a spot reclaim drains it
 (``ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION`` with a deadline). The workers learn
 it from ``ray.train.get_preemption_info()``, write a just-in-time checkpoint inside the epoch
 and go on; at the deadline Ray Train restarts them on the nodes left, from that checkpoint,
@@ -6,8 +8,12 @@ on the preemption budget (``--max-preemptions``), not ``--max-failures`` (0 here
 finishes all its epochs with ``preemptions >= 1`` and ``restarts == 0``, and with
 ``data.deterministic`` in the very state of the same run left alone.
 
-The cluster (``ray.cluster_utils.Cluster``, 3 nodes on loopback) runs in a subprocess with its
-own temp dir, and is always stopped (see tests/test_cluster.py).
+Elastic: a run started with ``--num-workers 1-2`` on a 1-node cluster that gains a node grows to
+2 workers (Ray Train resizes from the latest checkpoint) and finishes with the global batch and
+the step count it was given.
+
+The clusters (``ray.cluster_utils.Cluster`` on loopback) run in subprocesses with their own temp
+dir, and are always stopped (see tests/test_cluster.py).
 """
 
 from __future__ import annotations
@@ -101,7 +107,7 @@ def _summary(run: dict) -> dict:
 
 def test_a_drained_node_costs_a_just_in_time_checkpoint_not_the_run(tmp_path):
     reference, preempted, report = tmp_path / "reference", tmp_path / "preempted", tmp_path / "report.json"
-    proc = run_cluster_session("test_preemption", "_preemption_session", reference, preempted, report,
+    proc = run_cluster_session("test_spot_and_elastic", "_preemption_session", reference, preempted, report,
                                RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S="0.5")
     assert report.is_file(), (proc.stdout + proc.stderr)[-4000:]
     r = json.loads(report.read_text())
@@ -135,3 +141,61 @@ def test_a_drained_node_costs_a_just_in_time_checkpoint_not_the_run(tmp_path):
     for rank in (0, 1):
         qa, qb = load_rank_state(a_dir, rank)["rng"], load_rank_state(b_dir, rank)["rng"]
         assert torch.equal(qa["torch"], qb["torch"]), f"rank {rank}'s RNG state"
+
+
+# --------------------------------------------------------------------------- elastic
+
+
+def _elastic_session(run: str, report: str) -> None:
+    """Runs in a subprocess: one node; a node joins after the run's first step."""
+    import contextlib
+    import io
+
+    from ray.cluster_utils import Cluster
+
+    from rayssl.cli import train
+
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 3, "node_ip_address": "127.0.0.1", "include_dashboard": False})
+    cluster.wait_for_nodes()
+    os.environ["RAY_ADDRESS"] = cluster.address
+    out: dict = {}
+    args = tiny_args(run, "--num-workers", "1-2", "--epochs", "3", "--checkpoint-every", "1",
+                     "--cpus-per-worker", "2", "--shared-output", "--set", "run.elastic_check_s=2",
+                     "--set", "run.log_every_steps=1")
+    log = io.StringIO()
+
+    def main():
+        stdout = io.StringIO()
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(log):
+            out["rc"] = train.main(args)
+        out["stdout"] = stdout.getvalue()
+
+    try:
+        t = threading.Thread(target=main)
+        t.start()
+        while "rc" not in out and "epoch 1/3 step 1/4" not in log.getvalue():
+            time.sleep(0.1)
+        cluster.add_node(num_cpus=3, node_ip_address="127.0.0.1")
+        out["joined"] = time.time()
+        t.join(timeout=400)
+    finally:
+        Path(f"{run}.stderr.txt").write_text(log.getvalue())
+        Path(report).write_text(json.dumps(out))
+        cluster.shutdown()
+
+
+def test_an_elastic_run_grows_onto_a_new_node_and_keeps_its_global_batch(tmp_path):
+    run, report = tmp_path / "run", tmp_path / "report.json"
+    proc = run_cluster_session("test_spot_and_elastic", "_elastic_session", run, report)
+    assert report.is_file(), (proc.stdout + proc.stderr)[-4000:]
+    r = json.loads(report.read_text())
+    log = Path(f"{run}.stderr.txt").read_text()
+    assert r.get("rc") == 0, log[-4000:]
+    s = _summary(r)
+    assert "1 workers (1-2 allowed): 32 images each per step, global batch 32" in log
+    assert "2 workers (1-2 allowed): 16 images each per step, global batch 32" in log
+    assert s["workers"] == 2 and s["resizes"] >= 1 and s["restarts"] == 0 and s["preemptions"] == 0
+    # The steps and images of 3 epochs at the global batch given, whatever the worker count.
+    assert s["epochs"] == 3 and s["steps"] == 3 * STEPS_PER_EPOCH and s["images_seen"] == 3 * 128
+    assert load_shared_state(Path(s["checkpoint"]))["world_size"] == 2
