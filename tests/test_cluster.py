@@ -2,9 +2,10 @@
 validation and pulls the image cluster/Dockerfile builds, which agrees with pyproject.toml,
 aws.yaml's fallback and the client's Ray (static checks: no docker here);
 `ray job submit` runs rayssl on a loopback head started with `ray start --head` (and leaks
-no credential planted in the head's environment); a simulated 2-node cluster
-(ray.cluster_utils.Cluster) trains with one worker per node, checkpoints to a path both
-nodes see, and refuses a node-local --output.
+no credential planted in the head's environment). Runs on several nodes (a simulated
+cluster: one worker per node, a node-local --output refused, elastic workers, a spot
+preemption) are in tests/test_spot_and_elastic.py, which starts them with
+``run_cluster_session``.
 
 The heads these tests start are separate Ray clusters: they run in subprocesses with their
 own temp dir (RAY_TMPDIR, so no address file of theirs is ever found by another
@@ -33,7 +34,7 @@ import pytest
 import yaml
 
 from conftest import find_needles, scan_tree, tiny_args
-from rayssl.checkpoint import MODEL_FILE, load_rank_state, load_shared_state, verify_checkpoint_dir
+from rayssl.checkpoint import MODEL_FILE, verify_checkpoint_dir
 from rayssl.dist import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -482,50 +483,7 @@ def test_ray_job_submit_runs_rayssl_on_a_loopback_head(tmp_path):
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-# --------------------------------------------------------------------------- two nodes
-
-
-def _two_node_session(shared: str, local: str, report: str) -> None:
-    """Runs in a subprocess: a 2-node cluster, two `python -m rayssl.train` runs on it.
-
-    (Resuming is the same code on one node or two, and the single-node tests cover it; it was
-    dropped here to keep the suite inside its time budget.)"""
-    import contextlib
-    import io
-
-    import ray
-    from ray.cluster_utils import Cluster
-
-    from rayssl.cli import train
-
-    # 3 CPUs per node and 2 per training worker: the two workers cannot share a node, and
-    # each node keeps one CPU for Ray Data.
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 3, "node_ip_address": "127.0.0.1", "include_dashboard": False})
-    cluster.add_node(num_cpus=3, node_ip_address="127.0.0.1")
-    cluster.wait_for_nodes()
-    os.environ["RAY_ADDRESS"] = cluster.address  # as under `ray job submit`
-    out: dict = {}
-
-    def main(args):
-        stdout, stderr = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            try:
-                rc = train.main(args)
-            except SystemExit as exc:  # argparse's error exit
-                rc = exc.code
-        return {"rc": rc, "stdout": stdout.getvalue(), "stderr": stderr.getvalue()[-4000:]}
-
-    try:
-        ray.init(address=cluster.address)
-        out["nodes"] = sorted(n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"])
-        ray.shutdown()
-        workers = ["--cpus-per-worker", "2", "--epochs", "1"]
-        out["refused"] = main(tiny_args(local, *workers))
-        out["first"] = main(tiny_args(shared, *workers, "--shared-output"))
-    finally:
-        Path(report).write_text(json.dumps(out))
-        cluster.shutdown()
+# --------------------------------------------------------------------------- several nodes
 
 
 def run_cluster_session(module: str, function: str, *args, **env: str) -> subprocess.CompletedProcess:
@@ -544,28 +502,3 @@ def run_cluster_session(module: str, function: str, *args, **env: str) -> subpro
                               timeout=540)
     finally:
         end_processes_under(temp_dir)
-
-
-def test_two_node_cluster_trains_and_refuses_a_local_output(tmp_path):
-    shared, local, report = tmp_path / "shared-run", tmp_path / "local-run", tmp_path / "report.json"
-    proc = run_cluster_session("test_cluster", "_two_node_session", shared, local, report)
-    assert report.is_file(), (proc.stdout + proc.stderr)[-4000:]
-    r = json.loads(report.read_text())
-    assert r["nodes"] == [3.0, 3.0]
-
-    # A node-local --output is refused before training, saying why and what to do.
-    refused = r["refused"]
-    assert refused["rc"] == 2
-    assert "--output (run.output)" in refused["stderr"] and "2 nodes" in refused["stderr"]
-    assert "s3://" in refused["stderr"] and "--shared-output" in refused["stderr"]
-    assert not (local / "config.yaml").exists()
-
-    # A path both nodes see: two workers (one per node) checkpoint into it ...
-    first = r["first"]
-    assert first["rc"] == 0, first["stderr"]
-    s1 = json.loads(first["stdout"].strip().splitlines()[-1])
-    assert s1["epochs"] == 1 and s1["steps"] == 128 // 32
-    ckpt1 = Path(s1["checkpoint"])
-    assert ckpt1.parent == shared and verify_checkpoint_dir(ckpt1)["world_size"] == 2
-    assert all(load_rank_state(ckpt1, rank) is not None for rank in (0, 1))  # each worker's own file
-    assert load_shared_state(ckpt1)["step"] == s1["steps"]

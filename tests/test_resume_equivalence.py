@@ -13,7 +13,10 @@ removed -- what a job killed between the two checkpoints leaves behind -- and ``
 continues from the epoch-1 checkpoint in a fresh trainer (new workers, new Ray Data
 executions, a new epoch counter in the data pipeline). Epoch 2 must then be the same: the
 loss at the first step after the boundary and at the epoch's last step (as reported), and
-the weights, optimiser state and per-worker state (queues, RNG states) at its end.
+the weights, optimiser state and per-worker state (queues, RNG states) at its end. SwAV's run
+also checkpoints every 3 steps (issue 25) and resumes from the step-6 checkpoint instead, 2
+steps into epoch 2: the rest of the epoch's data is the same rows in the same order, and the
+end state is the same.
 
 What makes this hold: the checkpoint restores model, optimiser, counters, per-rank queues
 and RNG states; the augmentations are seeded per sample by (seed, epoch, sample key), so they
@@ -64,7 +67,8 @@ def pseudo_labels(tmp_path_factory) -> Path:
     return write_scene_pseudo_labels(tmp_path_factory.mktemp("labels"), CLASSES, soft)
 
 
-# SwAV's run also checkpoints every 3 steps (steps 3 and 6: inside epochs 1 and 2).
+# SwAV's run also checkpoints every 3 steps (steps 3 and 6: inside epochs 1 and 2), and resumes
+# from inside epoch 2; the other methods resume from the end of epoch 1.
 STEP_CHECKPOINTS = {"swav": 3}
 
 
@@ -177,14 +181,20 @@ def test_resumed_run_matches_the_uninterrupted_run(ray_session, tmp_path, capsys
         assert torch.equal(q0["field_0"], q1["field_0"]) and torch.equal(q0["field_1"], q1["field_1"])
         assert int(q0["filled"]) == 64
 
+    # The epoch's time blocked on the input pipeline, the wait for its first batch included.
+    full_metrics = _by_epoch(full)[2][1]
+    epoch_s = NUM_IMAGES / full_metrics["images_per_s"]
+    assert 0 < full_metrics["first_batch_s"] <= full_metrics["data_wait_s"] < epoch_s
+    if method in STEP_CHECKPOINTS:  # (its resume from an epoch's end is the other methods')
+        _resume_inside_an_epoch(full, tmp_path / "killed-mid-epoch", capsys, s_full)
+        return
+
     # A job killed after the epoch-1 checkpoint: the epoch-2 checkpoint never got its manifest.
     killed = tmp_path / "killed"
     shutil.copytree(full, killed)
     ckpts = _by_epoch(killed)
     assert sorted(ckpts) == [1, 2]
-    for path, m in _checkpoints(killed):  # the epoch-2 checkpoint, and the one inside epoch 2
-        if m["step"] > STEPS_PER_EPOCH:
-            (path / MANIFEST_FILE).unlink()
+    (ckpts[2][0] / MANIFEST_FILE).unlink()
 
     assert train.main(["--output", str(killed), "--resume"]) == 0
     captured = capsys.readouterr()
@@ -193,10 +203,7 @@ def test_resumed_run_matches_the_uninterrupted_run(ray_session, tmp_path, capsys
     assert s_res["steps"] == s_full["steps"] and s_res["images_seen"] == s_full["images_seen"]
 
     # The loss at the first step after the boundary, and at the epoch's last step.
-    full_ckpt, full_metrics = _by_epoch(full)[2]
-    # The epoch's time blocked on the input pipeline, the wait for its first batch included.
-    epoch_s = NUM_IMAGES / full_metrics["images_per_s"]
-    assert 0 < full_metrics["first_batch_s"] <= full_metrics["data_wait_s"] < epoch_s
+    full_ckpt = _by_epoch(full)[2][0]
     res_ckpt, res_metrics = _by_epoch(killed)[2]
     assert res_ckpt == Path(s_res["checkpoint"]) and res_ckpt.name != full_ckpt.name
     for key in ("first_loss", "loss"):
@@ -204,8 +211,6 @@ def test_resumed_run_matches_the_uninterrupted_run(ray_session, tmp_path, capsys
     # The whole state at the end of the epoch.
     assert load_shared_state(full_ckpt)["step"] == 2 * STEPS_PER_EPOCH
     _assert_same_state(full_ckpt, res_ckpt)
-    if method in STEP_CHECKPOINTS:
-        _resume_inside_an_epoch(full, tmp_path / "killed-mid-epoch", capsys, s_full)
 
 
 def _resume_inside_an_epoch(full: Path, killed: Path, capsys, s_full: dict) -> None:

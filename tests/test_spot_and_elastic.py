@@ -1,34 +1,41 @@
-"""Spot preemption and elastic workers (issue 25).
+"""Several nodes (issues 6 and 25): one simulated cluster (``ray.cluster_utils.Cluster`` on
+loopback), grown node by node, runs ``python -m rayssl.train`` four times:
 
-Preemption: a node of a running job is drained as a spot reclaim drains it
-(``ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION`` with a deadline). The workers learn
-it from ``ray.train.get_preemption_info()``, write a just-in-time checkpoint inside the epoch
-and go on; at the deadline Ray Train restarts them on the nodes left, from that checkpoint,
-on the preemption budget (``--max-preemptions``), not ``--max-failures`` (0 here). The run
-finishes all its epochs with ``preemptions >= 1`` and ``restarts == 0``, and with
-``data.deterministic`` in the very state of the same run left alone.
+* elastic: ``--num-workers 1-2`` on the head alone; a node joins after the first step and the
+  run grows to 2 workers (Ray Train resizes from the latest checkpoint), finishing with the
+  global batch and the step count it was given;
+* a node-local ``--output`` on 3 nodes is refused before training;
+* the reference: 2 workers on 2 nodes (2 CPUs each on 3-CPU nodes: they cannot share one)
+  checkpoint into a path every node sees, with every rank's own file;
+* the same run, drained: after its first step a node hosting a worker is drained as a spot
+  reclaim drains it (``ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION``, a deadline). The
+  workers learn it from ``ray.train.get_preemption_info()``, write a just-in-time checkpoint
+  inside the epoch and go on; at the deadline Ray Train restarts them on the nodes left from
+  that checkpoint, on the preemption budget (``--max-preemptions``), not ``--max-failures`` (0
+  here). The run finishes with ``preemptions >= 1``, ``restarts == 0``, the steps trained twice
+  (before the teardown and after the restart) give the same losses, and with
+  ``data.deterministic`` it ends in the reference's very state.
 
-Elastic: a run started with ``--num-workers 1-2`` on a 1-node cluster that gains a node grows to
-2 workers (Ray Train resizes from the latest checkpoint) and finishes with the global batch and
-the step count it was given.
-
-The clusters (``ray.cluster_utils.Cluster`` on loopback) run in subprocesses with their own temp
-dir, and are always stopped (see tests/test_cluster.py).
+The cluster runs in a subprocess with its own temp dir and is always stopped (see
+tests/test_cluster.py). (Resuming with ``--resume`` is the same code on one node or several;
+the single-node tests cover it.)
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import threading
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import tiny_args
-from rayssl.checkpoint import MANIFEST_FILE, load_rank_state, load_shared_state
+from rayssl.checkpoint import MANIFEST_FILE, load_rank_state, load_shared_state, verify_checkpoint_dir
 from test_cluster import RAY_CLI, run_cluster_session
 
 EPOCHS, STEPS_PER_EPOCH = 2, 128 // 32
@@ -49,8 +56,9 @@ def _worker_nodes() -> set[str]:
             if a.get("ActorClassName", "").endswith("RayTrainWorker") and a.get("State") == "ALIVE"}
 
 
-def _preemption_session(reference: str, preempted: str, report: str) -> None:
-    """Runs in a subprocess: a 3-node cluster; the run left alone, then the run drained."""
+def _session(root: str) -> None:
+    """Runs in a subprocess: the cluster and the four runs; each run's result in ROOT/NAME.json,
+    its whole log in ROOT/NAME.stderr.txt."""
     import contextlib
     import io
 
@@ -58,79 +66,139 @@ def _preemption_session(reference: str, preempted: str, report: str) -> None:
 
     from rayssl.cli import train
 
-    # 3 CPUs per node and 2 per training worker: the two workers take two nodes, each node
-    # keeps one CPU for Ray Data, and the third node is where a preempted worker goes.
+    base = Path(root)
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 3, "node_ip_address": "127.0.0.1", "include_dashboard": False})
-    others = [cluster.add_node(num_cpus=3, node_ip_address="127.0.0.1") for _ in range(2)]
     cluster.wait_for_nodes()
-    os.environ["RAY_ADDRESS"] = cluster.address
-    out: dict = {"drained": None}
+    os.environ["RAY_ADDRESS"] = cluster.address  # as under `ray job submit`
+    others: list = []
 
-    def main(args, stderr=None):
-        stdout, stderr = io.StringIO(), stderr or io.StringIO()
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            rc = train.main(args)
-        Path(f"{args[1]}.stderr.txt").write_text(stderr.getvalue())  # the whole log, for a failure's reader
-        return {"rc": rc, "stdout": stdout.getvalue(), "stderr": stderr.getvalue()[-6000:]}
+    def run(name: str, args: list[str], when=None, then=None) -> None:
+        """``train.main(args)`` in a thread; once ``when(log)`` holds, ``then()``."""
+        out, log = {}, io.StringIO()
 
-    def drain_a_worker_node(log: io.StringIO, result: dict):
-        """After the first step, drain a non-head node hosting a worker. The deadline (15 s) leaves
-        the workers the next step to notice it and checkpoint, and the run steps to go after it."""
-        while "rc" not in result:
-            if "epoch 1/2 step 1/4" in log.getvalue():
-                node = sorted(_worker_nodes() & {n.node_id for n in others})[0]
-                subprocess.run([RAY_CLI, "drain-node", "--address", cluster.address, "--node-id", node,
-                                "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot reclaim",
-                                "--deadline-remaining-seconds", "15"], check=True, capture_output=True)
-                out["drained"] = {"node": node, "at": time.time()}
-                return
-            time.sleep(0.1)
+        def main():
+            stdout = io.StringIO()
+            with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(log):
+                try:
+                    out["rc"] = train.main(args)
+                except SystemExit as exc:  # argparse's error exit
+                    out["rc"] = exc.code
+            out["stdout"] = stdout.getvalue()
 
-    try:
-        out["reference"] = main(_run_args(Path(reference)))
-        result: dict = {}
-        log = io.StringIO()
-        t = threading.Thread(target=lambda: result.update(main(_run_args(Path(preempted)), log)))
+        t = threading.Thread(target=main)
         t.start()
-        drain_a_worker_node(log, result)
+        while when is not None and t.is_alive():
+            if when(log.getvalue()):
+                out["then"] = then()
+                break
+            time.sleep(0.1)
         t.join(timeout=400)
-        out["preempted"] = result
+        (base / f"{name}.stderr.txt").write_text(log.getvalue())
+        (base / f"{name}.json").write_text(json.dumps(out))
+
+    def join():
+        others.append(cluster.add_node(num_cpus=3, node_ip_address="127.0.0.1"))
+        return time.time()
+
+    def drain():
+        """A non-head node hosting a worker, with a deadline (15 s) that leaves the workers the next
+        step to notice it and checkpoint, and the run steps to go after it."""
+        node = sorted(_worker_nodes() & {n.node_id for n in others})[0]
+        subprocess.run([RAY_CLI, "drain-node", "--address", cluster.address, "--node-id", node,
+                        "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot reclaim",
+                        "--deadline-remaining-seconds", "15"], check=True, capture_output=True)
+        return node
+
+    first_step = "epoch 1/2 step 1/4"
+    try:
+        run("elastic", tiny_args(base / "elastic", "--num-workers", "1-2", "--epochs", "2", "--checkpoint-every", "1",
+                                 "--cpus-per-worker", "2", "--shared-output", "--set", "run.elastic_check_s=2",
+                                 "--set", "run.log_every_steps=1"),
+            when=lambda log: first_step in log, then=join)
+        join()
+        cluster.wait_for_nodes()
+        run("refused", tiny_args(base / "local-run", "--cpus-per-worker", "2", "--epochs", "1"))
+        run("reference", _run_args(base / "reference"))
+        run("preempted", _run_args(base / "preempted"), when=lambda log: first_step in log, then=drain)
     finally:
-        Path(report).write_text(json.dumps(out))
         cluster.shutdown()
 
 
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("cluster")
+    proc = run_cluster_session("test_spot_and_elastic", "_session", root,
+                               RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S="0.5")
+    out = {"root": root}
+    for name in ("elastic", "refused", "reference", "preempted"):
+        path = root / f"{name}.json"
+        assert path.is_file(), (proc.stdout + proc.stderr)[-4000:]
+        out[name] = {**json.loads(path.read_text()), "log": (root / f"{name}.stderr.txt").read_text()}
+    return out
+
+
 def _summary(run: dict) -> dict:
+    assert run.get("rc") == 0, run["log"][-4000:]
     return json.loads(run["stdout"].strip().splitlines()[-1])
 
 
-def test_a_drained_node_costs_a_just_in_time_checkpoint_not_the_run(tmp_path):
-    reference, preempted, report = tmp_path / "reference", tmp_path / "preempted", tmp_path / "report.json"
-    proc = run_cluster_session("test_spot_and_elastic", "_preemption_session", reference, preempted, report,
-                               RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S="0.5")
-    assert report.is_file(), (proc.stdout + proc.stderr)[-4000:]
-    r = json.loads(report.read_text())
-    assert r["reference"]["rc"] == 0, r["reference"]["stderr"]
-    assert r["drained"] is not None, "no worker was on a node that could be drained"
-    run = r["preempted"]
-    assert run.get("rc") == 0, run.get("stderr")
-    s, s_ref = _summary(run), _summary(r["reference"])
-    assert _summary(r["reference"])["preemptions"] == 0
+def test_an_elastic_run_grows_onto_a_new_node_and_keeps_its_global_batch(runs):
+    r = runs["elastic"]
+    s = _summary(r)
+    assert r.get("then"), "the node joined only after the run"
+    assert "1 workers (1-2 allowed): 32 images each per step, global batch 32" in r["log"]
+    assert "2 workers (1-2 allowed): 16 images each per step, global batch 32" in r["log"]
+    assert s["workers"] == 2 and s["resizes"] >= 1 and s["restarts"] == 0 and s["preemptions"] == 0
+    # The steps and images of 2 epochs at the global batch given, whatever the worker count.
+    assert s["epochs"] == 2 and s["steps"] == 2 * STEPS_PER_EPOCH and s["images_seen"] == 2 * 128
+    assert load_shared_state(Path(s["checkpoint"]))["world_size"] == 2
 
+
+def test_a_node_local_output_is_refused_on_several_nodes(runs):
+    refused, local = runs["refused"], runs["root"] / "local-run"
+    assert refused["rc"] == 2
+    assert "--output (run.output)" in refused["log"] and "3 nodes" in refused["log"]
+    assert "s3://" in refused["log"] and "--shared-output" in refused["log"]
+    assert not (local / "config.yaml").exists()
+
+
+def test_two_workers_on_two_nodes_checkpoint_into_a_path_both_see(runs):
+    s = _summary(runs["reference"])
+    assert s["epochs"] == EPOCHS and s["steps"] == EPOCHS * STEPS_PER_EPOCH and s["preemptions"] == 0
+    ckpt = Path(s["checkpoint"])
+    assert ckpt.parent == runs["root"] / "reference" and verify_checkpoint_dir(ckpt)["world_size"] == 2
+    assert all(load_rank_state(ckpt, rank) is not None for rank in (0, 1))  # each worker's own file
+    assert load_shared_state(ckpt)["step"] == s["steps"]
+
+
+def _step_losses(log: str) -> list[tuple[int, int, str]]:
+    return [(int(e), int(k), loss) for e, k, loss in re.findall(r"epoch (\d+)/\d+ step (\d+)/\d+ loss=(\S+)", log)]
+
+
+def test_a_drained_node_costs_a_just_in_time_checkpoint_not_the_run(runs):
+    r = runs["preempted"]
+    s, s_ref = _summary(r), _summary(runs["reference"])
+    assert r.get("then"), "no node was drained"
     # The run finished every epoch, after one preemption and no failure.
     assert s["epochs"] == EPOCHS and s["steps"] == EPOCHS * STEPS_PER_EPOCH
-    assert s["preemptions"] >= 1 and s["restarts"] == 0, run["stderr"]
-    log = Path(f"{preempted}.stderr.txt").read_text()
-    assert "about to be preempted: just-in-time checkpoint at step" in log
+    assert s["preemptions"] >= 1 and s["restarts"] == 0, r["log"][-4000:]
+    assert "about to be preempted: just-in-time checkpoint at step" in r["log"]
     # The just-in-time checkpoint, written inside epoch 1, is the one the restart continued from.
-    jit = [load_shared_state(d) for d in preempted.glob("checkpoint_*") if (d / MANIFEST_FILE).exists()
+    run_dir = runs["root"] / "preempted"
+    jit = [load_shared_state(d) for d in run_dir.glob("checkpoint_*") if (d / MANIFEST_FILE).exists()
            and load_shared_state(d)["reason"] == "preemption"]
     assert len(jit) == 1, "no just-in-time checkpoint"
     state = jit[0]
     assert state["epoch"] == 0 and 1 < state["step"] == state["epoch_step"] < STEPS_PER_EPOCH
     n = state["step"]
-    assert f"resumed from checkpoint at epoch 0, step {n} ({n} step{'' if n == 1 else 's'} into epoch 1)" in log
+    assert f"resumed from checkpoint at epoch 0, step {n} ({n} step{'' if n == 1 else 's'} into epoch 1)" in r["log"]
+    # The steps after the checkpoint that the first workers took before the deadline were taken
+    # again after the restart, with the same losses; every step's loss is the reference's.
+    steps = _step_losses(r["log"])
+    again = {x for x in steps if steps.count(x) == 2}
+    assert again and all(k > n for _, k, _ in again), steps
+    assert set(steps) == set(_step_losses(runs["reference"]["log"]))
 
     # With data.deterministic, the state at the end is the undisturbed run's.
     a_dir, b_dir = Path(s_ref["checkpoint"]), Path(s["checkpoint"])
@@ -141,61 +209,3 @@ def test_a_drained_node_costs_a_just_in_time_checkpoint_not_the_run(tmp_path):
     for rank in (0, 1):
         qa, qb = load_rank_state(a_dir, rank)["rng"], load_rank_state(b_dir, rank)["rng"]
         assert torch.equal(qa["torch"], qb["torch"]), f"rank {rank}'s RNG state"
-
-
-# --------------------------------------------------------------------------- elastic
-
-
-def _elastic_session(run: str, report: str) -> None:
-    """Runs in a subprocess: one node; a node joins after the run's first step."""
-    import contextlib
-    import io
-
-    from ray.cluster_utils import Cluster
-
-    from rayssl.cli import train
-
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 3, "node_ip_address": "127.0.0.1", "include_dashboard": False})
-    cluster.wait_for_nodes()
-    os.environ["RAY_ADDRESS"] = cluster.address
-    out: dict = {}
-    args = tiny_args(run, "--num-workers", "1-2", "--epochs", "3", "--checkpoint-every", "1",
-                     "--cpus-per-worker", "2", "--shared-output", "--set", "run.elastic_check_s=2",
-                     "--set", "run.log_every_steps=1")
-    log = io.StringIO()
-
-    def main():
-        stdout = io.StringIO()
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(log):
-            out["rc"] = train.main(args)
-        out["stdout"] = stdout.getvalue()
-
-    try:
-        t = threading.Thread(target=main)
-        t.start()
-        while "rc" not in out and "epoch 1/3 step 1/4" not in log.getvalue():
-            time.sleep(0.1)
-        cluster.add_node(num_cpus=3, node_ip_address="127.0.0.1")
-        out["joined"] = time.time()
-        t.join(timeout=400)
-    finally:
-        Path(f"{run}.stderr.txt").write_text(log.getvalue())
-        Path(report).write_text(json.dumps(out))
-        cluster.shutdown()
-
-
-def test_an_elastic_run_grows_onto_a_new_node_and_keeps_its_global_batch(tmp_path):
-    run, report = tmp_path / "run", tmp_path / "report.json"
-    proc = run_cluster_session("test_spot_and_elastic", "_elastic_session", run, report)
-    assert report.is_file(), (proc.stdout + proc.stderr)[-4000:]
-    r = json.loads(report.read_text())
-    log = Path(f"{run}.stderr.txt").read_text()
-    assert r.get("rc") == 0, log[-4000:]
-    s = _summary(r)
-    assert "1 workers (1-2 allowed): 32 images each per step, global batch 32" in log
-    assert "2 workers (1-2 allowed): 16 images each per step, global batch 32" in log
-    assert s["workers"] == 2 and s["resizes"] >= 1 and s["restarts"] == 0 and s["preemptions"] == 0
-    # The steps and images of 3 epochs at the global batch given, whatever the worker count.
-    assert s["epochs"] == 3 and s["steps"] == 3 * STEPS_PER_EPOCH and s["images_seen"] == 3 * 128
-    assert load_shared_state(Path(s["checkpoint"]))["world_size"] == 2
