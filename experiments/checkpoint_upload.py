@@ -24,8 +24,11 @@ import time
 
 
 def _moto():
+    import logging
+
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no access log line per request
     from rayssl.dist import free_port
 
     port = free_port()
