@@ -383,8 +383,10 @@ def test_parquet_shards_with_s3_output_and_resume(ray_session, s3_endpoint, buck
     assert "a checkpoint did not reach the store: writing" in err and "--resume once fixed" in err
     assert proxy.injected["503"] >= 5  # the first attempt and its 4 retries
     # (Ray Train copies a checkpoint's files in name order: the manifest lands, model.pt does not.)
-    partial = [d for d in fs.ls(f"{bucket}/runs/pq") if "/checkpoint_2" in d and first not in d]
-    assert len(partial) == 1 and fs.exists(f"{partial[0]}/manifest.json")
+    partial = sorted(d for d in fs.ls(f"{bucket}/runs/pq") if "/checkpoint_2" in d and first not in d)
+    # The epoch-2 one; and the epoch-3 one, when the epoch-2 upload was still retrying as epoch 3
+    # ended (the failure is then found after the last checkpoint's own refused upload).
+    assert 1 <= len(partial) <= 2 and all(fs.exists(f"{d}/manifest.json") for d in partial)
     for d in partial:
         with pytest.raises(CheckpointError):
             verify_checkpoint_dir(d, fs=fs)
@@ -395,8 +397,9 @@ def test_parquet_shards_with_s3_output_and_resume(ray_session, s3_endpoint, buck
     assert train.main(["--output", run, "--resume", "--epochs", "2"]) == 0
     captured = capsys.readouterr()
     s2 = json.loads(captured.out.strip().splitlines()[-1])
-    assert f"skipping incomplete checkpoint s3://{partial[0]}" in captured.err
-    assert "resumed from checkpoint at epoch 1, step 2" in captured.err
+    assert any(f"skipping incomplete checkpoint s3://{d}" in captured.err for d in partial)
+    # (From the epoch-1 checkpoint: its counts carried, below. The workers' own "resumed from"
+    # line reaches this process through Ray's log forwarding, which may still hold it.)
     assert s2["epochs"] == 2 and s2["steps"] == 4 and s2["checkpoint"] not in [s1["checkpoint"], *partial]
     assert _no_skips(s2["data"]) and s2["data"]["seen"] == 128  # the first epoch's 64 carried over the resume
     assert json.loads(fs.cat_file(f"{bucket}/runs/pq/summary.json"))["steps"] == 4
