@@ -52,6 +52,9 @@ class Config:
               f"expected a {spec.config_cls.__name__} section")
         # Cross-section checks: the method knows what it needs of data and run.
         self.method.validate_with(self.run, self.data)
+        check(not self.eval.online_probe or bool(self.eval.data)
+              or (self.data.builtin_scenes and self.eval.num_test_images > 0), "eval.online_probe",
+              "needs labelled images: add --eval-data (or train on the built-in scenes with eval.num_test_images > 0)")
 
     # -- conversion ---------------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -62,7 +62,9 @@ class RunSection:
     # about to be reclaimed, and then write a just-in-time checkpoint (0: never ask).
     preemption_check_every_steps: int = 20
     max_preemptions: int = -1  # restarts after preemptions, apart from max_failures; -1: unlimited
+    # Every N steps: a progress line, and a row (loss, lr, images/s) to metrics.jsonl and the trackers.
     log_every_steps: int = 10
+    progress_bars: bool = False  # Ray Data's progress bars (--progress)
     # auto: bf16 on a GPU that has it, else fp16 (with a gradient scaler) on CUDA, else fp32.
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     # channels_last memory for convolutions on GPUs. Not used on CPU: measured here, torch's
@@ -290,6 +292,11 @@ class EvalSection:
     test_labels: str = ""
     test_fraction: float = 0.2
     protocol: str = "auto"  # auto: knn for one class per image, else multilabel-linear | knn | linear
+    # A linear head trained beside pretraining on the labelled training split (one batch after each
+    # step, on rank 0; the backbone's update is unchanged), scored on the held-out split every epoch.
+    online_probe: bool = False
+    online_probe_batch: int = 32
+    online_probe_lr: float = 1e-3
 
     def __post_init__(self) -> None:
         check(self.protocol in ("auto", "knn", "linear", "multilabel-linear"), "eval.protocol",
@@ -302,6 +309,8 @@ class EvalSection:
         check(self.num_train_images >= 1, "eval.num_train_images", "must be >= 1")
         check(self.num_test_images >= 0, "eval.num_test_images", "must be >= 0 (0 disables evaluation)")
         check(self.every_epochs >= 0, "eval.every_epochs", "must be >= 0")
+        check(self.online_probe_batch >= 1, "eval.online_probe_batch", "must be >= 1")
+        check(self.online_probe_lr > 0, "eval.online_probe_lr", "must be > 0")
         check(
             self.knn_k <= self.num_train_images,
             "eval.knn_k",

@@ -10,6 +10,8 @@ import pytest
 # start and end. Polling faster shortens each of the suite's ~20 runs; set before any Ray
 # starts (every Ray process, and the clusters the tests start in subprocesses, inherit it).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+# W&B (--wandb) only ever runs offline here, and reports nothing about itself anywhere.
+os.environ.update({"WANDB_MODE": "offline", "WANDB_ERROR_REPORTING": "false", "WANDB_SILENT": "true"})
 
 
 @pytest.fixture(scope="session")

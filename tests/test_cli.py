@@ -63,6 +63,14 @@ def test_a_worker_range_is_an_elastic_run_and_a_count_a_fixed_one(capsys):
     assert (run["num_workers"], run["max_workers"]) == (3, None)
 
 
+def test_the_progress_flag_turns_ray_datas_bars_on(capsys):
+    assert train.main(["--print-config"]) == 0
+    run = yaml.safe_load(capsys.readouterr().out)["run"]
+    assert run["progress_bars"] is False  # a log file is not flooded by default
+    assert train.main(["--progress", "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["run"]["progress_bars"] is True
+
+
 def test_unknown_method_is_refused_by_argparse(capsys):
     assert "invalid choice: 'byol'" in _error(capsys, ["--method", "byol"])
 

@@ -40,7 +40,7 @@ def test_a_run_scores_the_users_split_as_rayssl_eval_scores_its_checkpoint(ray_s
     train, split = folders
     out = tmp_path / "run"
     rc = train_cli.main(tiny_args(out, "--data", str(train), "--preset", "quick", "--epochs", "1",
-                                  "--eval-data", str(split)))
+                                  "--eval-data", str(split), "--set", "eval.online_probe=true"))
     captured = capsys.readouterr()
     assert rc == 0, captured.err[-3000:]
     s = _last_json(captured.out)
@@ -49,6 +49,9 @@ def test_a_run_scores_the_users_split_as_rayssl_eval_scores_its_checkpoint(ray_s
     report = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
     assert report["knn_top1"] == s["knn_top1"] and report["eval_skipped_images"] == 1
     assert report["eval_images"] == 60  # 48 train + 12 test, the broken one not among them
+    # The online probe trained on the same split's 48 training images and scored its 12 test images.
+    assert "online probe: a linear head on 48 labelled images, scored on 12 every epoch (probe_top1)" in captured.err
+    assert report["probe_top1"] == s["probe_top1"] and s["probe_top1"] * 12 == pytest.approx(round(s["probe_top1"] * 12))
 
     assert eval_cli.main(["--checkpoint", str(out), "--data", str(split), "--protocol", "knn"]) == 0
     e = _last_json(capsys.readouterr().out)
@@ -78,6 +81,7 @@ def test_a_sweep_on_user_data_without_an_evaluation_source_is_refused(folders, t
     (["--eval-labels", "labels.csv"], "--eval-labels (eval.labels): needs eval.data (--eval-data)"),
     (["--eval-data", "/nonexistent/labelled"], "--eval-data"),
     (["--set", "eval.protocol=svm"], "eval.protocol: choose auto, knn, linear or multilabel-linear"),
+    (["--set", "eval.online_probe=true"], "eval.online_probe: needs labelled images: add --eval-data"),
 ])
 def test_bad_evaluation_options_are_refused_naming_them(folders, tmp_path, capsys, extra, message):
     train, _ = folders

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -46,6 +47,8 @@ from rayssl.runtime.callbacks import StopOnNonFinite
 from rayssl.runtime.driver import carried_data_counts
 from rayssl.runtime.driver import train as run_training
 from rayssl.runtime.internals import SNAPSHOT_FILE, resume_point
+from rayssl.viz.tracking import TRACKERS_FILE, read_history, read_steps
+from wandb_records import offline_runs
 
 STEPS_PER_EPOCH = 128 // 32  # tiny_args: 128 scenes, global batch 32
 EPOCHS = 3
@@ -123,7 +126,8 @@ def killed_run(ray_session, tmp_path_factory):
     try:
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             rc = train.main(tiny_args(out, "--epochs", str(EPOCHS), "--checkpoint-every", "1",
-                                      "--keep-checkpoints", "3", "--max-failures", "1"))
+                                      "--keep-checkpoints", "3", "--max-failures", "1",
+                                      "--set", "run.log_every_steps=2", "--wandb", "rayssl-test"))
     finally:
         killer.stop.set()
         killer.join(timeout=60)
@@ -160,6 +164,27 @@ def test_killed_worker_restarts_from_checkpoint_and_finishes_the_run(killed_run)
         killed_run["stderr"][-3000:]
 
 
+def test_step_rows_and_the_wandb_run_survive_the_restart(killed_run):
+    """Every log step (run.log_every_steps=2) has one row in metrics.jsonl, the restarted workers'
+    rows replacing those of the steps they trained again; the W&B run (offline) is one run,
+    which got every log step and epoch; its id is in trackers.json."""
+    out = killed_run["out"]
+    assert killed_run["rc"] == 0
+    steps = read_steps(str(out))
+    assert [s["step"] for s in steps] == list(range(2, EPOCHS * STEPS_PER_EPOCH + 1, 2))
+    for s in steps:
+        assert s["epoch"] == pytest.approx(s["step"] / STEPS_PER_EPOCH)
+        assert math.isfinite(s["loss"]) and s["images_per_s"] > 0 and 0 <= s["data_wait_pct"] <= 100
+    assert [h["epoch"] for h in read_history(str(out))] == [1, 2, 3]
+    runs = offline_runs(out)
+    run_id = json.loads((out / TRACKERS_FILE).read_text())["wandb"]["id"]
+    assert [r["id"] for r in runs] == [run_id]
+    logged = {h["_step"] for h in runs[0]["history"] if "step/loss" in h}
+    assert logged == {s["step"] for s in steps}
+    assert sorted(h["epoch"] for h in runs[0]["history"] if "epoch/loss" in h) == [1, 2, 3]
+    assert "could not record metrics" not in killed_run["stderr"]
+
+
 def test_the_summary_says_where_the_time_went_a_restart_included(killed_run):
     """The summary's ``time``: rank 0's totals (of the restarted workers: the epochs before the
     kill were lost with them) against the wall time after Ray started; the rest, a restart
@@ -189,7 +214,8 @@ def test_resume_skips_incomplete_checkpoints_and_falls_back(killed_run, tmp_path
         with pytest.raises(CheckpointError):
             verify_checkpoint_dir(d)
 
-    assert train.main(["--output", str(run), "--resume"]) == 0
+    run_id = json.loads((run / TRACKERS_FILE).read_text())["wandb"]["id"]
+    assert train.main(["--output", str(run), "--resume", "--wandb", "rayssl-test"]) == 0
     captured = capsys.readouterr()
     s = _summary(captured.out)
     err = captured.err
@@ -204,6 +230,12 @@ def test_resume_skips_incomplete_checkpoints_and_falls_back(killed_run, tmp_path
     assert ckpts[3].is_dir() and not (ckpts[3] / MANIFEST_FILE).exists() and ckpts[2].is_dir()
     listed = {r["checkpoint_dir_name"] for r in _snapshot(run)["checkpoint_results"]}
     assert ckpts[3].name not in listed and ckpts[2].name not in listed
+    # The resumed run logs to the same W&B run (a second offline file of the same id) and its
+    # step rows replace those of the steps it trained again.
+    runs = offline_runs(run)
+    assert [r["id"] for r in runs] == [run_id, run_id]
+    assert min(h["_step"] for h in runs[1]["history"] if "step/loss" in h) == STEPS_PER_EPOCH + 2
+    assert [s["step"] for s in read_steps(str(run))] == list(range(2, EPOCHS * STEPS_PER_EPOCH + 1, 2))
 
 
 # --------------------------------------------------------------------------- snapshot rewrite, no Ray

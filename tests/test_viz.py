@@ -18,7 +18,8 @@ from rayssl.cli import viz as viz_cli
 from rayssl.viz.models import mls_positives
 from rayssl.runtime.callbacks import RunTracker
 from rayssl.viz.pictures import sample_images
-from rayssl.viz.tracking import RunRecorder, read_history, tracking_requirements
+from rayssl.viz.tracking import TRACKERS_FILE, RunRecorder, read_history, read_steps, tracking_requirements
+from wandb_records import offline_runs
 
 
 def _png(path) -> tuple[int, int]:
@@ -64,6 +65,52 @@ def test_tracker_writes_history_curves_and_tensorboard_and_keeps_earlier_epochs_
     resumed = RunTracker(RunRecorder(str(tmp_path), "knn_top1"))
     resumed.after_report(None, [{"epoch": 2, "loss": 2.5, "lr": 0.05, "images_per_s": 20.0}], None)
     assert [(h["epoch"], h["loss"]) for h in read_history(str(tmp_path))] == [(1, 4.0), (2, 2.5)]
+
+
+def _steps_and_epoch(recorder: RunRecorder, steps, epoch: int, loss0: float) -> None:
+    """What rank 0 reports in an epoch: a row per log step, then the epoch's report."""
+    for s in steps:
+        recorder.record({"step_log": {"step": s, "epoch": s / 4, "loss": loss0 - s / 10, "lr": 0.1,
+                                      "images_per_s": 50.0, "data_wait_pct": 3.0}})
+    recorder.record({"epoch": epoch, "step": 4 * epoch, "loss": loss0 - 0.4 * epoch, "lr": 0.1})
+
+
+def test_step_rows_reach_every_tracker_and_a_resume_continues_the_wandb_run(tmp_path, monkeypatch):
+    """Per-log-step rows go to metrics.jsonl (``kind: step``), TensorBoard (``step/<key>`` at the
+    step) and W&B (offline, as a user without network runs it); the W&B run id is kept in
+    trackers.json, and a resumed run (a new recorder, as a --resume makes) logs to the same W&B
+    run and replaces the rows of the steps it trains again."""
+    monkeypatch.chdir(tmp_path)  # anything W&B writes beside the run stays in the test's folder
+    out = tmp_path / "run"
+    first = RunRecorder(str(out), "knn_top1", tensorboard="", wandb="rayssl-test", run_name="run", params={"method": "swav"}, epochs=3)
+    _steps_and_epoch(first, (2, 4), 1, 5.0)
+    _steps_and_epoch(first, (6, 8), 2, 5.0)
+    first.record({"step_log": {"step": 10, "epoch": 2.5, "loss": 3.0, "lr": 0.1}})  # then the run dies
+    first.close()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r.get("kind"), r["step"]) for r in rows] == [
+        ("step", 2), ("step", 4), (None, 4), ("step", 6), ("step", 8), (None, 8)]  # step 10: not yet flushed
+    scalars = _tensorboard_scalars(out / "tensorboard")
+    assert scalars[("step/loss", 6)] == pytest.approx(4.4) and scalars[("train/loss", 2)] == pytest.approx(4.2)
+    run_id = json.loads((out / TRACKERS_FILE).read_text())["wandb"]["id"]
+
+    resumed = RunRecorder(str(out), "knn_top1", wandb="rayssl-test", epochs=3)
+    _steps_and_epoch(resumed, (6, 8), 2, 4.0)  # resumed from the epoch-1 checkpoint
+    _steps_and_epoch(resumed, (10, 12), 3, 4.0)
+    assert [(s["step"], s["loss"]) for s in read_steps(str(out))] == [
+        (2, 4.8), (4, 4.6), (6, 3.4), (8, 3.2), (10, 3.0), (12, 2.8)]
+    assert [(h["epoch"], h["loss"]) for h in read_history(str(out))] == [(1, 4.6), (2, 3.2), (3, 2.8)]
+    runs = offline_runs(out)
+    assert [r["id"] for r in runs] == [run_id, run_id] and {r["project"] for r in runs} == {"rayssl-test"}
+    logged = {(h["_step"], h["step/loss"]) for r in runs for h in r["history"] if "step/loss" in h}
+    assert {(2, 4.8), (4, 4.6), (10, 3.0), (12, 2.8)} <= logged
+    assert any(h.get("epoch/loss") == pytest.approx(2.8) and h["epoch"] == 3 for h in runs[1]["history"])
+    assert json.loads((out / TRACKERS_FILE).read_text())["wandb"]["id"] == run_id
+
+
+def test_wandb_flag_needs_a_project_name(tmp_path):
+    with pytest.raises(ValueError, match=r"^--wandb: give a W&B project name"):
+        tracking_requirements(None, None, str(tmp_path), wandb="team/project")
 
 
 def test_curves_sort_epochs_latest_duplicate_wins_and_missing_metric_is_labelled(tmp_path):

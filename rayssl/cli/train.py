@@ -29,7 +29,7 @@ from rayssl.modules.pretrained import load_into, read_weights
 from rayssl.presets import layered_config, preset_names
 from rayssl.runtime.internals import SNAPSHOT_FILE
 from rayssl.storage import S3Options, exists, read_text
-from rayssl.viz.tracking import RunRecorder, tracking_requirements
+from rayssl.viz.tracking import RunRecorder, tracking_requirements, wandb_environment
 
 PROG = "python -m rayssl.train"
 
@@ -57,6 +57,7 @@ FLAG_KEYS: dict[str, str] = {
     "eval_labels": "eval.labels",
     "eval_test_data": "eval.test_data",
     "eval_test_labels": "eval.test_labels",
+    "progress": "run.progress_bars",
 }
 
 
@@ -140,6 +141,11 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--mlflow", nargs="?", const="", default=None, metavar="TRACKING_URI",
                    help="also log params and per-epoch metrics to MLflow (needs mlflow installed; "
                         "default URI: MLFLOW_TRACKING_URI or ./mlruns)")
+    p.add_argument("--wandb", default=None, metavar="PROJECT",
+                   help="also log params, per-step and per-epoch metrics to Weights & Biases project PROJECT "
+                        "(needs wandb installed and logged in; WANDB_MODE=offline works without network)")
+    p.add_argument("--progress", action="store_true", default=None,
+                   help="show Ray Data's progress bars (off by default: they flood a log file)")
     return p
 
 
@@ -301,7 +307,7 @@ def prepare(args: argparse.Namespace) -> Prepared | None:
         source = check_data_source(cfg)
         check_eval_source(cfg)
         check_pretrained(cfg)
-        tracking_requirements(args.tensorboard, args.mlflow, cfg.run.output)
+        tracking_requirements(args.tensorboard, args.mlflow, cfg.run.output, args.wandb)
     except ConfigError as exc:
         raise ConfigError(name_flag(str(exc))) from None
     spec = get_method(cfg.run.method)
@@ -309,7 +315,8 @@ def prepare(args: argparse.Namespace) -> Prepared | None:
                            tensorboard=args.tensorboard, mlflow=args.mlflow, run_name=Path(cfg.run.output).name,
                            params={"method": cfg.run.method, "backbone": cfg.model.backbone,
                                    "batch_size": cfg.run.batch_size, "epochs": cfg.run.epochs},
-                           epochs=cfg.run.epochs, options=cfg.data.s3.signed())
+                           epochs=cfg.run.epochs, options=cfg.data.s3.signed(), wandb=args.wandb,
+                           wandb_env=wandb_environment() if args.wandb else None)
     return Prepared(cfg, source, recorder)
 
 

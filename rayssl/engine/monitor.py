@@ -93,6 +93,7 @@ class Monitor:
         self.steps = self.images = self.win_n = 0
         self.win_loss = torch.zeros((), device=self.engine.device)
         self.first_loss = self.metrics = None
+        self.step_row: dict | None = None
         self.waits.take_window()
 
     def after_step(self, metrics: Mapping[str, torch.Tensor]) -> None:
@@ -105,12 +106,15 @@ class Monitor:
         self.metrics = metrics
         if self.first_loss is None:  # the epoch's first loss: after a resume, the step right after the checkpoint
             self.first_loss = metrics["loss"].detach()
-        if not self.logs or e.step % self.every:
+        if not self.logs or not self.log_step():
             return
         mean_loss = (self.win_loss / self.win_n).item()
         win_s = time.perf_counter() - self.win_t
         ips = self.win_n * e.cfg.run.batch_size / win_s
         wait_pct = 100.0 * self.waits.take_window() / win_s
+        self.step_row = {"step": e.step, "epoch": round(e.epoch + e.epoch_step / e.steps_per_epoch, 4),
+                         "loss": mean_loss, "lr": float(metrics["lr"]), "images_per_s": ips,
+                         "data_wait_pct": wait_pct}
         log(f"epoch {e.epoch + 1}/{e.cfg.run.epochs} step {e.epoch_step}/{e.steps_per_epoch} "
             f"loss={mean_loss:.4f} lr={metrics['lr']:.4g} {ips:.1f} img/s data_wait={wait_pct:.0f}%"
             f"{e.method.progress_text(metrics)}{self.extra_text()}")
@@ -119,6 +123,17 @@ class Monitor:
             log("WARNING " + warn)
         self.win_loss.zero_()
         self.win_n, self.win_t = 0, time.perf_counter()
+
+    def log_step(self) -> bool:
+        """Whether the step just taken is a log step (the same on every rank)."""
+        return self.engine.step % self.every == 0
+
+    def take_step_report(self) -> dict:
+        """What a log step is reported with: ``{"step_log": row}``, the row (rank 0's; ``{}`` on
+        the other ranks) being the log window's step, fractional epoch, mean loss, lr, images/s and
+        share of time waiting for data. The trackers write it per step; Tune passes over it."""
+        row, self.step_row = self.step_row, None
+        return {"step_log": row or {}}
 
     def mid_epoch_report(self, data: dict) -> dict:
         """What a checkpoint inside an epoch is reported with. It has no ``epoch`` key: the

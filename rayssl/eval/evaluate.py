@@ -38,7 +38,7 @@ from rayssl.storage import S3Options
 PROTOCOLS = ("knn", "linear", "multilabel-linear")
 METRIC = {"knn": "knn_top1", "linear": "linear_top1", "multilabel-linear": "linear_map"}
 
-__all__ = ["METRIC", "PROTOCOLS", "EvalError", "EvalRequest", "Extractor", "LabelledSource", "Sources", "evaluate",
+__all__ = ["METRIC", "PROTOCOLS", "EvalError", "EvalRequest", "Extractor", "LabelledSource", "Sources", "class_targets", "evaluate",
            "format_table", "open_run_sources", "open_sources", "resolve_protocol", "run_metric", "run_request"]
 
 
@@ -164,7 +164,7 @@ def score(protocol: str, f_tr, y_tr, f_te, y_te, req: "EvalRequest") -> float:
     return linear_probe_map(f_tr, torch.as_tensor(y_tr).float(), f_te, torch.as_tensor(y_te).float(), seed=req.seed)
 
 
-def _targets(protocol: str, label_sets: list[tuple[str, ...]], classes: list[str], flag: str):
+def class_targets(protocol: str, label_sets: list[tuple[str, ...]], classes: list[str], flag: str):
     y, _ = label_matrix(label_sets, classes)
     if protocol == "multilabel-linear":
         return y
@@ -275,11 +275,11 @@ def evaluate(req: EvalRequest, ckpt: LoadedCheckpoint, sources: Sources, pool: A
             info["skipped"] += sk
             classes = sorted({c for s in label_sets + sets_te for c in s})
             info["classes"] = classes
-            return (feats, _targets(req.protocol, label_sets, classes, "--labels"),
-                    f_te, _targets(req.protocol, sets_te, classes, "--test-labels"))
+            return (feats, class_targets(req.protocol, label_sets, classes, "--labels"),
+                    f_te, class_targets(req.protocol, sets_te, classes, "--test-labels"))
         classes = sorted({c for s in label_sets for c in s})
         info["classes"] = classes
-        y = _targets(req.protocol, label_sets, classes, "--labels")
+        y = class_targets(req.protocol, label_sets, classes, "--labels")
         tr, te = split_train_test(ids, req.test_fraction, req.seed)
         return feats[tr], y[tr], feats[te], y[te]
 

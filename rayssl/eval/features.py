@@ -13,8 +13,9 @@ from rayssl.eval.linear import linear_probe_map
 
 @torch.no_grad()
 def extract_features(backbone: torch.nn.Module, images: np.ndarray, size: int, device,
-                     batch_size: int = 256) -> torch.Tensor:
-    """uint8 images (N, H, W, 3) -> backbone features (N, d) float32 on CPU, in eval mode."""
+                     batch_size: int = 256, on_device: bool = False) -> torch.Tensor:
+    """uint8 images (N, H, W, 3) -> backbone features (N, d) float32 on CPU (``on_device``: where
+    they were computed), in eval mode: no batch-norm statistic moves, the mode is restored."""
     was_training = backbone.training
     backbone.eval()
     out = []
@@ -23,7 +24,8 @@ def extract_features(backbone: torch.nn.Module, images: np.ndarray, size: int, d
                             channels_last=torch.device(device).type == "cuda")
         if x.shape[-1] != size:
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        out.append(backbone(x).float().cpu())
+        feats = backbone(x).float()
+        out.append(feats if on_device else feats.cpu())
     backbone.train(was_training)
     return torch.cat(out)
 

@@ -14,6 +14,7 @@ import json
 import time
 from typing import Sequence
 
+from ray.data import DataContext
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
@@ -69,6 +70,8 @@ def train(cfg: Config, callbacks: Sequence = (), source: Source | None = None) -
     """
     with ray_session():
         t_ray = time.perf_counter()
+        if cfg.run.progress_bars:  # an interactive user's choice (ray_session turns them off)
+            DataContext.get_current().enable_progress_bars = True
         resources, num_nodes = capacity()
         check_output_shared(cfg.run.output, cfg.run.shared_output, num_nodes)
         # sized for the most workers the run may have
@@ -170,6 +173,9 @@ def _summary(cfg: Config, result, counts: dict, wall: float, spent: dict) -> dic
     for start in ("random_init", "pretrained"):
         if f"{metric}_{start}" in m:
             summary[f"{metric}_{start}"] = m[f"{metric}_{start}"]
+    for probe in ("probe_top1", "probe_map"):  # eval.online_probe's last score
+        if probe in m:
+            summary[probe] = m[probe]
     summary.update({
         # the workers' restarts: with another worker count (elastic), after a preemption notice,
         # and after anything else; and how many trained at the end

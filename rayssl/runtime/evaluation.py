@@ -16,16 +16,22 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 
 from rayssl.checkpoint import BACKBONE_PREFIX, LoadedCheckpoint
 from rayssl.config import Config
 from rayssl.engine import EpochEvaluator, log
 from rayssl.engine.evaluate import evaluated_epoch, node_threads
-from rayssl.eval.evaluate import LabelledSource, evaluate, open_run_sources, run_request
+from rayssl.engine.probe import LabelledImages, OnlineProbe
+from rayssl.data.scenes import SHAPES
+from rayssl.eval.evaluate import LabelledSource, class_targets, evaluate, open_run_sources, run_request
+from rayssl.eval.features import scenes_eval_sets
 from rayssl.eval.job import ActorPool, BackboneFeatures, FeatureTable, collect, listed_images, read_source
+from rayssl.eval.preprocess import split_train_test
+from rayssl.methods import get_method
 
-__all__ = ["UserDataEvaluation", "evaluator_for", "no_evaluation_note"]
+__all__ = ["UserDataEvaluation", "evaluator_for", "no_evaluation_note", "online_probe"]
 
 def no_evaluation_note(cfg: Config) -> str | None:
     """The one line a run without an evaluation says, else None."""
@@ -98,3 +104,55 @@ def evaluator_for(engine):
     if cfg.data.builtin_scenes:
         return EpochEvaluator(engine)
     return _NoEvaluation()
+
+
+def _read_labelled(ls: LabelledSource, size: int) -> tuple[list[str], np.ndarray, list[tuple[str, ...]]]:
+    """Every readable labelled image of ``ls`` (resized as the evaluation reads it), in memory."""
+    ids, images = [], []
+    for batch in read_source(ls.source, ls.ids_by_path, size=size, parquet_id_column=ls.parquet_id_column):
+        for i, image in zip(batch["id"], batch["image"]):
+            if str(i) in ls.labels:
+                ids.append(str(i))
+                images.append(np.asarray(image, dtype=np.uint8))
+    if not ids:
+        raise ValueError(f"eval.online_probe: no readable labelled image in {ls.uri}")
+    return ids, np.stack(images), [ls.labels[i] for i in ids]
+
+
+def _user_probe_sets(cfg: Config, size: int) -> tuple[LabelledImages, LabelledImages]:
+    """``eval.data``'s train and test splits as ``rayssl eval`` splits them, images in memory."""
+    sources = open_run_sources(cfg.eval, cfg.run.seed, cfg.data.s3, cfg.data.parquet_image_column)
+    protocol = cfg.eval.protocol
+    ids, images, sets = _read_labelled(sources.train, size)
+    if sources.test is not None:
+        _, images_te, sets_te = _read_labelled(sources.test, size)
+        classes = sorted({c for labels in sets + sets_te for c in labels})
+        y, y_te = (class_targets(protocol, s, classes, "--eval-labels") for s in (sets, sets_te))
+        return LabelledImages(images, y, len(classes)), LabelledImages(images_te, y_te, len(classes))
+    classes = sorted({c for labels in sets for c in labels})
+    y = class_targets(protocol, sets, classes, "--eval-labels")
+    tr, te = split_train_test(ids, cfg.eval.test_fraction, cfg.run.seed)
+    return LabelledImages(images[tr], y[tr], len(classes)), LabelledImages(images[te], y[te], len(classes))
+
+
+def _scene_probe_sets(cfg: Config) -> tuple[LabelledImages, LabelledImages]:
+    """The held-out labelled scenes the run's evaluation uses: the dominant shape for a method
+    scored by kNN top-1, every shape present (multi-hot) for one scored by mAP."""
+    sets = scenes_eval_sets(cfg.run.seed, cfg.data.scenes_image_size, cfg.eval.num_train_images,
+                            cfg.eval.num_test_images)
+    key = "label" if get_method(cfg.run.method).metric == "knn_top1" else "labels"
+    return tuple(LabelledImages(s["image"], s[key], len(SHAPES)) for s in sets)
+
+
+def online_probe(engine) -> OnlineProbe | None:
+    """Rank 0's online linear probe when ``eval.online_probe`` (see ``rayssl.engine.probe``)."""
+    cfg = engine.cfg
+    if not cfg.eval.online_probe:
+        return None
+    t0, size = time.perf_counter(), cfg.data.crop_sizes[0]
+    train, test = _user_probe_sets(cfg, size) if cfg.eval.data else _scene_probe_sets(cfg)
+    probe = OnlineProbe(engine.method.backbone, train, test, size, engine.device, batch_size=cfg.eval.online_probe_batch,
+                        lr=cfg.eval.online_probe_lr, seed=cfg.run.seed)
+    log(f"online probe: a linear head on {len(train.targets)} labelled images, scored on {len(test.targets)} "
+        f"every epoch ({probe.metric}) [{time.perf_counter() - t0:.1f}s]")
+    return probe

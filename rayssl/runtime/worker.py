@@ -18,7 +18,7 @@ from rayssl.checkpoint import CheckpointError
 from rayssl.config import Config
 from rayssl.data.feed import TrainFeed
 from rayssl.engine import Engine, Monitor, control_group, lockstep, log
-from rayssl.runtime.evaluation import evaluator_for
+from rayssl.runtime.evaluation import evaluator_for, online_probe
 from rayssl.storage import StorageError
 from rayssl.storage.checked import take_write_failures
 
@@ -133,6 +133,7 @@ def train_loop_per_worker(payload: dict) -> None:
                      local_shuffle=not payload.get("shuffled_at_source", False))
     monitor = Monitor(engine, logs=rank == 0, extra_text=stats.skip_text)
     evaluate = evaluator_for(engine)  # the user's labelled images, the held-out scenes, or nothing
+    probe = online_probe(engine) if rank == 0 else None  # eval.online_probe: a linear head beside training
     control = control_group()  # host-side (gloo) group for the per-step "have data" flags
     checkpoints = Checkpoints(engine, monitor, stats.count_preemption_notice if rank == 0 else lambda: None)
 
@@ -146,12 +147,20 @@ def train_loop_per_worker(payload: dict) -> None:
         for crops, columns in monitor.batches(lockstep(feed.epoch(epoch, skip), control,
                                                        limit=steps_per_epoch - skip)):
             monitor.after_step(engine.train_step(crops, columns))
+            if probe is not None:
+                probe.step()
+            if monitor.log_step():  # the step's progress to the trackers, live (every rank reports)
+                ray.train.report(monitor.take_step_report())
             reason = checkpoints.after_step()
             if reason:
                 checkpoints.save(monitor.mid_epoch_report(stats.get_or_empty() if rank == 0 else {}),
                                  reason=reason, mid_epoch=True)
         report = monitor.end_epoch()
         if rank == 0:
+            if probe is not None:
+                t = time.perf_counter()
+                report.update(probe.score())
+                monitor.add_time("eval_s", time.perf_counter() - t)
             if evaluate.due(epoch):
                 t = time.perf_counter()
                 report.update(evaluate(epoch))
