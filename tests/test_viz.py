@@ -120,8 +120,11 @@ def test_curves_sort_epochs_latest_duplicate_wins_and_missing_metric_is_labelled
     series = figures.plot_training_curves(history, str(tmp_path / "c.png"), metric="linear_map")
     assert series["loss"] == [(1.0, 3.0), (2.0, 1.5)]
     assert series["images_per_s"] == [(2.0, 6.0)]  # the NaN is not drawn
-    assert series["linear_map"] == []
+    assert series["linear_map"] == [] and "probe_top1" not in series  # no probe: no probe panel
     _png(tmp_path / "c.png")
+    history[2]["probe_top1"] = 0.4  # eval.online_probe's score gets its own panel beside the metric
+    series = figures.plot_training_curves(history, str(tmp_path / "c.png"), metric="knn_top1")
+    assert series["probe_top1"] == [(2.0, 0.4)] and "probe_map" not in series
     with pytest.raises(ValueError, match="without 'epoch'"):
         figures.plot_training_curves([{"loss": 1.0}], str(tmp_path / "d.png"))
 

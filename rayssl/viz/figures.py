@@ -38,12 +38,13 @@ def save_figure(fig, out: str, dpi: int = 110, options: S3Options | None = None)
 # ------------------------------------------------------------------ training curves
 
 CURVE_PANELS = (("loss", "loss"), ("lr", "learning rate"), ("images_per_s", "images / s"))
+PROBE_PANELS = ("probe_top1", "probe_map")  # eval.online_probe's score, drawn when the run reports it
 
 
 def plot_training_curves(history: Sequence[dict], out: str, metric: str | None = None,
                          title: str | None = None,
                          options: S3Options | None = None) -> dict[str, list[tuple[float, float]]]:
-    """Loss, learning rate, images/s and the method's metric against the epoch.
+    """Loss, learning rate, images/s, the method's metric and the online probe's score against the epoch.
 
     Args:
         history: one dict per reported epoch (``epoch`` plus any of ``loss``, ``lr``,
@@ -62,6 +63,7 @@ def plot_training_curves(history: Sequence[dict], out: str, metric: str | None =
         raise ValueError("no epochs to plot (empty history)")
     rows = [by_epoch[e] for e in sorted(by_epoch)]
     panels = list(CURVE_PANELS) + ([(metric, metric.replace("_", " "))] if metric else [])
+    panels += [(k, f"online probe {k.split('_')[1]}") for k in PROBE_PANELS if k != metric and any(k in r for r in rows)]
     series: dict[str, list[tuple[float, float]]] = {}
     for key, _ in panels:
         pts = [(float(r["epoch"]), float(r[key])) for r in rows
