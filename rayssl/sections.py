@@ -297,6 +297,10 @@ class EvalSection:
     online_probe: bool = False
     online_probe_batch: int = 32
     online_probe_lr: float = 1e-3
+    # eval.data's evaluation as a Ray task beside training (rank 0 hands it the epoch's weights and
+    # goes on; the score joins a later report against its epoch); false: on rank 0 between epochs.
+    background: bool = True
+    background_cpus: float = 0.0  # CPUs the task reserves (0: none taken from training); its threads
 
     def __post_init__(self) -> None:
         check(self.protocol in ("auto", "knn", "linear", "multilabel-linear"), "eval.protocol",
@@ -311,6 +315,7 @@ class EvalSection:
         check(self.every_epochs >= 0, "eval.every_epochs", "must be >= 0")
         check(self.online_probe_batch >= 1, "eval.online_probe_batch", "must be >= 1")
         check(self.online_probe_lr > 0, "eval.online_probe_lr", "must be > 0")
+        check(self.background_cpus >= 0, "eval.background_cpus", "must be >= 0")
         check(
             self.knn_k <= self.num_train_images,
             "eval.knn_k",

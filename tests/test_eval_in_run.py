@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import tiny_args
+from rayssl.checkpoint import load_shared_state
 from rayssl.cli import eval as eval_cli
 from rayssl.cli import sweep as sweep_cli
 from rayssl.cli import train as train_cli
@@ -37,26 +38,38 @@ def folders(tmp_path_factory):
 
 
 def test_a_run_scores_the_users_split_as_rayssl_eval_scores_its_checkpoint(ray_session, folders, tmp_path, capsys):
+    """Two epochs, evaluated after each: epoch 1's evaluation ran in a Ray task while epoch 2
+    trained (its score came with epoch 2's report, into epoch 1's row), epoch 2's at the end; each
+    equals ``rayssl eval`` on that epoch's checkpoint."""
     train, split = folders
     out = tmp_path / "run"
-    rc = train_cli.main(tiny_args(out, "--data", str(train), "--preset", "quick", "--epochs", "1",
-                                  "--eval-data", str(split), "--set", "eval.online_probe=true"))
+    rc = train_cli.main(tiny_args(out, "--data", str(train), "--preset", "quick", "--epochs", "2",
+                                  "--eval-data", str(split), "--set", "eval.every_epochs=1",
+                                  "--set", "eval.random_baseline=true", "--set", "run.checkpoint_every_epochs=1",
+                                  "--set", "eval.online_probe=true"))
     captured = capsys.readouterr()
     assert rc == 0, captured.err[-3000:]
     s = _last_json(captured.out)
     assert s["metric"] == "knn_top1" and s["eval_data"] == str(split) and 0 <= s["knn_top1"] <= 1
-    assert f"knn_top1 on {split}" in captured.err and "1 unreadable skipped" in captured.err
-    report = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
-    assert report["knn_top1"] == s["knn_top1"] and report["eval_skipped_images"] == 1
-    assert report["eval_images"] == 60  # 48 train + 12 test, the broken one not among them
+    assert f"epoch 1: evaluating on {split} in a Ray task beside training" in captured.err
+    assert f"epoch 1: knn_top1 on {split}" in captured.err and "1 unreadable skipped" in captured.err
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    first, last = (r for r in rows if r.get("kind") != "step")
+    assert first["epoch"] == 1 and first["reported_epoch"] == 2  # not waited for: training went on
+    assert last["knn_top1"] == s["knn_top1"] and last["eval_skipped_images"] == 1 and "reported_epoch" not in last
+    assert last["eval_images"] == first["eval_images"] == 60  # 48 train + 12 test, the broken one not among them
+    assert first["knn_top1_random_init"] == last["knn_top1_random_init"] == s["knn_top1_random_init"]  # once
     # The online probe trained on the same split's 48 training images and scored its 12 test images.
     assert "online probe: a linear head on 48 labelled images, scored on 12 every epoch (probe_top1)" in captured.err
-    assert report["probe_top1"] == s["probe_top1"] and s["probe_top1"] * 12 == pytest.approx(round(s["probe_top1"] * 12))
+    assert last["probe_top1"] == s["probe_top1"] and s["probe_top1"] * 12 == pytest.approx(round(s["probe_top1"] * 12))
 
-    assert eval_cli.main(["--checkpoint", str(out), "--data", str(split), "--protocol", "knn"]) == 0
-    e = _last_json(capsys.readouterr().out)
-    assert e["skipped_images"] == 1 and e["num_train"] + e["num_test"] == 60
-    assert abs(e["knn_top1"] - s["knn_top1"]) <= 1 / e["num_test"] + 1e-9  # within one image
+    checkpoints = {load_shared_state(d)["epoch"]: d for d in out.glob("checkpoint_*") if d.is_dir()}
+    for row in (first, last):
+        assert eval_cli.main(["--checkpoint", str(checkpoints[row["epoch"]]), "--data", str(split),
+                              "--protocol", "knn"]) == 0
+        e = _last_json(capsys.readouterr().out)
+        assert e["skipped_images"] == 1 and e["num_train"] + e["num_test"] == 60
+        assert abs(e["knn_top1"] - row["knn_top1"]) <= 1 / e["num_test"] + 1e-9  # within one image
 
 
 def test_without_an_evaluation_source_a_run_on_user_data_evaluates_nothing_and_says_so():

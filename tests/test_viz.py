@@ -108,6 +108,25 @@ def test_step_rows_reach_every_tracker_and_a_resume_continues_the_wandb_run(tmp_
     assert json.loads((out / TRACKERS_FILE).read_text())["wandb"]["id"] == run_id
 
 
+def test_an_evaluation_that_ran_beside_training_joins_its_own_epoch(tmp_path, monkeypatch):
+    """Epoch 1's score, brought by epoch 2's report (``late_evaluations``), lands in epoch 1's row,
+    at epoch 1 in TensorBoard, and in W&B against ``epoch`` 1 (the row after the report's step)."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    rec = RunRecorder(str(out), "knn_top1", tensorboard="", wandb="rayssl-test", epochs=2)
+    rec.record({"epoch": 1, "step": 4, "loss": 4.0})
+    rec.record({"epoch": 2, "step": 8, "loss": 3.0, "knn_top1": 0.75,
+                "late_evaluations": [{"epoch": 1, "knn_top1": 0.5, "eval_data": "/val", "reported_epoch": 2}]})
+    history = read_history(str(out))
+    assert [(h["epoch"], h.get("knn_top1"), h.get("reported_epoch")) for h in history] == [(1, 0.5, 2), (2, 0.75, None)]
+    assert "late_evaluations" not in history[1]
+    scalars = _tensorboard_scalars(out / "tensorboard")
+    assert scalars[("train/knn_top1", 1)] == pytest.approx(0.5) and scalars[("train/knn_top1", 2)] == pytest.approx(0.75)
+    (run,) = offline_runs(out)
+    logged = [(h["_step"], h["epoch"], h["epoch/knn_top1"]) for h in run["history"] if "epoch/knn_top1" in h]
+    assert sorted(logged) == [(8, 2, 0.75), (9, 1, 0.5)]
+
+
 def test_wandb_flag_needs_a_project_name(tmp_path):
     with pytest.raises(ValueError, match=r"^--wandb: give a W&B project name"):
         tracking_requirements(None, None, str(tmp_path), wandb="team/project")

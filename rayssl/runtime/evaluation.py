@@ -2,14 +2,17 @@
 
 * ``eval.data`` given: the user's labelled images, scored as ``rayssl eval`` scores a checkpoint
   (``rayssl.eval.evaluate.evaluate``: the same reading, resizing, split, kNN or linear probe) on
-  the run's live weights, the features extracted on rank 0's device by the eval job's own read
-  functions and inference code, in-process (``UserDataEvaluation``);
-* else, training on the built-in scenes: held-out scenes (``rayssl.engine.EpochEvaluator``);
+  the run's weights after the epoch, the features extracted by the eval job's own read functions
+  and inference code (``score_weights``): in a Ray task beside training (``BackgroundEvaluation``,
+  ``eval.background``, the default), or on rank 0 between epochs (``UserDataEvaluation``: Tune
+  trials, whose schedulers compare trials at an epoch by that epoch's score);
+* else, training on the built-in scenes: held-out scenes (``rayssl.engine.EpochEvaluator``), on
+  rank 0 between epochs;
 * else nothing, said once (``no_evaluation_note``): a score on generated scenes says nothing
   about a model of the user's images.
 
-Blocking, on rank 0, at the epochs ``eval.every_epochs`` names and the last, as the scenes'
-evaluation is; with every core of the node on a CPU (``node_threads``).
+At the epochs ``eval.every_epochs`` names and the last. On rank 0, with every core of the node
+on a CPU (``node_threads``), training waiting for it.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import ray
 import torch
 
 from rayssl.checkpoint import BACKBONE_PREFIX, LoadedCheckpoint
@@ -31,7 +35,9 @@ from rayssl.eval.job import ActorPool, BackboneFeatures, FeatureTable, collect, 
 from rayssl.eval.preprocess import split_train_test
 from rayssl.methods import get_method
 
-__all__ = ["UserDataEvaluation", "evaluator_for", "no_evaluation_note", "online_probe"]
+__all__ = ["BackgroundEvaluation", "UserDataEvaluation", "evaluator_for", "no_evaluation_note", "online_probe",
+           "score_weights"]
+
 
 def no_evaluation_note(cfg: Config) -> str | None:
     """The one line a run without an evaluation says, else None."""
@@ -43,17 +49,59 @@ def no_evaluation_note(cfg: Config) -> str | None:
 
 
 class _NoEvaluation:
-    def due(self, epoch: int) -> bool:
-        return False
+    def at_epoch_end(self, epoch: int) -> dict:
+        return {}
+
+
+class _Inline:
+    """An evaluation run on rank 0 at the epochs it is due, training waiting for it."""
+
+    def __init__(self, evaluate):
+        self.evaluate = evaluate
+
+    def at_epoch_end(self, epoch: int) -> dict:
+        return self.evaluate(epoch) if self.evaluate.due(epoch) else {}
+
+
+def score_weights(cfg: Config, epoch: int, backbone: dict, *, baseline: bool, device: str, threads: int,
+                  sources=None) -> tuple[dict, dict]:
+    """``eval.data``'s score of the backbone weights after (0-based) ``epoch``, as ``rayssl eval``
+    scores a checkpoint (``rayssl.eval.evaluate.evaluate``), the features extracted in this process
+    by the eval job's read functions (``read_source``) and its inference actor's code
+    (``BackboneFeatures``) on ``device`` with ``threads``. Rank 0 calls it between epochs, the
+    background task beside training. Returns (the report's keys, ``evaluate``'s result)."""
+    req = run_request(cfg.eval, cfg.run.seed, cfg.data.parquet_image_column)
+    req.baseline = baseline
+    if sources is None:
+        sources = open_run_sources(cfg.eval, cfg.run.seed, cfg.data.s3, cfg.data.parquet_image_column)
+    ckpt = LoadedCheckpoint(uri=f"{cfg.run.output} (epoch {epoch + 1}, live weights)", state={
+        "method": cfg.run.method, "config": cfg.to_dict(), "epoch": epoch + 1, "model": backbone})
+
+    def features(ls: LabelledSource, state: dict, size: int) -> FeatureTable:
+        encode = BackboneFeatures(cfg.model.backbone, cfg.model.small_stem, state, size, threads=threads, device=device)
+        batches = read_source(ls.source, ls.ids_by_path, size=size, parquet_id_column=ls.parquet_id_column)
+        return collect((encode(b) for b in batches if len(b["id"])), listed_images(ls.source, ls.ids_by_path))
+
+    result = evaluate(req, ckpt, sources, ActorPool(), extract=features)
+    metric = result["metric"]
+    out = {metric: result[metric], "eval_data": cfg.eval.data, "eval_images": result["num_train"] + result["num_test"],
+           "eval_skipped_images": result["skipped_images"]}
+    if f"{metric}_random_init" in result:
+        out[f"{metric}_random_init"] = result[f"{metric}_random_init"]
+    return out, result
+
+
+def _live_backbone(engine) -> dict:
+    """The backbone's weights now, on the CPU (what ``evaluate`` reads of a checkpoint)."""
+    return {k: v.detach().cpu().clone() for k, v in engine.method.state_dict().items() if k.startswith(BACKBONE_PREFIX)}
 
 
 class UserDataEvaluation:
-    """The run's backbone scored on ``eval.data`` (see the module docstring)."""
+    """The run's backbone scored on ``eval.data`` (see the module docstring): on rank 0 between
+    epochs, training waiting for it (``eval.background=false``, and every Tune trial)."""
 
     def __init__(self, engine):
         self.engine = engine
-        cfg = engine.cfg
-        self.req = run_request(cfg.eval, cfg.run.seed, cfg.data.parquet_image_column)
         self.sources = None
         self.random_init: float | None = None
 
@@ -65,44 +113,91 @@ class UserDataEvaluation:
         with node_threads(self.engine.device):
             if self.sources is None:  # listed and checked once (the command checked them before Ray)
                 self.sources = open_run_sources(cfg.eval, cfg.run.seed, cfg.data.s3, cfg.data.parquet_image_column)
-            self.req.baseline = cfg.eval.random_baseline and self.random_init is None
-            ckpt = LoadedCheckpoint(uri=f"{cfg.run.output} (epoch {epoch + 1}, live weights)", state={
-                "method": cfg.run.method, "config": cfg.to_dict(), "epoch": epoch + 1,
-                "model": {k: v.detach().cpu() for k, v in self.engine.method.state_dict().items()
-                          if k.startswith(BACKBONE_PREFIX)}})  # what evaluate reads of it
-            result = evaluate(self.req, ckpt, self.sources, ActorPool(), extract=self._features)
-        metric = result["metric"]
-        if f"{metric}_random_init" in result:
-            self.random_init = result[f"{metric}_random_init"]
-        out = {metric: result[metric], "eval_data": cfg.eval.data, "eval_images": result["num_train"] + result["num_test"],
-               "eval_skipped_images": result["skipped_images"]}
-        if self.random_init is not None:
-            out[f"{metric}_random_init"] = self.random_init
-        log(f"epoch {epoch + 1}: {metric} on {cfg.eval.data} {out[metric]:.4f} ({result['num_train']} train / "
-            f"{result['num_test']} test images" + (f", {result['skipped_images']} unreadable skipped"
-                                                    if result["skipped_images"] else "")
-            + (f"; random init: {self.random_init:.4f}" if self.random_init is not None else "")
-            + f") [{time.perf_counter() - t0:.1f}s]")
+            out, result = score_weights(cfg, epoch, _live_backbone(self.engine),
+                                        baseline=cfg.eval.random_baseline and self.random_init is None,
+                                        device=str(self.engine.device), threads=torch.get_num_threads(),
+                                        sources=self.sources)
+        self.random_init = with_random_init(out, result["metric"], self.random_init)
+        log(score_text(cfg, epoch, out, result, time.perf_counter() - t0))
         return out
 
-    def _features(self, ls: LabelledSource, state: dict, size: int) -> FeatureTable:
-        """What ``rayssl.eval.job.source_features`` returns for ``ls``, computed here: the eval
-        job's read functions (``read_source``) and its inference actor's code (``BackboneFeatures``)
-        in this process, on this worker's device and threads."""
+
+def with_random_init(out: dict, metric: str, known: float | None) -> float | None:
+    """Adds the random init's score (scored once per run) to ``out``; returns it."""
+    known = out.get(f"{metric}_random_init", known)
+    if known is not None:
+        out[f"{metric}_random_init"] = known
+    return known
+
+
+def score_text(cfg: Config, epoch: int, out: dict, result: dict, seconds: float, where: str = "") -> str:
+    metric = result["metric"]
+    base = out.get(f"{metric}_random_init")
+    return (f"epoch {epoch + 1}: {metric} on {cfg.eval.data} {out[metric]:.4f} ({result['num_train']} train / "
+            f"{result['num_test']} test images" + (f", {result['skipped_images']} unreadable skipped"
+                                                    if result["skipped_images"] else "")
+            + (f"; random init: {base:.4f}" if base is not None else "") + f") [{where}{seconds:.1f}s]")
+
+
+@ray.remote(max_retries=0)
+def _score_beside_training(config: dict, epoch: int, backbone: dict, baseline: bool, threads: int) -> tuple:
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    out, result = score_weights(Config.from_dict(config), epoch, backbone, baseline=baseline, device="cpu",
+                                threads=threads)
+    return out, {k: result[k] for k in ("metric", "num_train", "num_test", "skipped_images")}, time.perf_counter() - t0
+
+
+class BackgroundEvaluation:
+    """``eval.data``'s evaluation as a Ray task beside training (``eval.background``, the default
+    of ``rayssl train``): at an evaluated epoch rank 0 hands the task a CPU copy of the backbone's
+    weights and trains on; at later epoch ends it collects a finished score, reported under
+    ``late_evaluations`` against the epoch it belongs to (the trackers put it there). At most one
+    runs: when the next is due first, rank 0 waits for it; the run's last epoch waits for its own.
+    The task reserves ``eval.background_cpus`` (0: none, so it never holds a CPU Ray Data needs) and
+    computes with that many threads (at least one) on the CPU."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.running: tuple[int, ray.ObjectRef] | None = None
+        self.random_init: float | None = None
+        self.baseline_asked = False
+
+    def at_epoch_end(self, epoch: int) -> dict:
         cfg = self.engine.cfg
-        encode = BackboneFeatures(cfg.model.backbone, cfg.model.small_stem, state, size,
-                                  threads=torch.get_num_threads(), device=str(self.engine.device))
-        batches = read_source(ls.source, ls.ids_by_path, size=size, parquet_id_column=ls.parquet_id_column)
-        return collect((encode(b) for b in batches if len(b["id"])), listed_images(ls.source, ls.ids_by_path))
+        done: list[tuple[int, tuple]] = []
+        if self.running is not None and (evaluated_epoch(cfg, epoch) or ray.wait([self.running[1]], timeout=0)[0]):
+            done.append((self.running[0], ray.get(self.running[1])))  # a failed evaluation fails the run
+            self.running = None
+        if evaluated_epoch(cfg, epoch):
+            baseline = cfg.eval.random_baseline and not self.baseline_asked
+            self.baseline_asked = True
+            cpus = cfg.eval.background_cpus
+            ref = _score_beside_training.options(num_cpus=cpus).remote(
+                cfg.to_dict(), epoch, _live_backbone(self.engine), baseline, max(1, round(cpus)))
+            if epoch + 1 == cfg.run.epochs:  # the last: the run's final score
+                done.append((epoch, ray.get(ref)))
+            else:
+                self.running = (epoch, ref)
+                log(f"epoch {epoch + 1}: evaluating on {cfg.eval.data} in a Ray task beside training")
+        report: dict = {}
+        for e, (out, result, seconds) in done:
+            self.random_init = with_random_init(out, result["metric"], self.random_init)
+            log(score_text(cfg, e, out, result, seconds, "beside training, " if e != epoch else ""))
+            if e == epoch:
+                report.update(out)
+            else:
+                report.setdefault("late_evaluations", []).append({"epoch": e + 1, **out, "reported_epoch": epoch + 1})
+        return report
 
 
 def evaluator_for(engine):
-    """The run's evaluation (see the module docstring): ``due(epoch)``, then a call for the metrics."""
+    """The run's evaluation (see the module docstring): ``at_epoch_end(epoch)`` -> the metrics."""
     cfg = engine.cfg
     if cfg.eval.data:
-        return UserDataEvaluation(engine)
+        return BackgroundEvaluation(engine) if cfg.eval.background else _Inline(UserDataEvaluation(engine))
     if cfg.data.builtin_scenes:
-        return EpochEvaluator(engine)
+        return _Inline(EpochEvaluator(engine))
     return _NoEvaluation()
 
 

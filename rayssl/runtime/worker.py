@@ -157,14 +157,10 @@ def train_loop_per_worker(payload: dict) -> None:
                                  reason=reason, mid_epoch=True)
         report = monitor.end_epoch()
         if rank == 0:
-            if probe is not None:
-                t = time.perf_counter()
-                report.update(probe.score())
-                monitor.add_time("eval_s", time.perf_counter() - t)
-            if evaluate.due(epoch):
-                t = time.perf_counter()
-                report.update(evaluate(epoch))
-                monitor.add_time("eval_s", time.perf_counter() - t)
+            t = time.perf_counter()
+            report.update(probe.score() if probe is not None else {})
+            report.update(evaluate.at_epoch_end(epoch))  # due, started beside training, or finished
+            monitor.add_time("eval_s", time.perf_counter() - t)
             report["data"] = stats.get_or_empty()
         reason = checkpoints.at_epoch_end()
         if reason:

@@ -16,7 +16,9 @@ Written under the run's ``--output``:
                      images_per_s, images_seen, and the metric when evaluated), and one per log
                      step with ``"kind": "step"`` (step, fractional epoch, the log window's mean
                      loss, lr, images_per_s, data_wait_pct); a resumed run replaces the rows of
-                     the steps it trains again;
+                     the steps it trains again; an evaluation that ran beside training and came
+                     with a later report (``late_evaluations``) joins the row of its own epoch,
+                     with ``reported_epoch`` saying which epoch's report brought it;
   ``curves.png``     loss / lr / images/s / metric against the epoch;
   ``tensorboard/``   event files, with ``--tensorboard`` (or the directory it names): epoch rows as
                      ``train/<key>`` at the epoch, step rows as ``step/<key>`` at the step;
@@ -137,6 +139,9 @@ class RunRecorder:
         if "epoch" not in row:
             return
         self._history = [r for r in self._history if r.get("epoch", 0) < row["epoch"]] + [row]
+        late_rows = [_scalars(late) for late in metrics.get("late_evaluations") or ()]  # earlier epochs' scores
+        for late in late_rows:
+            self._record_late(late)
         self._write_rows()
         plot_training_curves(self._history, f"{self.output}/{CURVES_FILE}", self.metric, self.title,
                              options=self.options)
@@ -146,10 +151,26 @@ class RunRecorder:
         if self.mlflow_uri is not None:
             self._mlflow().log_metrics(values, step=epoch)
         if self.wandb_project is not None:  # W&B's x axis is the step: the epoch is a value
-            self._wandb().log({"epoch": epoch, **{f"epoch/{k}": v for k, v in values.items() if k != "step"}},
-                              step=int(row.get("step", 0)))
+            step = int(row.get("step", 0))
+            self._wandb().log({"epoch": epoch, **{f"epoch/{k}": v for k, v in values.items() if k != "step"}}, step=step)
+            for i, late in enumerate(late_rows, 1):  # W&B keeps one row per step, and its step only goes
+                # forward: an earlier epoch's score is a row of the next step(s), drawn at its epoch
+                self._wandb().log({"epoch": late["epoch"], **{f"epoch/{k}": v for k, v in late.items() if k != "epoch"}},
+                                  step=step + i)
         if self.epochs is not None and epoch >= self.epochs:
             self.close()
+
+    def _record_late(self, late: dict) -> None:
+        """An earlier epoch's evaluation: into that epoch's row, and at that epoch in TensorBoard and
+        MLflow (W&B: in ``record``)."""
+        epoch = int(late["epoch"])
+        values = {k: v for k, v in late.items() if k != "epoch"}
+        for r in self._history:
+            if int(r.get("epoch", -1)) == epoch:
+                r.update(values)
+        self._tensorboard(values, epoch, "train")
+        if self.mlflow_uri is not None:
+            self._mlflow().log_metrics(values, step=epoch)
 
     def _record_step(self, row: dict) -> None:
         if "step" not in row:
@@ -238,6 +259,7 @@ class RunRecorder:
                 config=self.params,
                 dir=None if is_remote(self.output) else self.output,
                 settings=wandb.Settings(console="off"))  # the controller's own output stays its own
+            self._wandb_run.define_metric("epoch/*", step_metric="epoch")  # epoch rows drawn against the epoch
             if not stored.get("id") == run_id:
                 self._save_run_id("wandb", {"project": self.wandb_project, "id": run_id})
         return self._wandb_run
