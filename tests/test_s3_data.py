@@ -300,10 +300,21 @@ def test_bucket_of_uncurated_images_trains_and_counts_exactly(ray_session, s3_en
         f"{prefix}/odd/tiny.png": _image(8, size=16),  # smaller than the 32 px crops
         f"{prefix}/README.txt": b"not listed: no image extension",
     })
-    fs.pipe(files)
+    # Labelled images of the user's beside it, one unreadable: scored at the end (issue 23), by the
+    # evaluation task beside training, reading through the same faulty store with the run's options.
+    labelled = {f"{bucket}/labelled/{i:03d}.png": _image(100 + i) for i in range(30)}
+    labelled[f"{bucket}/labelled/broken.png"] = b"\x89PNG but no more"
+    labels = "id,classes\n" + "".join(f"{i:03d},{'abc'[i % 3]}\n" for i in range(30)) + "broken,a\n"
+    fs.pipe({**files, **labelled, f"{bucket}/labelled.csv": labels.encode()})
     proxy = _faulty_store(fault_proxy)
-    assert train.main(_tiny(tmp_path / "run", f"s3://{prefix}", "--s3-endpoint", proxy.url)) == 0
+    assert train.main(_tiny(tmp_path / "run", f"s3://{prefix}", "--s3-endpoint", proxy.url,
+                            "--eval-data", f"s3://{bucket}/labelled", "--eval-labels", f"s3://{bucket}/labelled.csv",
+                            "--set", "eval.knn_k=5")) == 0
     s = _summary(capsys)
+    assert s["eval_data"] == f"s3://{bucket}/labelled" and 0 <= s["knn_top1"] <= 1
+    (row,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+              if '"kind": "step"' not in line]
+    assert row["eval_images"] == 30 and row["eval_skipped_images"] == 1 and row["knn_top1"] == s["knn_top1"]
     # The broken files are the only skips: no image lost to a fault, none counted as corrupt.
     assert s["data"].pop("retried") > 0 and set(proxy.injected) == set(KINDS)
     assert s["data"] == {"seen": 69, "skipped.decode_error": 2, "skipped.empty": 1, "skipped.too_small": 1,
