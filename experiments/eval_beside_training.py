@@ -1,10 +1,10 @@
 """What evaluating on the user's labelled images every epoch costs the training, three ways.
 
 Writes N unlabelled scene JPEGs (the training data) and M labelled ones as an ImageFolder (the
-evaluation data), then runs ``python -m rayssl.train --data TRAIN`` with the same settings:
-without an evaluation (``off``), with ``--eval-data VAL --set eval.every_epochs=1`` evaluated on
-rank 0 between epochs (``rank0``, ``eval.background=false``), and the same in a Ray task beside
-training (``beside``, the default). Prints one JSON line per run (the summary's training
+evaluation data), then runs ``python -m rayssl.train --data TRAIN --preset quick`` three times
+with the same settings: without an evaluation (``off``), with ``--eval-data VAL --set
+eval.every_epochs=1`` evaluated on rank 0 between epochs (``rank0``: ``eval.where=rank0``, what
+``auto`` picks on CPUs), and the same in a Ray task beside training (``beside``). Prints one JSON line per run (the summary's training
 images/s, which counts steps and data waits of the last epoch; the time block's evaluation
 seconds, what rank 0 spent evaluating or waiting for an evaluation; the wall time; the final
 score) and, last, each mode's images/s and wall time against ``off``.
@@ -37,11 +37,12 @@ def main() -> None:
                                    split="train")
         val = write_image_folder(os.path.join(tmp, "val"), args.eval_images, seed=1, size=args.size, fmt="jpg",
                                  layout="imagefolder", split="eval-train")
-        modes = {"off": [], "rank0": ["--eval-data", str(val), "--set", "eval.background=false"],
-                 "beside": ["--eval-data", str(val), "--set", "eval.background=true"]}
+        modes = {"off": [], "rank0": ["--eval-data", str(val), "--set", "eval.where=rank0"],
+                 "beside": ["--eval-data", str(val), "--set", "eval.where=beside"]}
         results = {}
         for mode, extra in modes.items():
-            cmd = [sys.executable, "-m", "rayssl.train", "--data", str(train), "--output", os.path.join(tmp, mode),
+            cmd = [sys.executable, "-m", "rayssl.train", "--data", str(train), "--preset", "quick",
+                   "--output", os.path.join(tmp, mode),
                    "--epochs", str(args.epochs), "--set", "eval.every_epochs=1", "--set", "eval.random_baseline=false",
                    *extra]
             t = time.perf_counter()

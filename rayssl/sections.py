@@ -297,9 +297,10 @@ class EvalSection:
     online_probe: bool = False
     online_probe_batch: int = 32
     online_probe_lr: float = 1e-3
-    # eval.data's evaluation as a Ray task beside training (rank 0 hands it the epoch's weights and
-    # goes on; the score joins a later report against its epoch); false: on rank 0 between epochs.
-    background: bool = True
+    # Where eval.data's evaluation runs: "beside" training in a Ray task (rank 0 hands it the epoch's
+    # weights and goes on; the score joins a later report against its epoch), on "rank0" between
+    # epochs, or "auto": beside when training on GPUs (their node's CPUs are free), else on rank 0.
+    where: str = "auto"
     background_cpus: float = 0.0  # CPUs the task reserves (0: none taken from training); its threads
 
     def __post_init__(self) -> None:
@@ -315,6 +316,7 @@ class EvalSection:
         check(self.every_epochs >= 0, "eval.every_epochs", "must be >= 0")
         check(self.online_probe_batch >= 1, "eval.online_probe_batch", "must be >= 1")
         check(self.online_probe_lr > 0, "eval.online_probe_lr", "must be > 0")
+        check(self.where in ("auto", "beside", "rank0"), "eval.where", f"choose auto, beside or rank0, got {self.where!r}")
         check(self.background_cpus >= 0, "eval.background_cpus", "must be >= 0")
         check(
             self.knn_k <= self.num_train_images,

@@ -39,13 +39,14 @@ def folders(tmp_path_factory):
 
 def test_a_run_scores_the_users_split_as_rayssl_eval_scores_its_checkpoint(ray_session, folders, tmp_path, capsys):
     """Two epochs, evaluated after each: epoch 1's evaluation ran in a Ray task while epoch 2
-    trained (its score came with epoch 2's report, into epoch 1's row), epoch 2's at the end; each
-    equals ``rayssl eval`` on that epoch's checkpoint."""
+    trained (its score came with epoch 2's report, into epoch 1's row), epoch 2's on rank 0 at the
+    end; each equals ``rayssl eval`` on that epoch's checkpoint."""
     train, split = folders
     out = tmp_path / "run"
     rc = train_cli.main(tiny_args(out, "--data", str(train), "--preset", "quick", "--epochs", "2",
                                   "--eval-data", str(split), "--set", "eval.every_epochs=1",
                                   "--set", "eval.random_baseline=true", "--set", "run.checkpoint_every_epochs=1",
+                                  "--set", "eval.where=beside",
                                   "--set", "eval.online_probe=true"))
     captured = capsys.readouterr()
     assert rc == 0, captured.err[-3000:]
@@ -95,6 +96,7 @@ def test_a_sweep_on_user_data_without_an_evaluation_source_is_refused(folders, t
     (["--eval-data", "/nonexistent/labelled"], "--eval-data"),
     (["--set", "eval.protocol=svm"], "eval.protocol: choose auto, knn, linear or multilabel-linear"),
     (["--set", "eval.online_probe=true"], "eval.online_probe: needs labelled images: add --eval-data"),
+    (["--set", "eval.where=gpu"], "eval.where: choose auto, beside or rank0, got 'gpu'"),
 ])
 def test_bad_evaluation_options_are_refused_naming_them(folders, tmp_path, capsys, extra, message):
     train, _ = folders
@@ -130,3 +132,18 @@ def test_the_users_data_is_evaluated_every_eval_every_epochs_and_at_the_end():
     assert [due(e) for e in range(5)] == [False, True, False, True, True]  # scenes' num_test_images plays no part
     cfg.eval.every_epochs = 0
     assert [due(e) for e in range(5)] == [False, False, False, False, True]
+
+
+@pytest.mark.parametrize("where,device,beside", [("auto", "cpu", False), ("auto", "cuda", True),
+                                                  ("beside", "cpu", True), ("rank0", "cuda", False)])
+def test_the_evaluation_runs_beside_training_on_gpus_and_on_rank_0_on_cpus(where, device, beside):
+    """On CPUs training keeps every core busy, so a task beside it only slows the steps (measured:
+    docs/evaluation.md); on GPUs the node's CPUs are free for it."""
+    import torch
+    from types import SimpleNamespace
+
+    from rayssl.runtime.evaluation import BackgroundEvaluation, evaluator_for
+
+    cfg = layered_config({"data": {"source": "/data/photos"}, "eval": {"data": "/data/val", "where": where}})
+    chosen = evaluator_for(SimpleNamespace(cfg=cfg, device=torch.device(device)))
+    assert isinstance(chosen, BackgroundEvaluation) == beside

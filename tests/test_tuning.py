@@ -1,5 +1,6 @@
 """Ray Tune sweeps (issue 6): search spaces, their validation, trial planning, and a real
-2-trial sweep to S3 that is interrupted and resumed with the same --output."""
+2-trial sweep to S3 that is interrupted and resumed with the same --output, on the user's
+images in the store, its trials ranked by a kNN on the user's labelled ones (issue 23)."""
 
 from __future__ import annotations
 
@@ -129,15 +130,27 @@ def test_trials_never_oversubscribe_the_cluster(cluster, workers, samples, expec
 # --------------------------------------------------------------------------- a real sweep
 
 
-def _sweep_args(out: str, space_dir: Path, endpoint: str) -> list[str]:
+def _sweep_args(out: str, space_dir: Path, endpoint: str, data: str, eval_data: str) -> list[str]:
     space = space_dir / "space.yaml"
     space.write_text("swav:\n  num_prototypes: {choice: [16, 32]}\n  epsilon: {loguniform: [0.03, 0.08]}\n"
                      "  queue_length: 0\noptim:\n  base_lr: {loguniform: [0.05, 0.3]}\n")
     return ["--num-samples", "2", "--max-concurrent", "1", "--scheduler", "asha", "--search-space", str(space),
             "--s3-endpoint", endpoint,
-            *tiny_args(out, "--epochs", "2", "--checkpoint-every", "1", "--set", "data.scenes_num_images=64",
-                       "--set", "eval.num_train_images=40", "--set", "eval.num_test_images=20",
+            *tiny_args(out, "--epochs", "2", "--checkpoint-every", "1", "--data", data, "--preset", "quick",
+                       "--eval-data", eval_data,
                        "--set", "eval.knn_k=5")]
+
+
+def _user_data_on_s3(fs, local: Path) -> tuple[str, str]:
+    """64 unlabelled scene JPEGs and 40 labelled ones (an ImageFolder) in the test store."""
+    from rayssl.data.scenes import write_image_folder
+
+    train = write_image_folder(local / "unlabelled", 64, seed=5, size=48, fmt="jpg", split="train")
+    val = write_image_folder(local / "labelled", 40, seed=5, size=48, fmt="jpg", layout="imagefolder",
+                             split="eval-train")
+    fs.put(str(train), "sweeps/data/unlabelled", recursive=True)
+    fs.put(str(val), "sweeps/data/labelled", recursive=True)
+    return "s3://sweeps/data/unlabelled", "s3://sweeps/data/labelled"
 
 
 def test_sweep_to_s3_interrupted_then_resumed_with_the_same_output(ray_session, s3_endpoint, tmp_path):
@@ -147,7 +160,8 @@ def test_sweep_to_s3_interrupted_then_resumed_with_the_same_output(ray_session, 
     fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint, skip_instance_cache=True)
     fs.mkdir("sweeps")
     out, key = "s3://sweeps/swav", "sweeps/swav"
-    args = _sweep_args(out, tmp_path, s3_endpoint)
+    data, eval_data = _user_data_on_s3(fs, tmp_path)  # trials ranked by the user's images (issue 23)
+    args = _sweep_args(out, tmp_path, s3_endpoint, data, eval_data)
     # 1. A sweep in its own process (own local Ray), interrupted with Ctrl-C once its first
     #    trial has started training.
     ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths
@@ -186,6 +200,7 @@ def test_sweep_to_s3_interrupted_then_resumed_with_the_same_output(ray_session, 
     fs.invalidate_cache()
     results = json.loads(stdout.getvalue().strip().splitlines()[-1])
     assert results == json.loads(fs.cat_file(f"{key}/results.json"))
+    assert results["metric"] == "knn_top1" and results["eval_data"] == eval_data  # what it ranked by, and on what
     trials = {t["trial"]: t for t in results["trials"]}
     assert len(trials) == 2 and started[0] in trials
     assert {p.split("/")[-1] for p in fs.ls(f"{key}/trials")} == set(trials)  # no third run directory

@@ -100,7 +100,7 @@ def train_trial(config: dict, base: dict, output: str, cpus_per_worker: float) -
     if run.get("cpus_per_worker") is None:
         run["cpus_per_worker"] = cpus_per_worker
     # ASHA compares trials at a rung by that epoch's score: evaluate on rank 0, between epochs
-    raw.setdefault("eval", {})["background"] = False
+    raw.setdefault("eval", {})["where"] = "rank0"
     cfg = Config.from_dict(raw)  # the sweep's config: its storage options travel with it
     cfg.run.resume = exists(f"{trial_out}/config.yaml", cfg.data.s3.signed())
     train(cfg, callbacks=[EpochReports()])

@@ -4,8 +4,9 @@
   (``rayssl.eval.evaluate.evaluate``: the same reading, resizing, split, kNN or linear probe) on
   the run's weights after the epoch, the features extracted by the eval job's own read functions
   and inference code (``score_weights``): in a Ray task beside training (``BackgroundEvaluation``,
-  ``eval.background``, the default), or on rank 0 between epochs (``UserDataEvaluation``: Tune
-  trials, whose schedulers compare trials at an epoch by that epoch's score);
+  ``eval.where``: ``beside``, or ``auto`` when training on GPUs), or on rank 0 between epochs
+  (``UserDataEvaluation``: on CPUs, which training keeps busy, and in Tune trials, whose
+  schedulers compare trials at an epoch by that epoch's score);
 * else, training on the built-in scenes: held-out scenes (``rayssl.engine.EpochEvaluator``), on
   rank 0 between epochs;
 * else nothing, said once (``no_evaluation_note``): a score on generated scenes says nothing
@@ -98,7 +99,7 @@ def _live_backbone(engine) -> dict:
 
 class UserDataEvaluation:
     """The run's backbone scored on ``eval.data`` (see the module docstring): on rank 0 between
-    epochs, training waiting for it (``eval.background=false``, and every Tune trial)."""
+    epochs, training waiting for it (``eval.where=rank0``, ``auto`` on CPUs, and every Tune trial)."""
 
     def __init__(self, engine):
         self.engine = engine
@@ -149,45 +150,40 @@ def _score_beside_training(config: dict, epoch: int, backbone: dict, baseline: b
 
 
 class BackgroundEvaluation:
-    """``eval.data``'s evaluation as a Ray task beside training (``eval.background``, the default
-    of ``rayssl train``): at an evaluated epoch rank 0 hands the task a CPU copy of the backbone's
-    weights and trains on; at later epoch ends it collects a finished score, reported under
+    """``eval.data``'s evaluation as a Ray task beside training (``eval.where=beside``, or ``auto``
+    on GPUs): at an evaluated epoch rank 0 hands the task a CPU copy of the backbone's weights and
+    trains on; at later epoch ends it collects a finished score, reported under
     ``late_evaluations`` against the epoch it belongs to (the trackers put it there). At most one
-    runs: when the next is due first, rank 0 waits for it; the run's last epoch waits for its own.
-    The task reserves ``eval.background_cpus`` (0: none, so it never holds a CPU Ray Data needs) and
-    computes with that many threads (at least one) on the CPU."""
+    runs: when the next is due first, rank 0 waits for it. The run's last epoch, with nothing left
+    to train beside it, is scored on rank 0 (``UserDataEvaluation``). The task reserves
+    ``eval.background_cpus`` (0: none, so it never holds a CPU Ray Data needs) and computes with
+    that many threads (at least one) on the CPU."""
 
     def __init__(self, engine):
         self.engine = engine
+        self.here = UserDataEvaluation(engine)  # the last epoch's
         self.running: tuple[int, ray.ObjectRef] | None = None
-        self.random_init: float | None = None
         self.baseline_asked = False
 
     def at_epoch_end(self, epoch: int) -> dict:
-        cfg = self.engine.cfg
-        done: list[tuple[int, tuple]] = []
-        if self.running is not None and (evaluated_epoch(cfg, epoch) or ray.wait([self.running[1]], timeout=0)[0]):
-            done.append((self.running[0], ray.get(self.running[1])))  # a failed evaluation fails the run
+        cfg, due = self.engine.cfg, evaluated_epoch(self.engine.cfg, epoch)
+        report: dict = {}
+        if self.running is not None and (due or ray.wait([self.running[1]], timeout=0)[0]):
+            e, ref = self.running
             self.running = None
-        if evaluated_epoch(cfg, epoch):
+            out, result, seconds = ray.get(ref)  # a failed evaluation fails the run, as on rank 0
+            self.here.random_init = with_random_init(out, result["metric"], self.here.random_init)
+            log(score_text(cfg, e, out, result, seconds, "beside training, "))
+            report["late_evaluations"] = [{"epoch": e + 1, **out, "reported_epoch": epoch + 1}]
+        if due and epoch + 1 == cfg.run.epochs:
+            report.update(self.here(epoch))
+        elif due:
             baseline = cfg.eval.random_baseline and not self.baseline_asked
             self.baseline_asked = True
             cpus = cfg.eval.background_cpus
-            ref = _score_beside_training.options(num_cpus=cpus).remote(
-                cfg.to_dict(), epoch, _live_backbone(self.engine), baseline, max(1, round(cpus)))
-            if epoch + 1 == cfg.run.epochs:  # the last: the run's final score
-                done.append((epoch, ray.get(ref)))
-            else:
-                self.running = (epoch, ref)
-                log(f"epoch {epoch + 1}: evaluating on {cfg.eval.data} in a Ray task beside training")
-        report: dict = {}
-        for e, (out, result, seconds) in done:
-            self.random_init = with_random_init(out, result["metric"], self.random_init)
-            log(score_text(cfg, e, out, result, seconds, "beside training, " if e != epoch else ""))
-            if e == epoch:
-                report.update(out)
-            else:
-                report.setdefault("late_evaluations", []).append({"epoch": e + 1, **out, "reported_epoch": epoch + 1})
+            self.running = (epoch, _score_beside_training.options(num_cpus=cpus).remote(
+                cfg.to_dict(), epoch, _live_backbone(self.engine), baseline, max(1, round(cpus))))
+            log(f"epoch {epoch + 1}: evaluating on {cfg.eval.data} in a Ray task beside training")
         return report
 
 
@@ -195,7 +191,8 @@ def evaluator_for(engine):
     """The run's evaluation (see the module docstring): ``at_epoch_end(epoch)`` -> the metrics."""
     cfg = engine.cfg
     if cfg.eval.data:
-        return BackgroundEvaluation(engine) if cfg.eval.background else _Inline(UserDataEvaluation(engine))
+        beside = cfg.eval.where == "beside" or (cfg.eval.where == "auto" and engine.device.type == "cuda")
+        return BackgroundEvaluation(engine) if beside else _Inline(UserDataEvaluation(engine))
     if cfg.data.builtin_scenes:
         return _Inline(EpochEvaluator(engine))
     return _NoEvaluation()
