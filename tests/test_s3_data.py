@@ -300,8 +300,8 @@ def test_bucket_of_uncurated_images_trains_and_counts_exactly(ray_session, s3_en
         f"{prefix}/odd/tiny.png": _image(8, size=16),  # smaller than the 32 px crops
         f"{prefix}/README.txt": b"not listed: no image extension",
     })
-    # Labelled images of the user's beside it, one unreadable: scored at the end (issue 23), by the
-    # evaluation task beside training, reading through the same faulty store with the run's options.
+    # Labelled images of the user's beside it, one unreadable: scored at the end (issue 23), read
+    # through the same faulty store with the run's storage options.
     labelled = {f"{bucket}/labelled/{i:03d}.png": _image(100 + i) for i in range(30)}
     labelled[f"{bucket}/labelled/broken.png"] = b"\x89PNG but no more"
     labels = "id,classes\n" + "".join(f"{i:03d},{'abc'[i % 3]}\n" for i in range(30)) + "broken,a\n"
