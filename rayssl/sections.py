@@ -316,7 +316,8 @@ class EvalSection:
         check(self.every_epochs >= 0, "eval.every_epochs", "must be >= 0")
         check(self.online_probe_batch >= 1, "eval.online_probe_batch", "must be >= 1")
         check(self.online_probe_lr > 0, "eval.online_probe_lr", "must be > 0")
-        check(self.where in ("auto", "beside", "rank0"), "eval.where", f"choose auto, beside or rank0, got {self.where!r}")
+        check(self.where in ("auto", "beside", "rank0"), "eval.where",
+              f"choose auto, beside or rank0, got {self.where!r}")
         check(self.background_cpus >= 0, "eval.background_cpus", "must be >= 0")
         check(
             self.knn_k <= self.num_train_images,

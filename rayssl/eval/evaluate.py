@@ -38,8 +38,9 @@ from rayssl.storage import S3Options
 PROTOCOLS = ("knn", "linear", "multilabel-linear")
 METRIC = {"knn": "knn_top1", "linear": "linear_top1", "multilabel-linear": "linear_map"}
 
-__all__ = ["METRIC", "PROTOCOLS", "EvalError", "EvalRequest", "Extractor", "LabelledSource", "Sources", "class_targets", "evaluate",
-           "format_table", "open_run_sources", "open_sources", "resolve_protocol", "run_metric", "run_request"]
+__all__ = ["METRIC", "PROTOCOLS", "EvalError", "EvalRequest", "Extractor", "LabelledSource", "Sources", "evaluate",
+           "format_table", "labelled_split", "open_run_sources", "open_sources", "resolve_protocol", "run_metric",
+           "run_request"]
 
 
 class EvalError(ValueError):
@@ -164,7 +165,23 @@ def score(protocol: str, f_tr, y_tr, f_te, y_te, req: "EvalRequest") -> float:
     return linear_probe_map(f_tr, torch.as_tensor(y_tr).float(), f_te, torch.as_tensor(y_te).float(), seed=req.seed)
 
 
-def class_targets(protocol: str, label_sets: list[tuple[str, ...]], classes: list[str], flag: str):
+def labelled_split(protocol: str, ids: list[str], rows, label_sets: list[tuple[str, ...]], test=None, *,
+                   test_fraction: float, seed: int, flags: tuple[str, str] = ("--labels", "--test-labels")):
+    """The training and test rows (features, or images) of labelled images with their targets
+    over the classes of both: the test split is ``test`` = (rows, label sets) when given, else a
+    seeded ``test_fraction`` of ``ids``. Returns (rows_tr, y_tr, rows_te, y_te, classes)."""
+    if test is not None:
+        rows_te, sets_te = test
+        classes = sorted({c for s in label_sets + sets_te for c in s})
+        return (rows, _targets(protocol, label_sets, classes, flags[0]),
+                rows_te, _targets(protocol, sets_te, classes, flags[1]), classes)
+    classes = sorted({c for s in label_sets for c in s})
+    y = _targets(protocol, label_sets, classes, flags[0])
+    tr, te = split_train_test(ids, test_fraction, seed)
+    return rows[tr], y[tr], rows[te], y[te], classes
+
+
+def _targets(protocol: str, label_sets: list[tuple[str, ...]], classes: list[str], flag: str):
     y, _ = label_matrix(label_sets, classes)
     if protocol == "multilabel-linear":
         return y
@@ -270,18 +287,14 @@ def evaluate(req: EvalRequest, ckpt: LoadedCheckpoint, sources: Sources, pool: A
             return t.features[tr], y[tr], t.features[~tr], y[~tr]
         ids, feats, label_sets, skipped = _features_for(sources.train, st, size, features_of)
         info["skipped"] = skipped
+        test = None
         if sources.test is not None:
-            ids_te, f_te, sets_te, sk = _features_for(sources.test, st, size, features_of)
+            _, f_te, sets_te, sk = _features_for(sources.test, st, size, features_of)
             info["skipped"] += sk
-            classes = sorted({c for s in label_sets + sets_te for c in s})
-            info["classes"] = classes
-            return (feats, class_targets(req.protocol, label_sets, classes, "--labels"),
-                    f_te, class_targets(req.protocol, sets_te, classes, "--test-labels"))
-        classes = sorted({c for s in label_sets for c in s})
-        info["classes"] = classes
-        y = class_targets(req.protocol, label_sets, classes, "--labels")
-        tr, te = split_train_test(ids, req.test_fraction, req.seed)
-        return feats[tr], y[tr], feats[te], y[te]
+            test = (f_te, sets_te)
+        f_tr, y_tr, f_te, y_te, info["classes"] = labelled_split(req.protocol, ids, feats, label_sets, test,
+                                                                test_fraction=req.test_fraction, seed=req.seed)
+        return f_tr, y_tr, f_te, y_te
 
     t0 = time.perf_counter()
     f_tr, y_tr, f_te, y_te = extract(state)

@@ -30,10 +30,9 @@ from rayssl.engine import EpochEvaluator, log
 from rayssl.engine.evaluate import evaluated_epoch, node_threads
 from rayssl.engine.probe import LabelledImages, OnlineProbe
 from rayssl.data.scenes import SHAPES
-from rayssl.eval.evaluate import LabelledSource, class_targets, evaluate, open_run_sources, run_request
+from rayssl.eval.evaluate import LabelledSource, evaluate, labelled_split, open_run_sources, run_request
 from rayssl.eval.features import scenes_eval_sets
 from rayssl.eval.job import ActorPool, BackboneFeatures, FeatureTable, collect, listed_images, read_source
-from rayssl.eval.preprocess import split_train_test
 from rayssl.methods import get_method
 
 __all__ = ["BackgroundEvaluation", "UserDataEvaluation", "evaluator_for", "no_evaluation_note", "online_probe",
@@ -92,9 +91,11 @@ def score_weights(cfg: Config, epoch: int, backbone: dict, *, baseline: bool, de
     return out, result
 
 
-def _live_backbone(engine) -> dict:
-    """The backbone's weights now, on the CPU (what ``evaluate`` reads of a checkpoint)."""
-    return {k: v.detach().cpu().clone() for k, v in engine.method.state_dict().items() if k.startswith(BACKBONE_PREFIX)}
+def _live_backbone(engine, copy: bool = False) -> dict:
+    """The backbone's weights now, on the CPU (what ``evaluate`` reads of a checkpoint); ``copy``:
+    tensors of their own even on a CPU device, for a task that reads them while training goes on."""
+    return {k: v.detach().to("cpu", copy=copy) for k, v in engine.method.state_dict().items()
+            if k.startswith(BACKBONE_PREFIX)}
 
 
 class UserDataEvaluation:
@@ -182,7 +183,7 @@ class BackgroundEvaluation:
             self.baseline_asked = True
             cpus = cfg.eval.background_cpus
             self.running = (epoch, _score_beside_training.options(num_cpus=cpus).remote(
-                cfg.to_dict(), epoch, _live_backbone(self.engine), baseline, max(1, round(cpus))))
+                cfg.to_dict(), epoch, _live_backbone(self.engine, copy=True), baseline, max(1, round(cpus))))
             log(f"epoch {epoch + 1}: evaluating on {cfg.eval.data} in a Ray task beside training")
         return report
 
@@ -214,17 +215,12 @@ def _read_labelled(ls: LabelledSource, size: int) -> tuple[list[str], np.ndarray
 def _user_probe_sets(cfg: Config, size: int) -> tuple[LabelledImages, LabelledImages]:
     """``eval.data``'s train and test splits as ``rayssl eval`` splits them, images in memory."""
     sources = open_run_sources(cfg.eval, cfg.run.seed, cfg.data.s3, cfg.data.parquet_image_column)
-    protocol = cfg.eval.protocol
     ids, images, sets = _read_labelled(sources.train, size)
-    if sources.test is not None:
-        _, images_te, sets_te = _read_labelled(sources.test, size)
-        classes = sorted({c for labels in sets + sets_te for c in labels})
-        y, y_te = (class_targets(protocol, s, classes, "--eval-labels") for s in (sets, sets_te))
-        return LabelledImages(images, y, len(classes)), LabelledImages(images_te, y_te, len(classes))
-    classes = sorted({c for labels in sets for c in labels})
-    y = class_targets(protocol, sets, classes, "--eval-labels")
-    tr, te = split_train_test(ids, cfg.eval.test_fraction, cfg.run.seed)
-    return LabelledImages(images[tr], y[tr], len(classes)), LabelledImages(images[te], y[te], len(classes))
+    test = _read_labelled(sources.test, size)[1:] if sources.test is not None else None
+    x_tr, y_tr, x_te, y_te, classes = labelled_split(cfg.eval.protocol, ids, images, sets, test,
+                                                     test_fraction=cfg.eval.test_fraction, seed=cfg.run.seed,
+                                                     flags=("--eval-labels", "--eval-labels"))
+    return LabelledImages(x_tr, y_tr, len(classes)), LabelledImages(x_te, y_te, len(classes))
 
 
 def _scene_probe_sets(cfg: Config) -> tuple[LabelledImages, LabelledImages]:
@@ -243,8 +239,8 @@ def online_probe(engine) -> OnlineProbe | None:
         return None
     t0, size = time.perf_counter(), cfg.data.crop_sizes[0]
     train, test = _user_probe_sets(cfg, size) if cfg.eval.data else _scene_probe_sets(cfg)
-    probe = OnlineProbe(engine.method.backbone, train, test, size, engine.device, batch_size=cfg.eval.online_probe_batch,
-                        lr=cfg.eval.online_probe_lr, seed=cfg.run.seed)
+    probe = OnlineProbe(engine.method.backbone, train, test, size, engine.device,
+                        batch_size=cfg.eval.online_probe_batch, lr=cfg.eval.online_probe_lr, seed=cfg.run.seed)
     log(f"online probe: a linear head on {len(train.targets)} labelled images, scored on {len(test.targets)} "
         f"every epoch ({probe.metric}) [{time.perf_counter() - t0:.1f}s]")
     return probe

@@ -63,7 +63,8 @@ def plot_training_curves(history: Sequence[dict], out: str, metric: str | None =
         raise ValueError("no epochs to plot (empty history)")
     rows = [by_epoch[e] for e in sorted(by_epoch)]
     panels = list(CURVE_PANELS) + ([(metric, metric.replace("_", " "))] if metric else [])
-    panels += [(k, f"online probe {k.split('_')[1]}") for k in PROBE_PANELS if k != metric and any(k in r for r in rows)]
+    panels += [(k, f"online probe {k.split('_')[1]}") for k in PROBE_PANELS
+               if k != metric and any(k in r for r in rows)]
     series: dict[str, list[tuple[float, float]]] = {}
     for key, _ in panels:
         pts = [(float(r["epoch"]), float(r[key])) for r in rows

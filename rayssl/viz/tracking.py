@@ -81,14 +81,18 @@ def _read_rows(output: str, options: S3Options | None) -> list[dict]:
     return [json.loads(line) for line in read_text(uri, options).splitlines() if line.strip()]
 
 
+def _epoch_and_step_rows(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    return [r for r in rows if r.get("kind") != "step"], [r for r in rows if r.get("kind") == "step"]
+
+
 def read_history(output: str, options: S3Options | None = None) -> list[dict]:
     """The per-epoch metrics a run wrote (``[]`` when it has none yet)."""
-    return [r for r in _read_rows(output, options) if r.get("kind") != "step"]
+    return _epoch_and_step_rows(_read_rows(output, options))[0]
 
 
 def read_steps(output: str, options: S3Options | None = None) -> list[dict]:
     """The per-log-step rows a run wrote (``[]`` when it has none yet)."""
-    return [r for r in _read_rows(output, options) if r.get("kind") == "step"]
+    return _epoch_and_step_rows(_read_rows(output, options))[1]
 
 
 def _scalars(metrics: dict) -> dict:
@@ -129,9 +133,7 @@ class RunRecorder:
     def record(self, metrics: dict) -> None:
         """Add one report of rank 0: a log step's ``step_log`` row, or an epoch's report."""
         if self._history is None:  # on --resume, keep the rows before this attempt
-            rows = _read_rows(self.output, self.options)
-            self._history = [r for r in rows if r.get("kind") != "step"]
-            self._steps = [r for r in rows if r.get("kind") == "step"]
+            self._history, self._steps = _epoch_and_step_rows(_read_rows(self.output, self.options))
         if isinstance(metrics.get("step_log"), dict):
             self._record_step(_scalars(metrics["step_log"]))
             return
@@ -139,38 +141,32 @@ class RunRecorder:
         if "epoch" not in row:
             return
         self._history = [r for r in self._history if r.get("epoch", 0) < row["epoch"]] + [row]
-        late_rows = [_scalars(late) for late in metrics.get("late_evaluations") or ()]  # earlier epochs' scores
-        for late in late_rows:
-            self._record_late(late)
+        late = [_scalars(r) for r in metrics.get("late_evaluations") or ()]  # earlier epochs' scores
+        for r in late:  # into the row of their own epoch
+            for h in self._history:
+                if int(h.get("epoch", -1)) == int(r["epoch"]):
+                    h.update({k: v for k, v in r.items() if k != "epoch"})
         self._write_rows()
         plot_training_curves(self._history, f"{self.output}/{CURVES_FILE}", self.metric, self.title,
                              options=self.options)
+        step = int(row.get("step", 0))
+        self._log_epoch(row, step)
+        for i, r in enumerate(late, 1):  # W&B keeps one row per step, and its step only goes forward:
+            self._log_epoch(r, step + i)  # an earlier epoch's score is a row of the next step(s)
+        if self.epochs is not None and row["epoch"] >= self.epochs:
+            self.close()
+
+    def _log_epoch(self, row: dict, wandb_step: int) -> None:
+        """An epoch's values to the trackers: at the epoch in TensorBoard and MLflow; in W&B, whose
+        x axis is the step, at ``wandb_step`` with the epoch as a value (its charts draw against it)."""
         epoch = int(row["epoch"])
         values = {k: v for k, v in row.items() if k != "epoch"}
         self._tensorboard(values, epoch, "train")
         if self.mlflow_uri is not None:
             self._mlflow().log_metrics(values, step=epoch)
-        if self.wandb_project is not None:  # W&B's x axis is the step: the epoch is a value
-            step = int(row.get("step", 0))
-            self._wandb().log({"epoch": epoch, **{f"epoch/{k}": v for k, v in values.items() if k != "step"}}, step=step)
-            for i, late in enumerate(late_rows, 1):  # W&B keeps one row per step, and its step only goes
-                # forward: an earlier epoch's score is a row of the next step(s), drawn at its epoch
-                self._wandb().log({"epoch": late["epoch"], **{f"epoch/{k}": v for k, v in late.items() if k != "epoch"}},
-                                  step=step + i)
-        if self.epochs is not None and epoch >= self.epochs:
-            self.close()
-
-    def _record_late(self, late: dict) -> None:
-        """An earlier epoch's evaluation: into that epoch's row, and at that epoch in TensorBoard and
-        MLflow (W&B: in ``record``)."""
-        epoch = int(late["epoch"])
-        values = {k: v for k, v in late.items() if k != "epoch"}
-        for r in self._history:
-            if int(r.get("epoch", -1)) == epoch:
-                r.update(values)
-        self._tensorboard(values, epoch, "train")
-        if self.mlflow_uri is not None:
-            self._mlflow().log_metrics(values, step=epoch)
+        if self.wandb_project is not None:
+            self._wandb().log({"epoch": epoch, **{f"epoch/{k}": v for k, v in values.items() if k != "step"}},
+                              step=wandb_step)
 
     def _record_step(self, row: dict) -> None:
         if "step" not in row:
