@@ -65,11 +65,12 @@ class RunSection:
     # Every N steps: a progress line, and a row (loss, lr, images/s) to metrics.jsonl and the trackers.
     log_every_steps: int = 10
     progress_bars: bool = False  # Ray Data's progress bars (--progress)
-    # auto: bf16 on a GPU that has it, else fp16 (with a gradient scaler) on CUDA, else fp32.
+    # auto: bf16 on a GPU that has it, else fp16 (with a gradient scaler) on CUDA; on a CPU bf16
+    # where it has bf16 matrix units (Intel AMX), else fp32.
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
-    # channels_last memory for convolutions on GPUs. Not used on CPU: measured here, torch's
-    # CPU channels_last backward of a ResNet-18 is off by 0.5% (relative, vs float64)
-    # where the contiguous path is off by 7e-6.
+    # channels_last memory for convolutions on GPUs and on CPUs in bf16. Not used on CPU in fp32:
+    # measured here, torch's CPU fp32 channels_last backward of a ResNet-18 is off by 0.5%
+    # (relative, vs float64) where the contiguous path is off by 7e-6.
     channels_last: bool = True
 
     def __post_init__(self) -> None:

@@ -7,6 +7,7 @@ import io
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,8 +16,11 @@ from rayssl.checkpoint import load_checkpoint
 from rayssl.cli import train
 from rayssl.config import ConfigError, deep_merge
 from rayssl.engine import Engine, resolve_precision
+from rayssl.data.tensors import to_float_images
+from rayssl.eval.features import extract_features
 from rayssl.export.formats import export_backbone
 from rayssl.modules.backbone import build_backbone, timm_name
+from rayssl.modules.precision import cpu_has_bf16_matmul
 from rayssl.modules.pretrained import load_into, read_weights
 from rayssl.presets import layered_config
 
@@ -183,10 +187,29 @@ def test_library_weights_come_only_from_the_local_cache(tmp_path, monkeypatch):
 
 def test_the_precision_rule():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert resolve_precision("auto", cpu) == "fp32"
+    assert resolve_precision("auto", cpu, bf16_supported=False) == "fp32"
+    assert resolve_precision("auto", cpu, bf16_supported=True) == "bf16"  # AMX
+    assert resolve_precision("auto", cpu) == ("bf16" if cpu_has_bf16_matmul() else "fp32")
     assert resolve_precision("auto", cuda, bf16_supported=True) == "bf16"
     assert resolve_precision("auto", cuda, bf16_supported=False) == "fp16"  # V100, T4
     assert [resolve_precision(p, cpu) for p in ("fp32", "bf16", "fp16")] == ["fp32", "bf16", "fp16"]
+
+
+def test_frozen_features_follow_the_precision_rule():
+    torch.manual_seed(0)
+    net, _ = build_backbone("resnet18", small_stem=True)
+    images = (np.random.default_rng(0).random((8, 32, 32, 3)) * 255).astype(np.uint8)
+    exact = extract_features(net, images, 32, "cpu", precision="fp32")
+    assert net.training  # the mode is restored
+    net.eval()
+    with torch.no_grad():
+        reference = net(to_float_images(torch.from_numpy(images), channels_last=False))
+    assert torch.equal(exact, reference)
+    low = extract_features(net, images, 32, "cpu", precision="bf16")
+    assert low.dtype == torch.float32 and not torch.equal(low, exact)  # computed in bf16, returned as float
+    assert torch.nn.functional.cosine_similarity(low, exact).min() > 0.99
+    assert torch.equal(extract_features(net, images, 32, "cpu"),  # auto: what this CPU resolves to
+                       low if cpu_has_bf16_matmul() else exact)
 
 
 def _grad_norm(engine) -> torch.Tensor:

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from rayssl.cli import bench
+from rayssl.modules.precision import cpu_has_bf16_matmul
 
 TINY = ["--batch-size", "4", "--steps", "1", "--warmup", "1", "--repeats", "2", "--split-steps", "1",
         "--comm-steps", "1", "--comm-batch", "2", "--num-images", "48", "--ingest-seconds", "0.5",
@@ -26,7 +27,9 @@ def test_bench_reports_step_pipeline_and_comm_with_device_augmentation(ray_sessi
     for key in ("method", "preset", "device", "device_name", "dtype", "batch_size", "workers", "cpus", "backbone",
                 "crops", "repeats", "num_prototypes", "queue_length"):
         assert key in r, key
-    assert r["device"] == "cpu" and r["preset"] == "cpu" and r["dtype"] == "fp32"
+    assert r["device"] == "cpu" and r["preset"] == "cpu"
+    assert r["dtype"] == ("bf16 autocast" if cpu_has_bf16_matmul() else "fp32")  # run.precision=auto
+    assert r["channels_last"] == cpu_has_bf16_matmul()
     assert r["batch_size"] == 4 and r["crops"] == ["2x32", "2x16"] and r["repeats"] == 2
 
     s = r["step"]

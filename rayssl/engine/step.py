@@ -32,6 +32,7 @@ from rayssl.checkpoint import (
 )
 from rayssl.config import Config
 from rayssl.methods import Method, get_method
+from rayssl.modules.precision import resolve_precision
 from rayssl.modules.pretrained import load_into, read_weights
 from rayssl.optim import Schedule, build_optimizer
 
@@ -39,8 +40,11 @@ __all__ = ["Engine", "autocast_for", "build_method", "checked_forward", "resolve
 
 
 def uses_channels_last(cfg: Config, device: torch.device) -> bool:
-    """channels_last memory for convolutions: on CUDA only (see ``run.channels_last``)."""
-    return bool(cfg.run.channels_last) and device.type == "cuda"
+    """channels_last memory for convolutions (see ``run.channels_last``): on CUDA, and on a CPU
+    training in bf16, where oneDNN's bf16 convolutions run fastest on NHWC tensors."""
+    if not cfg.run.channels_last:
+        return False
+    return device.type == "cuda" or resolve_precision(cfg.run.precision, device) == "bf16"
 
 
 def build_method(cfg: Config, device: torch.device, world_size: int = 1) -> Method:
@@ -62,18 +66,6 @@ def build_method(cfg: Config, device: torch.device, world_size: int = 1) -> Meth
         # In place (Module.compile): parameter names, checkpoints and exports stay unchanged.
         method.backbone.compile(backend=cfg.model.compile_backend)
     return method
-
-
-def resolve_precision(precision: str, device: torch.device, bf16_supported: bool | None = None) -> str:
-    """``run.precision`` on ``device`` -> fp32 | bf16 | fp16. ``auto``: bf16 on a GPU that has it
-    natively (Ampere and later), fp16 on an older GPU (V100, T4), fp32 off CUDA."""
-    if precision != "auto":
-        return precision
-    if device.type != "cuda":
-        return "fp32"
-    if bf16_supported is None:
-        bf16_supported = torch.cuda.is_bf16_supported(including_emulation=False)
-    return "bf16" if bf16_supported else "fp16"
 
 
 def autocast_for(precision: str, device: torch.device) -> tuple[Callable[[], ContextManager], str]:

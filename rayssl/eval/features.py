@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -10,21 +12,36 @@ from rayssl.data.scenes import generate_batch, split_seed
 from rayssl.data.tensors import to_float_images
 from rayssl.eval.knn import knn_top1
 from rayssl.eval.linear import linear_probe_map
+from rayssl.modules.precision import resolve_precision
+
+def inference_autocast(device, precision: str = "auto"):
+    """The autocast of frozen-feature inference on ``device``: bf16 where ``precision`` resolves
+    to it (``auto``: a GPU with bf16, a CPU with AMX; ``rayssl.engine.step.resolve_precision``),
+    else none (fp32; fp16 is a training choice for old GPUs, not used for features)."""
+    device = torch.device(device)
+    if resolve_precision(precision, device) == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
 
 @torch.no_grad()
 def extract_features(backbone: torch.nn.Module, images: np.ndarray, size: int, device,
-                     batch_size: int = 256, on_device: bool = False) -> torch.Tensor:
+                     batch_size: int = 256, on_device: bool = False, precision: str = "auto") -> torch.Tensor:
     """uint8 images (N, H, W, 3) -> backbone features (N, d) float32 on CPU (``on_device``: where
-    they were computed), in eval mode: no batch-norm statistic moves, the mode is restored."""
+    they were computed), in eval mode: no batch-norm statistic moves, the mode is restored.
+    ``precision``: of the forward pass (``inference_autocast``); ``fp32`` for exact features."""
     was_training = backbone.training
     backbone.eval()
+    autocast = inference_autocast(device, precision)
+    channels_last = torch.device(device).type == "cuda" or not isinstance(autocast, nullcontext)
     out = []
     for i in range(0, len(images), batch_size):
         x = to_float_images(torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])).to(device),
-                            channels_last=torch.device(device).type == "cuda")
+                            channels_last=channels_last)
         if x.shape[-1] != size:
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        feats = backbone(x).float()
+        with autocast:
+            feats = backbone(x).float()
         out.append(feats if on_device else feats.cpu())
     backbone.train(was_training)
     return torch.cat(out)

@@ -19,6 +19,7 @@ from rayssl.config import Config
 from rayssl.data.feed import TrainFeed
 from rayssl.engine import Engine, Monitor, control_group, lockstep, log
 from rayssl.runtime.evaluation import evaluator_for, online_probe
+from rayssl.runtime.internals import quiet_report_lines
 from rayssl.storage import StorageError
 from rayssl.storage.checked import take_write_failures
 
@@ -106,6 +107,7 @@ class Checkpoints:
 def train_loop_per_worker(payload: dict) -> None:
     """``payload``: ``config`` (``Config.to_dict()``), ``steps_per_epoch``, the run's ``stats``
     (``rayssl.data.stats.DataCounts``) and ``shuffled_at_source`` (``TrainData``'s)."""
+    quiet_report_lines()  # rayssl's own progress line says it
     cfg = Config.from_dict(payload["config"])
     steps_per_epoch, stats = payload["steps_per_epoch"], payload["stats"]
     ctx = ray.train.get_context()
