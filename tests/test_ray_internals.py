@@ -50,21 +50,6 @@ def test_the_autoscaler_state_and_the_loopback_option_are_still_there():
     assert all(f'"{k}"' in source for k in internals.local_init_options()), "ray.init no longer reads them"
 
 
-def test_the_controller_poll_interval_is_still_read_from_the_environment_and_propagated(monkeypatch):
-    from ray.train.v2._internal import constants
-    from ray.train.v2._internal.execution.controller import controller
-
-    assert internals.HEALTH_CHECK_ENV == constants.HEALTH_CHECK_INTERVAL_S_ENV_VAR
-    assert internals.HEALTH_CHECK_ENV in constants.ENV_VARS_TO_PROPAGATE  # driver -> controller
-    assert "HEALTH_CHECK_INTERVAL_S_ENV_VAR" in inspect.getsource(controller.TrainController.__init__)
-    monkeypatch.delenv(internals.HEALTH_CHECK_ENV, raising=False)
-    internals.poll_workers_often()
-    assert constants.get_env_vars_to_propagate()[internals.HEALTH_CHECK_ENV] == "0.5"
-    monkeypatch.setenv(internals.HEALTH_CHECK_ENV, "3")  # the user's own value wins
-    internals.poll_workers_often()
-    assert constants.get_env_vars_to_propagate()[internals.HEALTH_CHECK_ENV] == "3"
-
-
 def test_the_per_report_log_line_comes_from_the_logger_that_is_quietened():
     import logging
 

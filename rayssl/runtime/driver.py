@@ -29,7 +29,7 @@ from rayssl.eval.evaluate import run_metric
 from rayssl.runtime.callbacks import StopOnNonFinite
 from rayssl.runtime.evaluation import no_evaluation_note
 from rayssl.runtime.cluster import capacity, check_output_shared, place, ray_session, ray_start_seconds
-from rayssl.runtime.internals import poll_workers_often, resume_point
+from rayssl.runtime.internals import resume_point
 from rayssl.runtime.worker import train_loop_per_worker
 from rayssl.storage import is_remote, run_location, write_text
 
@@ -116,7 +116,6 @@ def train(cfg: Config, callbacks: Sequence = (), source: Source | None = None) -
             datasets={"train": data.dataset},
             dataset_config=_data_config(cfg),
         )
-        poll_workers_often()
         t0 = time.perf_counter()
         result = trainer.fit()
         t_end = time.perf_counter()

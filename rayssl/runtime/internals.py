@@ -1,6 +1,6 @@
 """Every use of Ray's internals, in one file, with the Ray version it was written against.
 
-Ray 2.60 has no public API for five things rayssl needs; each is here and nowhere else,
+Ray 2.60 has no public API for four things rayssl needs; each is here and nowhere else,
 and ``tests/test_ray_internals.py`` fails loudly when the installed Ray changes what is read:
 
 * ``ray.init(_node_ip_address=...)``: the only way to keep a local Ray on loopback (a laptop
@@ -13,9 +13,6 @@ and ``tests/test_ray_internals.py`` fails loudly when the installed Ray changes 
   start when a listed directory is gone. ``resume_point`` verifies each listed checkpoint
   against rayssl's manifest and rewrites the snapshot without the incomplete ones, so
   ``--resume`` continues from the newest complete checkpoint.
-* ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``: how often Ray Train's controller polls the workers,
-  which is also how late it hears of each report and of the run's end (2 s by default; a
-  missed poll is not a failure, only one 10 minutes late is).
 * Ray Train's per-report log line, a logger named after the file that writes it
   (``ray/train/v2/_internal/execution/context.py``): every worker logs each report's whole
   metrics at INFO, a line per worker at every log step, next to rayssl's own progress line.
@@ -43,24 +40,15 @@ SNAPSHOT_KEYS_FILTERED = ("pending_training_results", "pending_validation_specs"
                           "timed_out_validation_checkpoint_dir_names", "failed_validation_checkpoint_dir_names")
 RESULT_KEYS_READ = ("checkpoint_dir_name", "metrics")  # in each checkpoint result
 
-__all__ = ["HEALTH_CHECK_ENV", "RAY_VERSION_WRITTEN_AGAINST", "REPORT_LOGGER_FILE", "SNAPSHOT_FILE",
-           "autoscaler_capacity", "local_init_options", "poll_workers_often", "quiet_report_lines", "resume_point"]
+__all__ = ["RAY_VERSION_WRITTEN_AGAINST", "REPORT_LOGGER_FILE", "SNAPSHOT_FILE", "autoscaler_capacity",
+           "local_init_options", "quiet_report_lines", "resume_point"]
 
-HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # read by the controller, propagated from the driver
-POLL_INTERVAL_S = "0.5"
 REPORT_LOGGER_FILE = os.path.join("ray", "train", "v2", "_internal", "execution", "context.py")
 
 
 def local_init_options() -> dict:
     """``ray.init`` keywords that keep a local Ray on loopback."""
     return {"_node_ip_address": "127.0.0.1"}
-
-
-def poll_workers_often() -> None:
-    """Have the next Ray Train run's controller poll its workers every 0.5 s instead of 2 s, so
-    a report, a failure and the end of the run reach the driver up to 1.5 s sooner (measured:
-    the end of a run came 4.8 s after the workers' last report). A value the user set wins."""
-    os.environ.setdefault(HEALTH_CHECK_ENV, POLL_INTERVAL_S)
 
 
 def quiet_report_lines() -> None:
