@@ -14,9 +14,10 @@ from rayssl.eval.knn import knn_top1
 from rayssl.eval.linear import linear_probe_map
 from rayssl.modules.precision import resolve_precision
 
+
 def inference_autocast(device, precision: str = "auto"):
     """The autocast of frozen-feature inference on ``device``: bf16 where ``precision`` resolves
-    to it (``auto``: a GPU with bf16, a CPU with AMX; ``rayssl.engine.step.resolve_precision``),
+    to it (``auto``: a GPU with bf16, a CPU with AMX; ``rayssl.modules.precision.resolve_precision``),
     else none (fp32; fp16 is a training choice for old GPUs, not used for features)."""
     device = torch.device(device)
     if resolve_precision(precision, device) == "bf16":

@@ -27,7 +27,8 @@ def cpu_has_bf16_matmul() -> bool:
 def resolve_precision(precision: str, device: torch.device, bf16_supported: bool | None = None) -> str:
     """``run.precision`` on ``device`` -> fp32 | bf16 | fp16. ``auto``: bf16 on a GPU that has it
     natively (Ampere and later), fp16 on an older GPU (V100, T4); on a CPU, bf16 where it has
-    bf16 matrix units (AMX; a ResNet-18 step 1.7x faster than fp32, measured), else fp32.
+    bf16 matrix units (AMX; there the default run's step, in bf16 with channels_last, was 1.9x
+    faster than fp32: docs/performance.md), else fp32.
     ``bf16_supported``: the device's answer, when known (tests)."""
     if precision != "auto":
         return precision
