@@ -15,12 +15,12 @@ from conftest import tiny_args
 from rayssl.checkpoint import load_checkpoint
 from rayssl.cli import train
 from rayssl.config import ConfigError, deep_merge
-from rayssl.engine import Engine, resolve_precision
+from rayssl.engine import Engine, resolve_precision, training_precision
 from rayssl.data.tensors import to_float_images
 from rayssl.eval.features import extract_features
 from rayssl.export.formats import export_backbone
 from rayssl.modules.backbone import build_backbone, timm_name
-from rayssl.modules.precision import cpu_has_bf16_matmul
+from rayssl.modules.precision import bf16_unsafe_convs, cpu_has_bf16_matmul
 from rayssl.modules.pretrained import load_into, read_weights
 from rayssl.presets import layered_config
 
@@ -193,6 +193,30 @@ def test_the_precision_rule():
     assert resolve_precision("auto", cuda, bf16_supported=True) == "bf16"
     assert resolve_precision("auto", cuda, bf16_supported=False) == "fp16"  # V100, T4
     assert [resolve_precision(p, cpu) for p in ("fp32", "bf16", "fp16")] == ["fp32", "bf16", "fp16"]
+
+
+def test_bf16_is_not_chosen_where_its_cpu_convolution_gradients_go_wrong():
+    # torch 2.14.1's oneDNN bf16 weight gradient of a strided 3x3 convolution of a 1 x 1 input came
+    # out NaN in some steps (rayssl.modules.precision.bf16_unsafe_convs). 16 px crops through the
+    # standard stem reach layer4 at 1 x 1; through the small-image stem, at 2 x 2.
+    standard, _ = build_backbone("resnet18", small_stem=False)
+    small, _ = build_backbone("resnet18", small_stem=True)
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    assert bf16_unsafe_convs(standard, 16) == ["layer4.0.conv1"] and standard.training  # mode restored
+    assert bf16_unsafe_convs(standard, 8) == ["layer3.0.conv1", "layer4.0.conv1"]
+    assert bf16_unsafe_convs(standard, 32) == [] and bf16_unsafe_convs(small, 16) == []
+    assert torch.equal(torch.get_rng_state(), state)  # the probe draws nothing
+    tiny = _config("swav", "resnet18", data={"crop_sizes": [32, 16]})
+    engine = Engine(tiny, steps_per_epoch=1)
+    assert engine.precision == "fp32" and not engine.channels_last  # auto on a CPU, even with AMX
+    assert training_precision(tiny, torch.device("cpu")) == "fp32"
+    explicit = _config("swav", "resnet18", run={"precision": "bf16"}, data={"crop_sizes": [32, 16]})
+    assert training_precision(explicit, torch.device("cpu")) == "bf16"  # the user's choice stands
+    fine = _config("swav", "resnet18", data={"crop_sizes": [32, 16]}, model={"small_stem": True})
+    engine = Engine(fine, steps_per_epoch=1)
+    bf16 = cpu_has_bf16_matmul()
+    assert engine.precision == ("bf16 autocast" if bf16 else "fp32") and engine.channels_last == bf16
 
 
 def test_frozen_features_follow_the_precision_rule():

@@ -26,7 +26,7 @@ from rayssl.bench.config import BENCH_PRESETS, bench_config, ingest_config
 from rayssl.bench.pipeline import measure_ingest, measure_pipeline, write_jpeg_shards
 from rayssl.bench.step import measure_step
 from rayssl.config import Config, deep_merge
-from rayssl.engine import autocast_for, build_method, uses_channels_last
+from rayssl.engine import autocast_for, build_method, training_precision, uses_channels_last
 from rayssl.runtime.cluster import capacity, ray_session
 
 PARTS = ("step", "pipeline", "dataloader", "comm", "ingest")
@@ -80,7 +80,7 @@ def run_bench(opts: BenchOptions) -> dict:
     warmup = opts.warmup if opts.warmup is not None else max(2, cfg.method.warmup_steps(cfg.run.batch_size) + 1)
     result = {
         "bench": "rayssl.bench", "method": cfg.run.method, "preset": preset,
-        "device": device.type, "device_name": device_info(device), "dtype": autocast_for(cfg.run.precision, device)[1],
+        "device": device.type, "device_name": device_info(device), "dtype": autocast_for(training_precision(cfg, device), device)[1],
         "batch_size": cfg.run.batch_size, "workers": 1, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "backbone": cfg.model.backbone, "small_stem": cfg.model.small_stem, "compile": cfg.model.compile,
         "optimizer": cfg.optim.optimizer,

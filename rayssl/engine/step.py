@@ -32,19 +32,37 @@ from rayssl.checkpoint import (
 )
 from rayssl.config import Config
 from rayssl.methods import Method, get_method
-from rayssl.modules.precision import resolve_precision
+from rayssl.modules.backbone import build_backbone
+from rayssl.modules.precision import bf16_unsafe_convs, resolve_precision
 from rayssl.modules.pretrained import load_into, read_weights
 from rayssl.optim import Schedule, build_optimizer
 
-__all__ = ["Engine", "autocast_for", "build_method", "checked_forward", "resolve_precision", "uses_channels_last"]
+__all__ = ["Engine", "autocast_for", "build_method", "checked_forward", "resolve_precision", "training_precision",
+           "uses_channels_last"]
 
 
-def uses_channels_last(cfg: Config, device: torch.device) -> bool:
+def training_precision(cfg: Config, device: torch.device, backbone: torch.nn.Module | None = None) -> str:
+    """The precision a run trains in on ``device``: ``resolve_precision`` of ``run.precision``,
+    except that ``auto`` on a CPU stays fp32 where bf16's convolution gradients would be wrong for
+    this backbone at the run's smallest crop (``bf16_unsafe_convs``). ``backbone``: the run's own
+    (else one is built, on the CPU, only when that question arises)."""
+    resolved = resolve_precision(cfg.run.precision, device)
+    if not (cfg.run.precision == "auto" and device.type == "cpu" and resolved == "bf16"):
+        return resolved
+    if backbone is None:
+        backbone, _ = build_backbone(cfg.model.backbone, small_stem=cfg.model.small_stem)
+    return "fp32" if bf16_unsafe_convs(backbone, min(cfg.data.crop_sizes)) else "bf16"
+
+
+def uses_channels_last(cfg: Config, device: torch.device, precision: str | None = None) -> bool:
     """channels_last memory for convolutions (see ``run.channels_last``): on CUDA, and on a CPU
-    training in bf16, where oneDNN's bf16 convolutions run fastest on NHWC tensors."""
+    training in bf16, where oneDNN's bf16 convolutions run fastest on NHWC tensors.
+    ``precision``: the run's ``training_precision``, when known."""
     if not cfg.run.channels_last:
         return False
-    return device.type == "cuda" or resolve_precision(cfg.run.precision, device) == "bf16"
+    if device.type == "cuda":
+        return True
+    return (precision or training_precision(cfg, device)) == "bf16"
 
 
 def build_method(cfg: Config, device: torch.device, world_size: int = 1) -> Method:
@@ -60,7 +78,7 @@ def build_method(cfg: Config, device: torch.device, world_size: int = 1) -> Meth
     if cfg.model.sync_batchnorm and world_size > 1:
         method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
     method.to(device)
-    if uses_channels_last(cfg, device):
+    if uses_channels_last(cfg, device, training_precision(cfg, device, method.backbone)):
         method.to(memory_format=torch.channels_last)
     if cfg.model.compile:
         # In place (Module.compile): parameter names, checkpoints and exports stay unchanged.
@@ -124,12 +142,12 @@ class Engine:
         self.model: torch.nn.Module = self.method  # DDP-wrapped by start() with several workers
         self.optimizer = build_optimizer(self.method, cfg.optim)
         self.schedule = Schedule(cfg.optim, cfg.run.batch_size, cfg.run.epochs, steps_per_epoch)
-        self.autocast, self.precision = autocast_for(cfg.run.precision, self.device)
+        precision = training_precision(cfg, self.device, self.method.backbone)
+        self.autocast, self.precision = autocast_for(precision, self.device)
         # fp16's narrow range: the loss is scaled up for backward and the gradients unscaled
         # before clipping and the step; a step whose gradients overflowed is skipped.
-        self.scaler = (torch.amp.GradScaler(self.device.type)
-                       if resolve_precision(cfg.run.precision, self.device) == "fp16" else None)
-        self.channels_last = uses_channels_last(cfg, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
+        self.channels_last = uses_channels_last(cfg, self.device, precision)
         self.epoch = 0  # the epoch being trained (0-based); after restore(): the next one
         self.step = 0  # optimiser steps taken in the whole run
         self.epoch_step = 0  # steps taken in the epoch being trained (a mid-epoch checkpoint resumes here)
