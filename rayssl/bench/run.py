@@ -78,14 +78,15 @@ def run_bench(opts: BenchOptions) -> dict:
         return _ingest_only(opts, preset)
     cfg = bench_config(opts.method, preset, opts.batch_size, opts.sets, opts.augment_on)
     warmup = opts.warmup if opts.warmup is not None else max(2, cfg.method.warmup_steps(cfg.run.batch_size) + 1)
+    precision = training_precision(cfg, device)
     result = {
         "bench": "rayssl.bench", "method": cfg.run.method, "preset": preset,
-        "device": device.type, "device_name": device_info(device), "dtype": autocast_for(training_precision(cfg, device), device)[1],
+        "device": device.type, "device_name": device_info(device), "dtype": autocast_for(precision, device)[1],
         "batch_size": cfg.run.batch_size, "workers": 1, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "backbone": cfg.model.backbone, "small_stem": cfg.model.small_stem, "compile": cfg.model.compile,
         "optimizer": cfg.optim.optimizer,
         "crops": [f"{c}x{s}" for s, c in zip(cfg.data.crop_sizes, cfg.data.crop_counts)],
-        "channels_last": uses_channels_last(cfg, device), "repeats": opts.repeats, "warmup": warmup,
+        "channels_last": uses_channels_last(cfg, device, precision), "repeats": opts.repeats, "warmup": warmup,
         "torch": torch.__version__,
         **dataclasses.asdict(cfg.method),
     }
@@ -100,7 +101,7 @@ def run_bench(opts: BenchOptions) -> dict:
         if "images_per_s" in p and "images_per_s" in dl:
             result["pipeline_over_dataloader"] = round(p["images_per_s"] / dl["images_per_s"], 3)
     if "comm" in opts.parts:
-        grad_numel = sum(p.numel() for p in build_method(cfg, torch.device("cpu")).parameters() if p.requires_grad)
+        grad_numel = sum(p.numel() for p in build_method(cfg, torch.device("cpu"))[0].parameters() if p.requires_grad)
         result["comm"] = measure_comm(cfg, opts.comm_workers, opts.comm_batch, opts.comm_steps, grad_numel)
     return result
 

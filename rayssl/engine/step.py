@@ -65,8 +65,9 @@ def uses_channels_last(cfg: Config, device: torch.device, precision: str | None 
     return (precision or training_precision(cfg, device)) == "bf16"
 
 
-def build_method(cfg: Config, device: torch.device, world_size: int = 1) -> Method:
-    """The run's method module on ``device``, initialised from ``run.seed`` (the same on every rank)."""
+def build_method(cfg: Config, device: torch.device, world_size: int = 1) -> tuple[Method, str]:
+    """The run's method module on ``device``, initialised from ``run.seed`` (the same on every rank),
+    and the precision it trains in (``training_precision``, decided once, on this backbone)."""
     torch.manual_seed(cfg.run.seed)  # identical init on every rank (DDP also broadcasts)
     # options: the run's store, for what a method reads itself (CDUL's label table)
     method = get_method(cfg.run.method).model_cls(cfg.method, cfg.model, num_crops=sum(cfg.data.crop_counts),
@@ -78,12 +79,13 @@ def build_method(cfg: Config, device: torch.device, world_size: int = 1) -> Meth
     if cfg.model.sync_batchnorm and world_size > 1:
         method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
     method.to(device)
-    if uses_channels_last(cfg, device, training_precision(cfg, device, method.backbone)):
+    precision = training_precision(cfg, device, method.backbone)
+    if uses_channels_last(cfg, device, precision):
         method.to(memory_format=torch.channels_last)
     if cfg.model.compile:
         # In place (Module.compile): parameter names, checkpoints and exports stay unchanged.
         method.backbone.compile(backend=cfg.model.compile_backend)
-    return method
+    return method, precision
 
 
 def autocast_for(precision: str, device: torch.device) -> tuple[Callable[[], ContextManager], str]:
@@ -138,11 +140,10 @@ class Engine:
         self.cfg, self.device = cfg, torch.device(device)
         self.world_size, self.rank = world_size, rank
         self.steps_per_epoch = steps_per_epoch
-        self.method: Method = build_method(cfg, self.device, world_size)
+        self.method, precision = build_method(cfg, self.device, world_size)
         self.model: torch.nn.Module = self.method  # DDP-wrapped by start() with several workers
         self.optimizer = build_optimizer(self.method, cfg.optim)
         self.schedule = Schedule(cfg.optim, cfg.run.batch_size, cfg.run.epochs, steps_per_epoch)
-        precision = training_precision(cfg, self.device, self.method.backbone)
         self.autocast, self.precision = autocast_for(precision, self.device)
         # fp16's narrow range: the loss is scaled up for backward and the gradients unscaled
         # before clipping and the step; a step whose gradients overflowed is skipped.

@@ -15,26 +15,19 @@ from rayssl.eval.linear import linear_probe_map
 from rayssl.modules.precision import resolve_precision
 
 
-def inference_autocast(device, precision: str = "auto"):
-    """The autocast of frozen-feature inference on ``device``: bf16 where ``precision`` resolves
-    to it (``auto``: a GPU with bf16, a CPU with AMX; ``rayssl.modules.precision.resolve_precision``),
-    else none (fp32; fp16 is a training choice for old GPUs, not used for features)."""
-    device = torch.device(device)
-    if resolve_precision(precision, device) == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
-
-
 @torch.no_grad()
 def extract_features(backbone: torch.nn.Module, images: np.ndarray, size: int, device,
                      batch_size: int = 256, on_device: bool = False, precision: str = "auto") -> torch.Tensor:
     """uint8 images (N, H, W, 3) -> backbone features (N, d) float32 on CPU (``on_device``: where
     they were computed), in eval mode: no batch-norm statistic moves, the mode is restored.
-    ``precision``: of the forward pass (``inference_autocast``); ``fp32`` for exact features."""
+    ``precision``: of the forward pass: bf16 autocast (with channels_last) where it resolves to bf16
+    (``auto``: a GPU with bf16, a CPU with AMX; ``rayssl.modules.precision.resolve_precision``), else
+    fp32 (fp16 is a training choice for old GPUs, not used for features); ``fp32`` for exact features."""
     was_training = backbone.training
     backbone.eval()
-    autocast = inference_autocast(device, precision)
-    channels_last = torch.device(device).type == "cuda" or not isinstance(autocast, nullcontext)
+    bf16 = resolve_precision(precision, torch.device(device)) == "bf16"
+    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    channels_last = bf16 or torch.device(device).type == "cuda"
     out = []
     for i in range(0, len(images), batch_size):
         x = to_float_images(torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])).to(device),

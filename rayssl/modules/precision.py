@@ -7,12 +7,15 @@ convolutions where a CPU's bf16 training is wrong (see there); the engine then t
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
 __all__ = ["bf16_unsafe_convs", "cpu_has_bf16_matmul", "resolve_precision"]
 
 
+@functools.cache
 def cpu_has_bf16_matmul() -> bool:
     """Whether this CPU multiplies bf16 matrices in hardware (Intel AMX: Sapphire Rapids and
     later). Without it bf16 autocast on a CPU is emulated and slower than fp32."""
