@@ -112,6 +112,9 @@ def train_loop_per_worker(payload: dict) -> None:
     steps_per_epoch, stats = payload["steps_per_epoch"], payload["stats"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    # Asked for before the engine is built: rank 0's call starts Ray Data's split coordinator (a
+    # process of its own), which then starts while the model is built rather than after it.
+    shard = ray.train.get_dataset_shard("train")
     engine = Engine(cfg, steps_per_epoch, ray.train.torch.get_device(), world_size=world, rank=rank)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -129,7 +132,7 @@ def train_loop_per_worker(payload: dict) -> None:
         if cfg.run.elastic:
             log(f"{world} workers ({cfg.run.workers_text} allowed): {cfg.run.batch_size // world} images each "
                 f"per step, global batch {cfg.run.batch_size}")
-    feed = TrainFeed(ray.train.get_dataset_shard("train"), cfg.data, engine.device,
+    feed = TrainFeed(shard, cfg.data, engine.device,
                      batch_size=cfg.run.batch_size // world, seed=cfg.run.seed, rank=rank,
                      columns=engine.method.batch_columns, channels_last=engine.channels_last,
                      local_shuffle=not payload.get("shuffled_at_source", False))
