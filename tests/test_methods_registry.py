@@ -97,6 +97,14 @@ def test_every_method_steps_and_resumes_through_the_engine(name, tmp_path):
     assert _same(restored.method.rank_state_dict(), engine.method.rank_state_dict())
     assert _same(restored.method.shared_state_dict(), engine.method.shared_state_dict())
     _restore_on_more_workers(cfg, restored, tmp_path)  # before either takes another step
+    # Read onto the host whatever the training device: an engine for another device ("meta"
+    # here, whose tensors the CPU generator cannot take, as it cannot take a GPU's) restores the
+    # same weights, state and random streams.
+    elsewhere = _engine(cfg)
+    elsewhere.device = torch.device("meta")
+    elsewhere.restore(str(tmp_path))
+    assert _same(elsewhere.method.state_dict(), engine.method.state_dict())
+    assert _same(elsewhere.method.shared_state_dict(), engine.method.shared_state_dict())
     engine.epoch = restored.epoch = 1
     a = engine.train_step(crops, {k: columns[k] for k in columns_needed})
     b = restored.train_step(crops, {k: columns[k] for k in columns_needed})

@@ -157,9 +157,12 @@ class Engine:
 
     # -- starting ---------------------------------------------------------------------------
     def restore(self, directory: str) -> str:
-        """Continue from the checkpoint in ``directory``; returns a line saying from where."""
+        """Continue from the checkpoint in ``directory``; returns a line saying from where.
+
+        Read onto the host whatever the device: the RNG states must be CPU tensors, CDUL's label
+        store lives on the host, and ``load_state_dict`` copies the rest onto the device."""
         try:
-            shared = load_shared_state(directory, map_location=self.device)
+            shared = load_shared_state(directory, map_location="cpu")
         except CheckpointError as exc:
             raise CheckpointError(f"cannot resume: {exc}") from None
         self.method.load_state_dict(shared["model"])
@@ -170,9 +173,9 @@ class Engine:
         self.epoch_step = shared.get("epoch_step", 0)
         resized = shared.get("world_size") != self.world_size
         if not resized:
-            mine = load_rank_state(directory, self.rank, map_location=self.device)
+            mine = load_rank_state(directory, self.rank, map_location="cpu")
         elif self.method.replicated_rank_state:  # every rank held the same copy: take rank 0's
-            mine = load_rank_state(directory, 0, map_location=self.device)
+            mine = load_rank_state(directory, 0, map_location="cpu")
         else:  # a worker's share of the state does not carry over to another worker count
             mine = None
         kept = mine is not None and self.method.load_rank_state_dict(mine["method"])
