@@ -149,3 +149,18 @@ def test_the_dataloader_baseline_cuts_every_image_into_exact_batches_epoch_after
     # last 3 images and the second epoch's first 2 (the same crops: the epoch is not re-seeded here).
     flat = torch.cat([b[0] for b in got])
     assert torch.equal(flat[13:26], flat[:13]) and torch.equal(flat[26:30], flat[:4])
+
+
+def test_the_step_and_communication_parts_run_where_ray_is_not_installed(tmp_path):
+    """A GPU machine may have torch alone: ``--only step`` and ``--only comm`` import no Ray (the
+    child process cannot: ``ray`` is blocked in its module table, as if not installed)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['ray'] = None\n"
+            "from rayssl.cli import bench\n"
+            f"sys.exit(bench.main({[*TINY, '--skip', 'pipeline', '--skip', 'dataloader']!r}))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["step"]["images_per_s"] > 0 and r["comm"] and "pipeline" not in r and "dataloader" not in r

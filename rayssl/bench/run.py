@@ -21,13 +21,14 @@ from dataclasses import dataclass, field
 import torch
 
 from rayssl.bench.comm import measure_comm
-from rayssl.bench.dataloader import measure_dataloader
 from rayssl.bench.config import BENCH_PRESETS, bench_config, ingest_config
-from rayssl.bench.pipeline import measure_ingest, measure_pipeline, write_jpeg_shards
 from rayssl.bench.step import measure_step
 from rayssl.config import Config, deep_merge
 from rayssl.engine import autocast_for, build_method, training_precision, uses_channels_last
-from rayssl.runtime.cluster import capacity, ray_session
+
+# The pipeline, DataLoader and ingest parts (Ray Data, and the data functions its tasks run) are
+# imported where they are measured: the step and communication parts run where Ray is not
+# installed (a GPU machine with torch alone).
 
 PARTS = ("step", "pipeline", "dataloader", "comm", "ingest")
 
@@ -95,6 +96,8 @@ def run_bench(opts: BenchOptions) -> dict:
         result["step"] = measure_step(cfg, device, opts.steps, warmup, opts.repeats, opts.split_steps)
         step_ips = result["step"]["images_per_s"]
     if "pipeline" in opts.parts or "dataloader" in opts.parts:
+        from rayssl.runtime.cluster import ray_session
+
         with ray_session(dashboard=False, log_to_driver=False):
             result.update(_fed(opts, cfg, preset, device, step_ips, warmup))
         p, dl = result.get("pipeline", {}), result.get("dataloader", {})
@@ -108,6 +111,10 @@ def run_bench(opts: BenchOptions) -> dict:
 
 def _fed(opts: BenchOptions, cfg: Config, preset: str, device: torch.device, step_ips, warmup: int) -> dict:
     """The step fed by the Ray Data pipeline and/or by a plain DataLoader, from the same files."""
+    from rayssl.bench.dataloader import measure_dataloader
+    from rayssl.bench.pipeline import measure_pipeline, write_jpeg_shards
+    from rayssl.runtime.cluster import capacity
+
     out: dict = {}
     with tempfile.TemporaryDirectory(prefix="rayssl-bench-") as d:
         source = opts.data
@@ -131,6 +138,9 @@ def _fed(opts: BenchOptions, cfg: Config, preset: str, device: torch.device, ste
 
 def _ingest_only(opts: BenchOptions, preset: str) -> dict:
     """Decoded + augmented samples/s out of the pipeline on ``opts.data``, no training."""
+    from rayssl.bench.pipeline import measure_ingest
+    from rayssl.runtime.cluster import ray_session
+
     cfg = ingest_config({"source": opts.data, **opts.data_options}, BENCH_PRESETS[preset]["preset"],
                         opts.batch_size or 32, opts.sets)
     with ray_session(dashboard=False, log_to_driver=False):
