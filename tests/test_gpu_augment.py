@@ -169,6 +169,43 @@ def test_decode_check_and_worker_batches_keep_the_batch_size():
     assert torch.allclose(again["crops"][0][1], alone["crops"][0][0])
 
 
+def test_a_jpeg_nvjpeg_refuses_sends_only_itself_to_the_cpu_decoder(monkeypatch):
+    """On CUDA the JPEGs go to nvJPEG in one call; when it refuses one, that call fails whole,
+    and the others are decoded by nvJPEG one by one: only the refused image takes the CPU path.
+    (nvJPEG is stood in for by a fake that decodes with PIL and refuses one image; the 'cuda'
+    device is never touched, as nothing here is copied to it.)"""
+    import torchvision.io
+
+    import rayssl.data.gpu_augment as ga
+
+    rng = np.random.default_rng(1)
+    imgs = [rng.integers(0, 256, (40, 48, 3), dtype=np.uint8) for _ in range(3)]
+    blobs = [_jpeg(im) for im in imgs]
+    refused = blobs[1]
+    calls = []
+
+    def fake_decode_jpeg(data, mode=None, device=None):
+        many = isinstance(data, list)
+        calls.append(len(data) if many else 1)
+        one = [data] if not many else data
+        if any(bytes(d.numpy()) == refused for d in one):
+            raise RuntimeError("nvjpeg: unsupported")
+        out = [torch.from_numpy(np.asarray(Image.open(io.BytesIO(bytes(d.numpy()))).convert("RGB")).copy())
+               .permute(2, 0, 1) for d in one]
+        return out if many else out[0]
+
+    cpu_decoded = []
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", fake_decode_jpeg)
+    monkeypatch.setattr(ga, "decode_image", lambda blob, **kw: (cpu_decoded.append(blob), (None, "x", None))[1])
+    out = decode_images(blobs, "cuda", min_side=1)
+    assert calls == [3, 1, 1, 1]  # the batched call, then one per image
+    assert cpu_decoded == [refused]  # only the refused JPEG went to the CPU decoder
+    for i in (0, 2):
+        ref = np.asarray(Image.open(io.BytesIO(blobs[i])).convert("RGB"))
+        assert torch.equal(out[i], torch.from_numpy(ref).permute(2, 0, 1))
+    assert out[1] is None
+
+
 def test_draw_params_refuses_a_wrong_number_of_generators():
     with pytest.raises(ValueError, match="one per image"):
         draw_multicrop_params([(10, 10)] * 3, SPEC, sample_generators(0, 0, [1, 2]))

@@ -155,6 +155,22 @@ def test_non_finite_scores_raise():
         sinkhorn_knopp(scores)
 
 
+def test_the_finiteness_check_is_on_where_it_costs_no_device_sync():
+    """On the CPU (the default there) non-finite codes raise; off (the default on a GPU, where
+    reading the answer would wait for the device mid-step) they come back non-finite, so the
+    loss they enter is non-finite too and the training step's own check stops the run."""
+    scores = cosine_scores(16, 4)
+    scores[3, 2] = float("nan")
+    with pytest.raises(ValueError, match="sinkhorn codes are not finite"):
+        sinkhorn_knopp(scores, check_finite=True)
+    codes = sinkhorn_knopp(scores, check_finite=False)
+    assert not torch.isfinite(codes).all()
+    loss = -(codes * torch.log_softmax(cosine_scores(16, 4) / 0.1, dim=1)).sum(dim=1).mean()
+    assert not torch.isfinite(loss)
+    good = cosine_scores(16, 4)
+    torch.testing.assert_close(sinkhorn_knopp(good, check_finite=False), sinkhorn_knopp(good))
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="expects \\(batch, prototypes\\) scores"):
         sinkhorn_knopp(torch.zeros(4))

@@ -35,7 +35,7 @@ from rayssl.data.decode import decode_image
 from rayssl.data.multicrop import MultiCropSpec, sample_crop_params, sample_generators
 from rayssl.data.photometric import PhotometricParams, blur_kernel_size, draw_photometric
 from rayssl.data.ship import ShipToDevice, check_encoded  # noqa: F401 - re-exported
-from rayssl.data.tensors import MEAN, STD
+from rayssl.data.tensors import pixel_scale
 
 __all__ = [
     "DeviceMultiCrop",
@@ -119,8 +119,8 @@ def decode_images(blobs: Sequence[bytes], device: torch.device | str, min_side: 
             data = [torch.frombuffer(bytearray(blobs[i]), dtype=torch.uint8) for i in gpu_idx]
             try:
                 decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-            except RuntimeError:  # one bad JPEG fails the batch: fall back per image
-                decoded = [None] * len(gpu_idx)
+            except RuntimeError:  # one JPEG nvJPEG refuses fails the whole call: one by one, so
+                decoded = [_decode_one(d, device) for d in data]  # only the refused go to the CPU
             for i, img in zip(gpu_idx, decoded):
                 if img is not None and min(img.shape[-2:]) >= min_side:
                     out[i] = img
@@ -130,6 +130,16 @@ def decode_images(blobs: Sequence[bytes], device: torch.device | str, min_side: 
         if arr is not None:
             out[i] = torch.from_numpy(np.require(arr, requirements=["C", "W"])).permute(2, 0, 1).to(device)
     return out
+
+
+def _decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    """One JPEG by nvJPEG, or None where it refuses it (the CPU decoder then tries)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    try:
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        return None
 
 
 def _exif_rotated(blob: bytes) -> bool:
@@ -223,8 +233,7 @@ class DeviceMultiCrop:
         self.device = torch.device(device)
         self.channels_last = self.device.type == "cuda" if channels_last is None else channels_last
         self.max_canvas_pixels = int(max_canvas_pixels)  # bounds the padded float canvas per chunk
-        self.mean = torch.tensor(MEAN, device=self.device).view(1, 3, 1, 1) * 255.0
-        self.std = torch.tensor(STD, device=self.device).view(1, 3, 1, 1) * 255.0
+        self.mean, self.std = pixel_scale(self.device)
 
     def __call__(self, images, rng, return_params: bool = False):
         imgs = self._as_list(images)

@@ -7,13 +7,24 @@ are normalised on the training device with ImageNet's statistics, which torchvis
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 # ImageNet statistics.
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
-__all__ = ["MEAN", "STD", "to_float_images"]
+__all__ = ["MEAN", "STD", "pixel_scale", "to_float_images"]
+
+
+@functools.lru_cache(maxsize=None)
+def pixel_scale(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet's mean and std in uint8 units, (1, 3, 1, 1) on ``device``: made once per device,
+    since a tensor built from Python numbers on a GPU is a host copy that waits for the device."""
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(STD).view(1, 3, 1, 1) * 255.0
+    return mean.to(device), std.to(device)
 
 
 def to_float_images(x: torch.Tensor, channels_last: bool = True) -> torch.Tensor:
@@ -22,7 +33,6 @@ def to_float_images(x: torch.Tensor, channels_last: bool = True) -> torch.Tensor
     Permuting an NHWC tensor gives NCHW *in channels_last memory* for free, which is the
     layout convolutions prefer on GPUs; ``contiguous()`` is only forced when asked.
     """
-    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1) * 255.0
+    mean, std = pixel_scale(x.device)
     y = (x.permute(0, 3, 1, 2).float() - mean) / std
     return y.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)

@@ -16,7 +16,8 @@ __all__ = ["sinkhorn_knopp"]
 
 
 @torch.no_grad()
-def sinkhorn_knopp(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3) -> torch.Tensor:
+def sinkhorn_knopp(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3,
+                   check_finite: bool | None = None) -> torch.Tensor:
     """Soft cluster assignments (codes) for a batch, equipartitioned over prototypes.
 
     Args:
@@ -26,6 +27,11 @@ def sinkhorn_knopp(scores: torch.Tensor, epsilon: float = 0.05, iterations: int 
             code crops) with the same number of collectives as one.
         epsilon: entropy regularisation; SwAV uses 0.05.
         iterations: number of Sinkhorn-Knopp iterations; SwAV uses 3.
+        check_finite: raise when the codes are not finite (decided over all ranks, one more
+            all-reduce). The answer is read on the host, which on a GPU waits for the GPU in
+            the middle of every step; so by default (None) only where that costs nothing, on
+            the CPU. Elsewhere non-finite codes make the loss non-finite, which the training
+            step's own check stops (``rayssl.engine.checked_forward``, at log steps on a GPU).
 
     Returns:
         float32 codes of the shape of ``scores``; each row sums to 1 and, over the
@@ -36,10 +42,11 @@ def sinkhorn_knopp(scores: torch.Tensor, epsilon: float = 0.05, iterations: int 
     the normaliser and the batch size are all-reduced, so the codes of a batch split
     over ranks (even unevenly) equal the codes of the whole batch on one process.
     Every rank must call this collectively, with the same number of problems. Per
-    call: 3 + ``iterations`` all-reduces, whatever the number of problems.
+    call: 3 + ``iterations`` all-reduces (+1 for ``check_finite``), whatever the number of
+    problems.
 
     Raises:
-        ValueError: if ``scores`` is not 2-D or 3-D, or the codes are not finite.
+        ValueError: if ``scores`` is not 2-D or 3-D, or (``check_finite``) the codes are not finite.
     """
     if scores.dim() not in (2, 3):
         raise ValueError("sinkhorn_knopp expects (batch, prototypes) scores or a (problems, batch, "
@@ -70,7 +77,7 @@ def sinkhorn_knopp(scores: torch.Tensor, epsilon: float = 0.05, iterations: int 
         q = torch.exp(logits - shift[:, None, None]).transpose(1, 2)  # (C, K, B_local)
 
         # One all-reduce for the global batch size and every problem's total mass.
-        sizes = torch.cat([torch.tensor([float(b_local)], device=q.device), q.sum(dim=(1, 2))])
+        sizes = torch.cat([q.new_full((1,), float(b_local)), q.sum(dim=(1, 2))])  # no host copy
         dist.all_reduce_sum_(sizes)
         batch, total = sizes[0], sizes[1:]
         q /= total[:, None, None]
@@ -87,10 +94,12 @@ def sinkhorn_knopp(scores: torch.Tensor, epsilon: float = 0.05, iterations: int 
         q *= batch  # each sample's code now sums to 1
         codes = q.transpose(1, 2)  # (C, B_local, K)
 
+        if check_finite is None:
+            check_finite = codes.device.type == "cpu"
         # Decide collectively so that no rank raises while another carries on into the
         # next collective and hangs.
-        bad = dist.all_reduce_max_((~torch.isfinite(codes)).any().float())
-        if bad.item() > 0:
+        bad = dist.all_reduce_max_((~torch.isfinite(codes)).any().float()) if check_finite else None
+        if bad is not None and bad.item() > 0:
             lo = scores.min().item() if scores.numel() else float("nan")
             hi = scores.max().item() if scores.numel() else float("nan")
             raise ValueError(

@@ -283,7 +283,7 @@ class MLS(Method):
             "loss": loss.detach(),
             "loss_nce": loss_nce.detach(),
             "loss_ml": loss_ml.detach(),
-            "ml_active": torch.tensor(float(ml_active), device=loss.device),
+            "ml_active": torch.full((), float(ml_active), device=loss.device),  # no host copy
         }
         return loss, metrics
 
