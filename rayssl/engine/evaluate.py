@@ -22,6 +22,7 @@ from rayssl.eval.features import scenes_eval_sets
 from rayssl.methods import get_method
 from rayssl.modules.backbone import build_backbone
 from rayssl.modules.pretrained import load_into, read_weights
+from rayssl.modules.seeding import cpu_seeded
 
 __all__ = ["EpochEvaluator", "evaluated_epoch", "node_threads"]
 
@@ -103,8 +104,7 @@ class EpochEvaluator:
         from rayssl.eval.features import evaluate_on_scenes
 
         cfg = self.engine.cfg
-        with torch.random.fork_rng(devices=[]):  # leave the training RNG stream untouched
-            torch.manual_seed(cfg.run.seed)
+        with cpu_seeded(cfg.run.seed):  # leave the training's random streams untouched
             net, _ = build_backbone(cfg.model.backbone, small_stem=cfg.model.small_stem)
         if pretrained:
             state, _ = read_weights(cfg.model.pretrained, cfg.model.backbone, cfg.data.s3.signed())

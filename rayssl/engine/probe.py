@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from rayssl.eval.features import extract_features
 from rayssl.eval.metrics import mean_average_precision
+from rayssl.modules.seeding import cpu_seeded
 
 __all__ = ["LabelledImages", "OnlineProbe"]
 
@@ -46,8 +47,7 @@ class OnlineProbe:
         self.size, self.device, self.batch_size = size, torch.device(device), batch_size
         self.gen = torch.Generator().manual_seed(seed)
         dim = self._features(train.images[:1]).shape[1]
-        with torch.random.fork_rng(devices=[]):  # the head's init leaves the training stream alone
-            torch.manual_seed(seed)
+        with cpu_seeded(seed):  # the head's init leaves the training's random streams alone
             self.head = torch.nn.Linear(dim, train.num_classes).to(self.device)
         self.opt = torch.optim.Adam(self.head.parameters(), lr=lr)
         self.metric = "probe_map" if train.multilabel else "probe_top1"

@@ -32,6 +32,7 @@ from rayssl.eval.knn import knn_top1
 from rayssl.eval.linear import linear_probe_map, linear_probe_top1
 from rayssl.eval.preprocess import label_matrix, split_train_test
 from rayssl.modules.backbone import build_backbone
+from rayssl.modules.seeding import cpu_seeded
 from rayssl.sections import EvalSection
 from rayssl.storage import S3Options
 
@@ -312,8 +313,8 @@ def evaluate(req: EvalRequest, ckpt: LoadedCheckpoint, sources: Sources, pool: A
     if req.protocol == "knn":
         result.update({"k": req.k, "temperature": req.temperature})
     if req.baseline:
-        torch.manual_seed(req.seed)
-        rand, _ = build_backbone(ckpt.backbone_name, small_stem=ckpt.small_stem)
+        with cpu_seeded(req.seed):  # on rank 0 during training: its random streams go on untouched
+            rand, _ = build_backbone(ckpt.backbone_name, small_stem=ckpt.small_stem)
         g_tr, z_tr, g_te, z_te = extract(rand.state_dict())
         result[f"{metric}_random_init"] = round(score(req.protocol, g_tr, z_tr, g_te, z_te, req), 4)
     return result
