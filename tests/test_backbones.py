@@ -283,3 +283,28 @@ def test_pretrained_weights_come_from_s3_with_the_options_of_the_run(s3_endpoint
     assert origin == "file s3://weights/r18.pth" and torch.equal(state["conv1.weight"], net.conv1.weight)
     with pytest.raises(StorageError):  # an s3:// URI with no options: never a guessed endpoint
         read_weights("s3://weights/r18.pth", "resnet18")
+
+
+@pytest.mark.parametrize("name", ["timm:mobilenetv3_small_050", "resnet18"])
+def test_sync_batchnorm_keeps_every_layer_computing_what_it_did(name):
+    """With several GPU workers every BatchNorm becomes a SyncBatchNorm, and in eval mode (running
+    statistics, no collective) the network computes exactly what it did. timm's MobileNetV3 fuses
+    the activation into its norm layers (BatchNormAct2d): torch's converter alone drops those
+    activations, a different function (shown here, so the check can tell)."""
+    import copy
+
+    from rayssl.modules.backbone import sync_batchnorm
+
+    torch.manual_seed(0)
+    net, _ = build_backbone(name)
+    net.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = net(x)
+        synced = sync_batchnorm(copy.deepcopy(net)).eval()
+        assert torch.equal(synced(x), ref)
+        norms = [m for m in synced.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        assert norms and all(isinstance(m, torch.nn.SyncBatchNorm) for m in norms)
+        if name.startswith("timm:"):
+            plain = torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(net)).eval()
+            assert not torch.allclose(plain(x), ref)

@@ -226,3 +226,13 @@ def test_a_run_that_does_not_beat_random_init_says_what_that_means():
     # Nothing to explain when it wins, or when there was no baseline to compare with.
     assert train.baseline_note({**summary, "knn_top1": 0.12}, builtin_scenes=True) is None
     assert train.baseline_note({"method": "swav", "metric": "knn_top1", "knn_top1": 0.1}, True) is None
+
+
+def test_sync_batchnorm_on_cpu_workers_is_refused_before_training(ray_session, tmp_path, capsys):
+    """PyTorch's SyncBatchNorm runs on GPUs only: on CPU workers the run is refused with the
+    setting to change, not failed at its first step."""
+    from conftest import tiny_args
+
+    err = _error(capsys, tiny_args(tmp_path / "run", "--set", "model.sync_batchnorm=true"))
+    assert "model.sync_batchnorm" in err and "GPUs only" in err and "model.sync_batchnorm=false" in err
+    assert not (tmp_path / "run" / "config.yaml").exists()

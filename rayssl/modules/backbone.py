@@ -15,7 +15,7 @@ from __future__ import annotations
 BACKBONES: dict[str, int] = {"resnet18": 512, "resnet34": 512, "resnet50": 2048}
 TIMM_PREFIX = "timm:"
 
-__all__ = ["BACKBONES", "TIMM_PREFIX", "backbone_problem", "build_backbone", "is_timm", "timm_name"]
+__all__ = ["BACKBONES", "TIMM_PREFIX", "backbone_problem", "build_backbone", "is_timm", "sync_batchnorm", "timm_name"]
 
 
 def is_timm(name: str) -> bool:
@@ -74,3 +74,21 @@ def build_backbone(name: str, small_stem: bool = False):
         net.maxpool = nn.Identity()
     net.fc = nn.Identity()
     return net, BACKBONES[name]
+
+
+def sync_batchnorm(module):
+    """``module`` with every BatchNorm layer made a SyncBatchNorm (statistics over all ranks).
+
+    timm's converter where timm is installed (it is a dependency): many timm models fuse the
+    activation into the norm layer (``BatchNormAct2d``: EfficientNet, MobileNetV3, RegNet...),
+    and torch's own converter turns those into a plain SyncBatchNorm that never calls the
+    activation, a network without its non-linearities that trains without an error. timm's
+    converts them to their synchronised form and hands every other layer to torch's.
+    """
+    try:
+        from timm.layers import convert_sync_batchnorm
+    except ImportError:  # pragma: no cover - timm is a dependency
+        import torch
+
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    return convert_sync_batchnorm(module)

@@ -76,6 +76,10 @@ def train(cfg: Config, callbacks: Sequence = (), source: Source | None = None) -
         check_output_shared(cfg.run.output, cfg.run.shared_output, num_nodes)
         # sized for the most workers the run may have
         placement = place(resources, max(cfg.run.worker_counts), cfg.run.use_gpu, cfg.run.cpus_per_worker)
+        if cfg.model.sync_batchnorm and max(cfg.run.worker_counts) > 1 and not placement.use_gpu:
+            raise ConfigError("model.sync_batchnorm: PyTorch's SyncBatchNorm runs on GPUs only, and this run's "
+                              "workers train on CPUs; set model.sync_batchnorm=false (each worker then keeps "
+                              "its own BatchNorm statistics)")
         index_table = cfg.method.indexed_data()
         if index_table:  # rows keep each image's index for the method's per-image state
             data = build_indexed_train_data(cfg.data, cfg.run.seed, index_table)
