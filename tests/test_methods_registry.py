@@ -119,6 +119,15 @@ def _restore_on_more_workers(cfg: Config, one: Engine, directory) -> None:
     (SwAV's per-worker queue) starts empty; the weights and shared state come whole."""
     grown = [Engine(cfg, steps_per_epoch=IMAGES // BATCH, device="cpu", world_size=2, rank=r) for r in (0, 1)]
     notes = [e.restore(str(directory)) for e in grown]
+    # The ranks' random streams were not in a 1-worker checkpoint: each is seeded anew, by its rank
+    # and the step, so the two differ and neither replays a fresh run's stream.
+    fresh = Engine(cfg, steps_per_epoch=IMAGES // BATCH, device="cpu", world_size=2, rank=0)
+    draws = []
+    for e in (*grown, fresh):
+        torch.manual_seed(0)  # whatever stream the process had
+        e.seed_streams()
+        draws.append(torch.rand(8))
+    assert not torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
     saved = one.method.rank_state_dict()
     for e, note in zip(grown, notes):
         assert _same(e.method.state_dict(), one.method.state_dict())

@@ -32,7 +32,7 @@ from rayssl.checkpoint import (
 )
 from rayssl.config import Config
 from rayssl.methods import Method, get_method
-from rayssl.modules.backbone import build_backbone
+from rayssl.modules.backbone import build_backbone, sync_batchnorm
 from rayssl.modules.precision import bf16_unsafe_convs, resolve_precision
 from rayssl.modules.pretrained import load_into, read_weights
 from rayssl.optim import Schedule, build_optimizer
@@ -77,7 +77,7 @@ def build_method(cfg: Config, device: torch.device, world_size: int = 1) -> tupl
         load_into(method.backbone, state, cfg.model.backbone, cfg.model.pretrained)
         method.backbone_loaded()
     if cfg.model.sync_batchnorm and world_size > 1:
-        method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
+        method = sync_batchnorm(method)  # GPU workers only (the driver refuses it on CPUs)
     method.to(device)
     precision = training_precision(cfg, device, method.backbone)
     if uses_channels_last(cfg, device, precision):
@@ -153,7 +153,7 @@ class Engine:
         self.step = 0  # optimiser steps taken in the whole run
         self.epoch_step = 0  # steps taken in the epoch being trained (a mid-epoch checkpoint resumes here)
         self.images_seen = 0
-        self.restored = False
+        self.rng_restored = False  # this rank's random streams came from a checkpoint
 
     # -- starting ---------------------------------------------------------------------------
     def restore(self, directory: str) -> str:
@@ -181,9 +181,9 @@ class Engine:
         kept = mine is not None and self.method.load_rank_state_dict(mine["method"])
         if "method_state" in shared:  # state shared by all ranks (CDUL's label store)
             self.method.load_shared_state_dict(shared["method_state"])
-        if mine is not None and shared.get("world_size") == self.world_size:
+        if mine is not None and not resized:
             set_rng_state(mine["rng"])
-        self.restored = True
+            self.rng_restored = True
         n = self.epoch_step
         within = f" ({n} step{'' if n == 1 else 's'} into epoch {self.epoch + 1})" if n else ""
         empty = not kept and bool(self.method.rank_state_dict())
@@ -191,12 +191,18 @@ class Engine:
                 + (" (per-worker state such as queues restarted empty)" if empty else ""))
 
     def start(self) -> None:
-        """Per-rank randomness from here on (unless restored), and DDP with several workers."""
-        if not self.restored:
-            torch.manual_seed(self.cfg.run.seed * 1000 + self.rank + 1)
+        """Per-rank randomness from here on (``seed_streams``), and DDP with several workers."""
+        self.seed_streams()
         if self.world_size > 1:
             self.model = torch.nn.parallel.DistributedDataParallel(
                 self.method, device_ids=[self.device] if self.device.type == "cuda" else None)
+
+    def seed_streams(self) -> None:
+        """A rank whose random streams were not in the checkpoint (a fresh run, or one resumed on
+        another number of workers) is seeded by its rank and the step it starts at: ranks never
+        share a stream, and a resized run does not replay the randomness of the run's first steps."""
+        if not self.rng_restored:
+            torch.manual_seed(self.cfg.run.seed * 1000 + self.rank + 1 + 1_000_003 * self.step)
 
     # -- the step ---------------------------------------------------------------------------
     def train_step(self, crops: Sequence[torch.Tensor], columns: Mapping | None = None, *,
