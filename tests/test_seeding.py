@@ -24,3 +24,17 @@ def test_inside_the_cpu_generator_is_seeded_and_after_it_goes_on_as_before(monke
     assert torch.equal(inside, torch.rand(4, generator=torch.Generator().manual_seed(123)))
     assert torch.equal(after, expected_after)  # the training stream went on as if nothing happened
     assert reseeded == []  # no GPU generator was reseeded (torch.manual_seed would have)
+
+
+def test_an_evaluation_inside_untouched_streams_leaves_the_training_stream_where_it_was():
+    from rayssl.modules.seeding import untouched_streams
+
+    torch.manual_seed(3)
+    torch.rand(2)
+    expected = torch.rand(5)
+    torch.manual_seed(3)
+    torch.rand(2)
+    with untouched_streams("cpu"):
+        torch.rand(100)  # anything an evaluation draws
+        torch.nn.Linear(8, 8)
+    assert torch.equal(torch.rand(5), expected)

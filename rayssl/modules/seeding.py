@@ -7,7 +7,7 @@ from typing import Iterator
 
 import torch
 
-__all__ = ["cpu_seeded"]
+__all__ = ["cpu_seeded", "untouched_streams"]
 
 
 @contextlib.contextmanager
@@ -21,4 +21,13 @@ def cpu_seeded(seed: int) -> Iterator[None]:
     """
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(seed)
+        yield
+
+
+@contextlib.contextmanager
+def untouched_streams(device: torch.device | str) -> Iterator[None]:
+    """Inside: anything may draw from torch's generators (the CPU's, and ``device``'s on a GPU);
+    after: they are where they were, as if nothing had run (an evaluation between epochs)."""
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         yield

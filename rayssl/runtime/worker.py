@@ -18,6 +18,7 @@ from rayssl.checkpoint import CheckpointError
 from rayssl.config import Config
 from rayssl.data.feed import TrainFeed
 from rayssl.engine import Engine, Monitor, control_group, lockstep, log
+from rayssl.modules.seeding import untouched_streams
 from rayssl.runtime.evaluation import evaluator_for, online_probe
 from rayssl.runtime.internals import quiet_report_lines
 from rayssl.storage import StorageError
@@ -86,6 +87,13 @@ class Checkpoints:
 
     def save(self, metrics: dict, *, reason: str, mid_epoch: bool) -> None:
         """Collective: write the checkpoint and report it with ``metrics`` (rank 0's count)."""
+        self.report(self.write(reason=reason, mid_epoch=mid_epoch), metrics)
+
+    def write(self, *, reason: str, mid_epoch: bool) -> tuple[str, bool]:
+        """Collective: every rank writes its files of the checkpoint; ``report`` hands them over.
+        At an epoch's end this comes before rank 0 evaluates, so the other ranks do not wait for
+        the evaluation inside the checkpoint's collective (NCCL's watchdog would end them after
+        its 30 minutes); they wait in ``report``, Ray Train's barrier, which has no such limit."""
         e = self.engine
         last = not mid_epoch and e.epoch + 1 == self.run.epochs
         failed_uploads()  # an earlier asynchronous upload that failed stops the run here
@@ -93,7 +101,11 @@ class Checkpoints:
         t = time.perf_counter()
         e.write_checkpoint(directory, mid_epoch=mid_epoch, reason=reason)
         self.monitor.add_time("checkpoint_s", time.perf_counter() - t)
-        wait = last or reason == "preemption" or self.run.checkpoint_upload == "sync"
+        return directory, last or reason == "preemption" or self.run.checkpoint_upload == "sync"
+
+    def report(self, written: tuple[str, bool], metrics: dict) -> None:
+        """Report the checkpoint ``write`` wrote, with ``metrics`` (not a collective of torch's)."""
+        directory, wait = written
         t = time.perf_counter()
         ray.train.report({**metrics, "time": dict(self.monitor.totals)},
                          checkpoint=ray.train.Checkpoint.from_directory(directory),
@@ -161,15 +173,17 @@ def train_loop_per_worker(payload: dict) -> None:
                 checkpoints.save(monitor.mid_epoch_report(stats.get_or_empty() if rank == 0 else {}),
                                  reason=reason, mid_epoch=True)
         report = monitor.end_epoch()
+        reason = checkpoints.at_epoch_end()
+        written = checkpoints.write(reason=reason, mid_epoch=False) if reason else None  # before evaluating
         if rank == 0:
             t = time.perf_counter()
-            report.update(probe.score() if probe is not None else {})
-            report.update(evaluate.at_epoch_end(epoch))  # due, started beside training, or finished
+            with untouched_streams(engine.device):
+                report.update(probe.score() if probe is not None else {})
+                report.update(evaluate.at_epoch_end(epoch))  # due, started beside training, or finished
             monitor.add_time("eval_s", time.perf_counter() - t)
             report["data"] = stats.get_or_empty()
-        reason = checkpoints.at_epoch_end()
-        if reason:
-            checkpoints.save(report, reason=reason, mid_epoch=False)
+        if written:
+            checkpoints.report(written, report)
         else:
             ray.train.report({**report, "time": dict(monitor.totals)})
         monitor.epoch_done(reason is not None)
