@@ -42,8 +42,8 @@ def sinkhorn_knopp(scores: torch.Tensor, epsilon: float = 0.05, iterations: int 
     the normaliser and the batch size are all-reduced, so the codes of a batch split
     over ranks (even unevenly) equal the codes of the whole batch on one process.
     Every rank must call this collectively, with the same number of problems. Per
-    call: 3 + ``iterations`` all-reduces (+1 for ``check_finite``), whatever the number of
-    problems.
+    call: 2 + ``iterations`` all-reduces, and one more with ``check_finite``, whatever the
+    number of problems.
 
     Raises:
         ValueError: if ``scores`` is not 2-D or 3-D, or (``check_finite``) the codes are not finite.
