@@ -54,15 +54,11 @@ def training_precision(cfg: Config, device: torch.device, backbone: torch.nn.Mod
     return "fp32" if bf16_unsafe_convs(backbone, min(cfg.data.crop_sizes)) else "bf16"
 
 
-def uses_channels_last(cfg: Config, device: torch.device, precision: str | None = None) -> bool:
+def uses_channels_last(cfg: Config, device: torch.device, precision: str) -> bool:
     """channels_last memory for convolutions (see ``run.channels_last``): on CUDA, and on a CPU
     training in bf16, where oneDNN's bf16 convolutions run fastest on NHWC tensors.
-    ``precision``: the run's ``training_precision``, when known."""
-    if not cfg.run.channels_last:
-        return False
-    if device.type == "cuda":
-        return True
-    return (precision or training_precision(cfg, device)) == "bf16"
+    ``precision``: the run's ``training_precision``."""
+    return cfg.run.channels_last and (device.type == "cuda" or precision == "bf16")
 
 
 def build_method(cfg: Config, device: torch.device, world_size: int = 1) -> tuple[Method, str]:

@@ -98,8 +98,7 @@ def sinkhorn_knopp(scores: torch.Tensor, epsilon: float = 0.05, iterations: int 
             check_finite = codes.device.type == "cpu"
         # Decide collectively so that no rank raises while another carries on into the
         # next collective and hangs.
-        bad = dist.all_reduce_max_((~torch.isfinite(codes)).any().float()) if check_finite else None
-        if bad is not None and bad.item() > 0:
+        if check_finite and dist.all_reduce_max_((~torch.isfinite(codes)).any().float()).item() > 0:
             lo = scores.min().item() if scores.numel() else float("nan")
             hi = scores.max().item() if scores.numel() else float("nan")
             raise ValueError(

@@ -79,16 +79,12 @@ def build_backbone(name: str, small_stem: bool = False):
 def sync_batchnorm(module):
     """``module`` with every BatchNorm layer made a SyncBatchNorm (statistics over all ranks).
 
-    timm's converter where timm is installed (it is a dependency): many timm models fuse the
+    timm's converter (timm is a dependency, imported here only): many timm models fuse the
     activation into the norm layer (``BatchNormAct2d``: EfficientNet, MobileNetV3, RegNet...),
     and torch's own converter turns those into a plain SyncBatchNorm that never calls the
     activation, a network without its non-linearities that trains without an error. timm's
     converts them to their synchronised form and hands every other layer to torch's.
     """
-    try:
-        from timm.layers import convert_sync_batchnorm
-    except ImportError:  # pragma: no cover - timm is a dependency
-        import torch
+    from timm.layers import convert_sync_batchnorm
 
-        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
     return convert_sync_batchnorm(module)

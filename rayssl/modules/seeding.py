@@ -19,7 +19,7 @@ def cpu_seeded(seed: int) -> Iterator[None]:
     shuffles, dropout) would restart at the same state after every evaluation. Modules built in
     here are initialised on the CPU (then moved), so the CPU generator is the one they draw from.
     """
-    with torch.random.fork_rng(devices=[]):
+    with untouched_streams("cpu"):
         torch.default_generator.manual_seed(seed)
         yield
 
