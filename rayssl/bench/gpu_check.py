@@ -7,14 +7,17 @@ after every part (a check cut short keeps what it measured):
    channels_last, LARS, 3000 prototypes, queue full (``--preset gpu`` at batch 64);
 2. ``quality``: SwAV on the built-in scenes, the default recipe, for the epochs that fit in
    ``quality_s`` (``rayssl.bench.quality``), its kNN against its own random init;
-3. ``pipeline_cpu`` / ``pipeline_device``: the same step fed by the Ray Data pipeline from JPEG
+3. ``device_fed``: the step fed by ``augment_on=device`` in one process, no Ray
+   (``rayssl.bench.device_fed``): nvJPEG decoding and the multi-crop on the GPU before each step;
+4. ``pipeline_cpu`` / ``pipeline_device``: the same step fed by the Ray Data pipeline from JPEG
    shards with ``augment_on`` cpu (beside the DataLoader baseline) and device (needs Ray);
-4. ``step_vit``: the step with ``timm:vit_small_patch16_224`` (needs timm);
-5. ``step_compile``: the ResNet-50 step with ``torch.compile``.
+5. ``step_vit``: the step with ``timm:vit_small_patch16_224`` (needs timm);
+6. ``step_compile``: the ResNet-50 step with ``torch.compile``.
 
 A part that would end past ``budget_s`` is skipped and says so, as is one whose package is
 missing. ``goals`` compares the figures with issue 26's: >= 1,000 img/s per H100-class GPU
-for the ResNet-50 step (aim 1,500) and pipeline/step >= 0.9 with ``augment_on=device``.
+for the ResNet-50 step (aim 1,500) and pipeline/step >= 0.9 with ``augment_on=device`` (from
+``pipeline_device``; without Ray, ``device_fed``'s ratio stands in for it and says so).
 ``dry_run``: the same parts at tiny sizes on the CPU (ResNet-18, 2x32 + 2x16, batch 8, a
 few seconds of quality run, compile traced by the eager backend), to test the script.
 """
@@ -35,13 +38,14 @@ from typing import Callable
 import torch
 
 from rayssl.bench.config import bench_config
+from rayssl.bench.device_fed import measure_device_fed
 from rayssl.bench.quality import quality_run
 from rayssl.bench.step import measure_step
 from rayssl.config import Config
 from rayssl.outfile import write_bytes
 from rayssl.presets import layered_config
 
-__all__ = ["GOALS", "CheckOptions", "run_gpu_check", "step_config"]
+__all__ = ["GOALS", "CheckOptions", "check_goals", "run_gpu_check", "step_config"]
 
 GOALS = {"step_images_per_s": 1000.0, "step_images_per_s_aim": 1500.0, "pipeline_over_step_device": 0.9}
 
@@ -68,11 +72,12 @@ def _sizes(opts: CheckOptions) -> dict:
     """Step counts and sizes: the real ones, or the dry run's tiny ones."""
     if opts.dry_run:
         return {"preset": "cpu", "batch": 8, "steps": 1, "warmup": 1, "repeats": 1, "split": 1, "num_images": 24,
+                "scene_size": 40,
                 "sets": ("data.crop_sizes=[32,16]", "data.crop_counts=[2,2]", "swav.num_prototypes=32",
                          "model.backbone=resnet18", "model.small_stem=true"),
                 "vit": ("model.backbone=timm:test_vit", "model.small_stem=false"), "compile_backend": "eager"}
     return {"preset": "gpu", "batch": opts.batch_size, "steps": 10, "warmup": None, "repeats": 3, "split": 3,
-            "num_images": 0, "sets": ("run.precision=bf16", "run.channels_last=true"),
+            "num_images": 0, "scene_size": 256, "sets": ("run.precision=bf16", "run.channels_last=true"),
             "vit": ("model.backbone=timm:vit_small_patch16_224",), "compile_backend": "inductor"}
 
 
@@ -114,11 +119,17 @@ def _parts(opts: CheckOptions, device: torch.device, result: dict) -> list[Part]
             out["pipeline"]["ratio"] = round(out["pipeline"]["images_per_s"] / step_ips, 3)
         return out
 
+    def device_fed() -> dict:
+        cfg = step_config(opts)
+        return {**_describe(cfg), **measure_device_fed(cfg, device, z["steps"], warmup(cfg), z["repeats"],
+                                                       z["scene_size"])}
+
     q_seconds = 3.0 if opts.dry_run else opts.quality_s
     return [
         Part("step", 60, lambda: step()),
         Part("quality", q_seconds + 60,
              lambda: quality_run(_quality_config(opts), device, q_seconds, workers=1 if opts.dry_run else None)),
+        Part("device_fed", 45, device_fed),
         Part("pipeline_cpu", 100, lambda: fed("cpu", ("pipeline", "dataloader")), needs="ray"),
         Part("pipeline_device", 60, lambda: fed("device", ("pipeline",)), needs="ray"),
         Part("step_vit", 60, lambda: step(*z["vit"]), needs="timm"),
@@ -132,19 +143,26 @@ def _describe(cfg: Config) -> dict:
             "compile": cfg.model.compile, "channels_last": cfg.run.channels_last}
 
 
-def _goals(parts: dict, dry_run: bool) -> dict:
+def check_goals(parts: dict, dry_run: bool) -> dict:
     """Issue 26's goals against the figures (``met`` is None where nothing was measured, and on
     a dry run, whose sizes are not the goals')."""
     steps = [p["images_per_s"] for k, p in parts.items() if k in ("step", "step_compile") and "images_per_s" in p]
     best = max(steps) if steps else None
+    # From the Ray pipeline; without Ray, from device_fed: the worker's side alone, a ceiling
+    # (below the goal it is missed; above it, Ray's shipping is still unmeasured: met unknown).
     ratio = ((parts.get("pipeline_device") or {}).get("pipeline") or {}).get("ratio")
+    source = "pipeline_device" if ratio is not None else None
+    if ratio is None and (parts.get("device_fed") or {}).get("ratio") is not None:
+        ratio, source = parts["device_fed"]["ratio"], "device_fed (no Ray: the worker's decode + crop only)"
+    ratio_met = None if ratio is None or dry_run else ratio >= GOALS["pipeline_over_step_device"]
+    if ratio_met and source != "pipeline_device":
+        ratio_met = None
     return {
         "step_images_per_s": {"measured": best, "goal": GOALS["step_images_per_s"],
                               "aim": GOALS["step_images_per_s_aim"],
                               "met": None if best is None or dry_run else best >= GOALS["step_images_per_s"]},
-        "pipeline_over_step_device": {"measured": ratio, "goal": GOALS["pipeline_over_step_device"],
-                                      "met": None if ratio is None or dry_run
-                                      else ratio >= GOALS["pipeline_over_step_device"]},
+        "pipeline_over_step_device": {"measured": ratio, "from": source, "goal": GOALS["pipeline_over_step_device"],
+                                      "met": ratio_met},
     }
 
 
@@ -183,7 +201,7 @@ def run_gpu_check(opts: CheckOptions, log: Callable[[str], None] = lambda s: Non
                 except Exception as exc:  # one part failing must not lose the others' figures
                     result["parts"][part.name] = {"error": f"{type(exc).__name__}: {exc}",
                                                   "traceback": traceback.format_exc(limit=8)[-3000:]}
-            result["goals"] = _goals(result["parts"], opts.dry_run)
+            result["goals"] = check_goals(result["parts"], opts.dry_run)
             result["wall_s"] = round(time.perf_counter() - t0, 1)
             write_bytes(opts.out, (json.dumps(result, indent=2) + "\n").encode())  # whole, after every part
     return result

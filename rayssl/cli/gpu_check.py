@@ -66,6 +66,9 @@ def summary_lines(r: dict) -> list[str]:
         elif name == "quality":
             lines.append(f"  {name:<16} {p['steps']} steps in {p['train_s']} s: {p['metric']} {p[p['metric']]:.3f} "
                          f"against {p[p['metric'] + '_random_init']:.3f} at random init")
+        elif name == "device_fed":
+            lines.append(f"  {name:<16} {p['images_per_s']} img/s fed by {p['decode']} decode + crop on the device "
+                         f"(/step {p['ratio']}; {p['decode_crop_ms_per_batch']} ms per batch)")
         elif "pipeline" in p:
             lines.append(f"  {name:<16} pipeline {p['pipeline'].get('images_per_s')} img/s (/step "
                          f"{p['pipeline'].get('ratio')})"
@@ -75,7 +78,8 @@ def summary_lines(r: dict) -> list[str]:
                          f"peak {p['peak_memory_mb']:.0f} MiB)")
     for goal, g in r["goals"].items():
         lines.append(f"  goal {goal}: {g['measured']} against {g['goal']} -> "
-                     + ("n/a" if g["met"] is None else "met" if g["met"] else "NOT met"))
+                     + ("n/a" if g["met"] is None else "met" if g["met"] else "NOT met")
+                     + (f" (from {g['from']})" if g.get("from") else ""))
     return lines
 
 

@@ -16,6 +16,7 @@ from typing import Iterator, Sequence
 import torch
 
 from rayssl.data.multicrop import crop_spec
+from rayssl.data.prefetch import ahead
 from rayssl.data.tensors import to_float_images
 from rayssl.sections import DataSection
 
@@ -28,18 +29,22 @@ class TrainFeed:
     The local shuffle is seeded by (seed, epoch, rank), so a run is reproducible; with
     ``augment_on=device`` the crops are seeded per image by (seed, epoch, image key), as the
     Ray Data tasks seed them on the CPU path. ``local_shuffle=False``: no shuffle buffer, for
-    rows already in a new order every epoch (``TrainData.shuffled_at_source``).
+    rows already in a new order every epoch (``TrainData.shuffled_at_source``). ``prefetch``:
+    with ``augment_on=device``, the next batch is decoded and cropped by a background thread
+    (on a side CUDA stream) while the step runs (``rayssl.data.prefetch``; default: on CUDA).
     """
 
     def __init__(self, source, data: DataSection, device: torch.device, *, batch_size: int, seed: int,
                  rank: int = 0, columns: Sequence[str] = (), channels_last: bool = False,
-                 local_shuffle: bool = True):
+                 local_shuffle: bool = True, prefetch: bool | None = None):
         self.source, self.data, self.device = source, data, device
         self.batch_size, self.seed, self.rank = batch_size, seed, rank
         self.columns, self.channels_last = tuple(columns), channels_last
         self.buffer = data.shuffle_buffer if local_shuffle else 0
         self.keys = [f"crop_{j}" for j in range(sum(data.crop_counts))]
         self.augment = None
+        # augment_on=device: decode and crop the next batch while the step runs (None: on CUDA).
+        self.prefetch = device.type == "cuda" if prefetch is None else prefetch
         if data.augment_on == "device":
             from rayssl.data.gpu_augment import DeviceMultiCrop
 
@@ -59,7 +64,8 @@ class TrainFeed:
 
             rows = islice(self.source.iter_batches(batch_size=self.batch_size, drop_last=True,
                                                    batch_format="numpy", **shuffle), skip, None)
-            for batch in device_crop_batches(rows, self.augment, seed=self.seed, epoch=epoch, min_side=1):
+            batches = device_crop_batches(rows, self.augment, seed=self.seed, epoch=epoch, min_side=1)
+            for batch in ahead(batches, self.device) if self.prefetch else batches:
                 yield batch.pop("crops"), {k: batch[k] for k in self.columns}
             return
         for batch in islice(self.source.iter_torch_batches(batch_size=self.batch_size, drop_last=True,

@@ -38,9 +38,8 @@ from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import ray
-from PIL import Image
 
-from rayssl.data.formats import extension
+from rayssl.data.formats import encode_image, extension
 from rayssl.data.labels import load_labels
 from rayssl.data.scenes import SHAPES, generate_scene, split_seed
 from rayssl.data.sources import MANIFEST_NAME, resolve_source, translate_errors
@@ -72,12 +71,7 @@ def scene_samples(indices: Sequence[int], seed: int, size: int, image_format: st
     stream = split_seed(seed, "train")  # the stream the built-in training data uses
     for i in indices:
         scene = generate_scene(int(i), seed=stream, size=size)
-        buf = io.BytesIO()
-        if image_format == "png":
-            Image.fromarray(scene.image).save(buf, format="PNG")
-        else:
-            Image.fromarray(scene.image).save(buf, format="JPEG", quality=95)
-        yield {"key": f"scene-{int(i):06d}", "ext": image_format, "image": buf.getvalue(),
+        yield {"key": f"scene-{int(i):06d}", "ext": image_format, "image": encode_image(scene.image, image_format),
                "classes": list(scene.classes), "dominant": scene.dominant,
                "label": SHAPES.index(scene.dominant), "caption": scene.caption}
 
