@@ -72,6 +72,9 @@ class RunSection:
     # measured here, torch's CPU fp32 channels_last backward of a ResNet-18 is off by 0.5%
     # (relative, vs float64) where the contiguous path is off by 7e-6.
     channels_last: bool = True
+    # On CUDA, cuDNN times the algorithms for each new convolution shape and keeps the fastest
+    # (a run's crop shapes are fixed, so it times them once); false: its heuristics' choice.
+    cudnn_benchmark: bool = True
 
     def __post_init__(self) -> None:
         check(self.epochs >= 1, "run.epochs", f"must be >= 1, got {self.epochs}")

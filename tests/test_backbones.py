@@ -15,7 +15,7 @@ from conftest import tiny_args
 from rayssl.checkpoint import load_checkpoint
 from rayssl.cli import train
 from rayssl.config import ConfigError, deep_merge
-from rayssl.engine import Engine, resolve_precision, training_precision
+from rayssl.engine import Engine, resolve_precision, set_cudnn_benchmark, training_precision
 from rayssl.data.tensors import to_float_images
 from rayssl.eval.features import extract_features
 from rayssl.export.formats import export_backbone
@@ -193,6 +193,17 @@ def test_the_precision_rule():
     assert resolve_precision("auto", cuda, bf16_supported=True) == "bf16"
     assert resolve_precision("auto", cuda, bf16_supported=False) == "fp16"  # V100, T4
     assert [resolve_precision(p, cpu) for p in ("fp32", "bf16", "fp16")] == ["fp32", "bf16", "fp16"]
+
+
+@pytest.mark.parametrize("setting", [True, False])
+def test_cudnn_timing_follows_the_run_setting_on_cuda_and_nothing_else(setting, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", not setting)  # restored after the test
+    cfg = layered_config({"run": {"cudnn_benchmark": setting}})
+    set_cudnn_benchmark(cfg, torch.device("cpu"))
+    assert torch.backends.cudnn.benchmark is (not setting)  # a CPU run leaves the switch alone
+    set_cudnn_benchmark(cfg, torch.device("cuda"))  # the switch needs no GPU to be set
+    assert torch.backends.cudnn.benchmark is setting
+    assert layered_config({}).run.cudnn_benchmark is True
 
 
 def test_bf16_is_not_chosen_where_its_cpu_convolution_gradients_go_wrong():

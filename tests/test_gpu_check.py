@@ -16,7 +16,8 @@ from rayssl.cli import gpu_check
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "experiments" / "gpu_check.sh"
-PARTS = ["step", "quality", "device_fed", "pipeline_cpu", "pipeline_device", "step_vit", "step_compile"]
+PARTS = ["step", "quality", "device_fed", "pipeline_cpu", "pipeline_device", "step_cudnn_heuristics", "step_vit",
+         "step_compile"]
 
 
 def test_the_dry_run_runs_every_part_and_writes_one_json(ray_session, tmp_path, capsys):
@@ -31,9 +32,10 @@ def test_the_dry_run_runs_every_part_and_writes_one_json(ray_session, tmp_path, 
         assert "error" not in part and "skipped" not in part, (name, part)
         assert part["part_s"] > 0
     p = r["parts"]
-    for name in ("step", "step_vit", "step_compile"):  # the engine's step, timed with its plain-loop baseline
+    for name in ("step", "step_cudnn_heuristics", "step_vit", "step_compile"):  # the engine's step + plain baseline
         assert p[name]["images_per_s"] > 0 and p[name]["plain_images_per_s"] > 0 and p[name]["batch_size"] == 8
     assert p["step_compile"]["compile"] is True and p["step"]["compile"] is False
+    assert p["step"]["cudnn_benchmark"] is True and p["step_cudnn_heuristics"]["cudnn_benchmark"] is False
     assert p["step_vit"]["backbone"] == "timm:test_vit"
     q = p["quality"]  # trained, then scored against its own random init on held-out scenes
     assert q["steps"] == q["epochs"] * (48 // 16) and q["images_seen"] == q["steps"] * 16

@@ -11,8 +11,10 @@ after every part (a check cut short keeps what it measured):
    (``rayssl.bench.device_fed``): nvJPEG decoding and the multi-crop on the GPU before each step;
 4. ``pipeline_cpu`` / ``pipeline_device``: the same step fed by the Ray Data pipeline from JPEG
    shards with ``augment_on`` cpu (beside the DataLoader baseline) and device (needs Ray);
-5. ``step_vit``: the step with ``timm:vit_small_patch16_224`` (needs timm);
-6. ``step_compile``: the ResNet-50 step with ``torch.compile``.
+5. ``step_cudnn_heuristics``: the ResNet-50 step with ``run.cudnn_benchmark=false`` (cuDNN's
+   heuristic algorithms instead of timed ones: what the setting buys);
+6. ``step_vit``: the step with ``timm:vit_small_patch16_224`` (needs timm);
+7. ``step_compile``: the ResNet-50 step with ``torch.compile``.
 
 A part that would end past ``budget_s`` is skipped and says so, as is one whose package is
 missing. ``goals`` compares the figures with issue 26's: >= 1,000 img/s per H100-class GPU
@@ -132,6 +134,7 @@ def _parts(opts: CheckOptions, device: torch.device, result: dict) -> list[Part]
         Part("device_fed", 45, device_fed),
         Part("pipeline_cpu", 100, lambda: fed("cpu", ("pipeline", "dataloader")), needs="ray"),
         Part("pipeline_device", 60, lambda: fed("device", ("pipeline",)), needs="ray"),
+        Part("step_cudnn_heuristics", 40, lambda: step("run.cudnn_benchmark=false")),
         Part("step_vit", 60, lambda: step(*z["vit"]), needs="timm"),
         Part("step_compile", 150, lambda: step("model.compile=true", f"model.compile_backend={z['compile_backend']}")),
     ]
@@ -140,7 +143,8 @@ def _parts(opts: CheckOptions, device: torch.device, result: dict) -> list[Part]
 def _describe(cfg: Config) -> dict:
     return {"backbone": cfg.model.backbone, "batch_size": cfg.run.batch_size, "precision": cfg.run.precision,
             "crops": [f"{c}x{s}" for s, c in zip(cfg.data.crop_sizes, cfg.data.crop_counts)],
-            "compile": cfg.model.compile, "channels_last": cfg.run.channels_last}
+            "compile": cfg.model.compile, "channels_last": cfg.run.channels_last,
+            "cudnn_benchmark": cfg.run.cudnn_benchmark}
 
 
 def check_goals(parts: dict, dry_run: bool) -> dict:

@@ -37,8 +37,8 @@ from rayssl.modules.precision import bf16_unsafe_convs, resolve_precision
 from rayssl.modules.pretrained import load_into, read_weights
 from rayssl.optim import Schedule, build_optimizer
 
-__all__ = ["Engine", "autocast_for", "build_method", "checked_forward", "resolve_precision", "training_precision",
-           "uses_channels_last"]
+__all__ = ["Engine", "autocast_for", "build_method", "checked_forward", "resolve_precision", "set_cudnn_benchmark",
+           "training_precision", "uses_channels_last"]
 
 
 def training_precision(cfg: Config, device: torch.device, backbone: torch.nn.Module | None = None) -> str:
@@ -61,6 +61,12 @@ def uses_channels_last(cfg: Config, device: torch.device, precision: str) -> boo
     return cfg.run.channels_last and (device.type == "cuda" or precision == "bf16")
 
 
+def set_cudnn_benchmark(cfg: Config, device: torch.device) -> None:
+    """``run.cudnn_benchmark`` on a CUDA device (the switch is the process's; untouched elsewhere)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = cfg.run.cudnn_benchmark
+
+
 def build_method(cfg: Config, device: torch.device, world_size: int = 1) -> tuple[Method, str]:
     """The run's method module on ``device``, initialised from ``run.seed`` (the same on every rank),
     and the precision it trains in (``training_precision``, decided once, on this backbone)."""
@@ -75,6 +81,7 @@ def build_method(cfg: Config, device: torch.device, world_size: int = 1) -> tupl
     if cfg.model.sync_batchnorm and world_size > 1:
         method = sync_batchnorm(method)  # GPU workers only (the driver refuses it on CPUs)
     method.to(device)
+    set_cudnn_benchmark(cfg, device)
     precision = training_precision(cfg, device, method.backbone)
     if uses_channels_last(cfg, device, precision):
         method.to(memory_format=torch.channels_last)
