@@ -1,5 +1,6 @@
-"""experiments/feature_probes.py: attribute labels against the generator's own columns, and a
-probe that must find the one attribute a hand-built feature encodes."""
+"""The feature probes (``rayssl.eval.probes``, run on checkpoints by experiments/feature_probes.py):
+attribute labels against the generator's own columns, and a probe that must find the one
+attribute a hand-built feature encodes."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ import torch
 from rayssl.data.scenes import COLOURS, SHAPES, generate_batch
 from rayssl.eval.features import scenes_eval_sets
 
-from experiments_loader import load_experiment
+from rayssl.eval import probes as fp
 
-fp = load_experiment("feature_probes")
+from experiments_loader import load_experiment
 
 
 def test_labels_agree_with_the_generators_columns():
@@ -23,7 +24,7 @@ def test_labels_agree_with_the_generators_columns():
     labels = fp.attribute_labels(scenes, edges)
     colours = list(COLOURS)
     for i in range(200):
-        objects = fp._caption_objects(str(scenes["caption"][i]))
+        objects = fp.caption_objects(str(scenes["caption"][i]))
         # The caption lists the dominant object first: its shape is the "label" column, and
         # the shapes it names are exactly the multi-hot "labels" column.
         assert objects[0][1] == SHAPES[scenes["label"][i]]
@@ -49,7 +50,7 @@ def test_labels_agree_with_the_generators_columns():
 
 def test_caption_parts_that_do_not_parse_are_refused():
     with pytest.raises(ValueError, match="unexpected scene caption part 'a mauve star'"):
-        fp._caption_objects("a red ring and a mauve star")
+        fp.caption_objects("a red ring and a mauve star")
 
 
 class BrightnessOnly(torch.nn.Module):
@@ -70,10 +71,15 @@ def test_the_probe_finds_what_the_features_encode_and_nothing_else():
     assert set(got) == set(fp.ATTRIBUTES)
     assert got["brightness"] > 0.8  # images and labels line up
     assert got["shape"] < 0.25  # 12 shapes: brightness says almost nothing about them
+    # The same through probe_scenes, beside each attribute's majority share.
+    r = fp.probe_scenes({"b": BrightnessOnly()}, 32, seed=0, num_train=400, num_test=200, k=10)
+    assert r["probes"]["b"] == got and set(r["majority"]) == set(fp.ATTRIBUTES)
+    assert r["majority"]["brightness"] == pytest.approx(
+        np.bincount(labels[1]["brightness"].numpy()).max() / 200)
 
 
 def test_a_path_that_is_no_checkpoint_is_a_usage_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
-        fp.main([str(tmp_path)])
+        load_experiment("feature_probes").main([str(tmp_path)])
     assert exc.value.code == 2
     assert "not a rayssl checkpoint" in capsys.readouterr().err

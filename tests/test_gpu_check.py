@@ -41,6 +41,13 @@ def test_the_dry_run_runs_every_part_and_writes_one_json(ray_session, tmp_path, 
     assert q["steps"] == q["epochs"] * (48 // 16) and q["images_seen"] == q["steps"] * 16
     assert 0 <= q["knn_top1"] <= 1 and 0 <= q["knn_top1_random_init"] <= 1
     assert q["gain_over_random_init"] == pytest.approx(q["knn_top1"] - q["knn_top1_random_init"])
+    # The probes score both backbones on seven attributes; on the run's own held-out scenes
+    # (the dry run's 40 / 20) their shape is the run's kNN top-1, trained and at random init.
+    probes = q["probes"]["probes"]
+    assert set(probes) == {"trained", "random init"} and len(probes["trained"]) == 7
+    assert (q["probes"]["num_train"], q["probes"]["num_test"]) == (40, 20)
+    assert probes["trained"]["shape"] == pytest.approx(q["knn_top1"], abs=1e-4)
+    assert probes["random init"]["shape"] == pytest.approx(q["knn_top1_random_init"], abs=1e-4)
     f = p["device_fed"]  # the same step, each fed by decoding + cropping its batch on the device
     assert f["augment_on"] == "device" and f["decode"] == "CPU (PIL)" and f["batch_size"] == 8
     assert f["ratio"] == pytest.approx(f["images_per_s"] / f["step_images_per_s"], rel=0.01)

@@ -6,7 +6,8 @@ after every part (a check cut short keeps what it measured):
 1. ``step``: SwAV's step (``Engine.train_step``), ResNet-50, 2x224 + 6x96, batch 64, bf16,
    channels_last, LARS, 3000 prototypes, queue full (``--preset gpu`` at batch 64);
 2. ``quality``: SwAV on the built-in scenes, the default recipe, for the epochs that fit in
-   ``quality_s`` (``rayssl.bench.quality``), its kNN against its own random init;
+   ``quality_s`` (``rayssl.bench.quality``), its kNN against its own random init, and what the
+   trained and random-init features encode (``rayssl.eval.probes``, 2,000 / 1,000 scenes);
 3. ``device_fed``: the step fed by ``augment_on=device`` in one process, no Ray
    (``rayssl.bench.device_fed``): nvJPEG decoding and the multi-crop on the GPU before each step;
 4. ``pipeline_cpu`` / ``pipeline_device``: the same step fed by the Ray Data pipeline from JPEG
@@ -130,7 +131,8 @@ def _parts(opts: CheckOptions, device: torch.device, result: dict) -> list[Part]
     return [
         Part("step", 60, lambda: step()),
         Part("quality", q_seconds + 60,
-             lambda: quality_run(_quality_config(opts), device, q_seconds, workers=1 if opts.dry_run else None)),
+             lambda: quality_run(_quality_config(opts), device, q_seconds, workers=1 if opts.dry_run else None,
+                                 probe_sizes=(40, 20) if opts.dry_run else (2000, 1000))),
         Part("device_fed", 45, device_fed),
         Part("pipeline_cpu", 100, lambda: fed("cpu", ("pipeline", "dataloader")), needs="ray"),
         Part("pipeline_device", 60, lambda: fed("device", ("pipeline",)), needs="ray"),

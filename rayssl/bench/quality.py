@@ -28,6 +28,7 @@ from rayssl.data.multicrop import crop_spec, multicrop_batch, sample_generators
 from rayssl.data.scenes import epoch_order, generate_batch, split_seed
 from rayssl.data.tensors import to_float_images
 from rayssl.engine import Engine, EpochEvaluator
+from rayssl.eval.probes import probe_scenes
 
 __all__ = ["SceneCrops", "cut_batches", "epoch_batches", "quality_run"]
 
@@ -97,11 +98,14 @@ def epoch_batches(chunks: Iterable[dict], batch_size: int, keys: Sequence[str]) 
 
 
 def quality_run(cfg: Config, device: torch.device, seconds: float | None, workers: int | None = None,
-                calibration_steps: int = 8, pregenerate: bool = True) -> dict:
+                calibration_steps: int = 8, pregenerate: bool = True,
+                probe_sizes: tuple[int, int] | None = None) -> dict:
     """Train ``cfg`` (SwAV on the scenes) for the whole epochs that fit in ``seconds`` (None:
     ``cfg.run.epochs``, no calibration); its kNN against its random init. ``workers``: DataLoader
     processes (default cores - 1, at most 8). ``pregenerate``: generate the scenes once (else in
-    the loader's workers, every epoch, as the Ray Data tasks of a run do)."""
+    the loader's workers, every epoch, as the Ray Data tasks of a run do). ``probe_sizes``:
+    (train, test) held-out scenes on which the feature probes (``rayssl.eval.probes``) score the
+    trained backbone and its random init on seven attributes; None: no probes."""
     workers = workers if workers is not None else max(0, min(8, (os.cpu_count() or 1) - 1))
     d = cfg.data
     t0 = time.perf_counter()
@@ -150,6 +154,10 @@ def quality_run(cfg: Config, device: torch.device, seconds: float | None, worker
     evaluate = EpochEvaluator(engine)
     scores = evaluate(epochs - 1)
     metric, base = evaluate.metric, scores.get(f"{evaluate.metric}_random_init")
+    probes = None
+    if probe_sizes is not None:
+        probes = probe_scenes({"trained": engine.method.backbone, "random init": evaluate.start_backbone()},
+                              d.scenes_image_size, cfg.run.seed, *probe_sizes, k=cfg.eval.knn_k, device=device)
     return {
         "method": cfg.run.method, "backbone": cfg.model.backbone, "small_stem": cfg.model.small_stem,
         "batch_size": cfg.run.batch_size, "crops": [f"{c}x{s}" for s, c in zip(d.crop_sizes, d.crop_counts)],
@@ -160,6 +168,7 @@ def quality_run(cfg: Config, device: torch.device, seconds: float | None, worker
         "images_per_s": round(engine.images_seen / train_s, 1), "eval_s": round(time.perf_counter() - t_eval, 1),
         "loss_first_epoch_end": end_losses[0], "final_loss": end_losses[-1], "metric": metric, metric: scores[metric],
         f"{metric}_random_init": base, "gain_over_random_init": None if base is None else scores[metric] - base,
+        **({"probes": probes} if probes is not None else {}),
     }
 
 

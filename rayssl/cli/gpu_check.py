@@ -66,6 +66,10 @@ def summary_lines(r: dict) -> list[str]:
         elif name == "quality":
             lines.append(f"  {name:<16} {p['steps']} steps in {p['train_s']} s: {p['metric']} {p[p['metric']]:.3f} "
                          f"against {p[p['metric'] + '_random_init']:.3f} at random init")
+            if "probes" in p:
+                rows = p["probes"]["probes"]
+                lines.append(f"  {'':<16} probes, trained / random init: " + ", ".join(
+                    f"{a} {rows['trained'][a]:.3f} / {rows['random init'][a]:.3f}" for a in rows["trained"]))
         elif name == "device_fed":
             lines.append(f"  {name:<16} {p['images_per_s']} img/s fed by {p['decode']} decode + crop on the device "
                          f"(/step {p['ratio']}; {p['decode_crop_ms_per_batch']} ms per batch)")

@@ -98,17 +98,23 @@ class EpochEvaluator:
     def _random_init_score(self, size: int) -> float:
         return self._start_score(size, pretrained=False)
 
-    def _start_score(self, size: int, pretrained: bool) -> float:
-        """The metric for a randomly initialised backbone of the same architecture, or (``pretrained``)
-        for the weights ``model.pretrained`` names."""
-        from rayssl.eval.features import evaluate_on_scenes
-
+    def start_backbone(self, pretrained: bool = False) -> torch.nn.Module:
+        """A randomly initialised backbone of the run's architecture (seeded by ``run.seed``), or
+        (``pretrained``) the weights ``model.pretrained`` names, on the engine's device."""
         cfg = self.engine.cfg
         with cpu_seeded(cfg.run.seed):  # leave the training's random streams untouched
             net, _ = build_backbone(cfg.model.backbone, small_stem=cfg.model.small_stem)
         if pretrained:
             state, _ = read_weights(cfg.model.pretrained, cfg.model.backbone, cfg.data.s3.signed())
             load_into(net, state, cfg.model.backbone, cfg.model.pretrained)
-        net.to(self.engine.device)
+        return net.to(self.engine.device)
+
+    def _start_score(self, size: int, pretrained: bool) -> float:
+        """The metric for a randomly initialised backbone of the same architecture, or (``pretrained``)
+        for the weights ``model.pretrained`` names."""
+        from rayssl.eval.features import evaluate_on_scenes
+
+        cfg = self.engine.cfg
+        net = self.start_backbone(pretrained)
         return evaluate_on_scenes(self.metric, net, self.sets, size, self.engine.device, cfg.eval.knn_k,
                                   cfg.eval.knn_temperature)
