@@ -5,22 +5,9 @@ Feeds docs/results/swav-on-scenes.md.
     python experiments/feature_probes.py RUN_OR_CHECKPOINT [...] [--num-train 2000]
         [--num-test 1000] [--seed 0] [--k 20]
 
-The training summary reports kNN top-1 of the *dominant shape* on held-out scenes. When that
-number does not move, this asks what the backbone did learn: the same weighted cosine kNN
-(k, T = 0.07, as in training's evaluation) on seven attributes of the same held-out scenes,
-for each checkpoint given and for a random-init backbone of the same architecture (torch
-seed ``--seed``):
-
-    shape       the dominant object's shape (the run's own metric; 12 classes)
-    colour      the dominant object's named colour (10)
-    objects     how many objects the scene holds (1-4)
-    brightness  the image's mean brightness, by quartile of the training set (4)
-    hue         the hue of the image's mean colour, in sixths of the circle (6)
-    place       the dominant object's centre, in a 3 x 3 grid over the image (9)
-    size        the dominant object's radius, by tercile of the training set (3)
-
-An attribute that falls from random init towards chance is one the training made the
-features invariant to; one that rises is one it learned (``rayssl.eval.probes``). Single
+For each checkpoint given and for a random-init backbone of the same architecture (torch seed
+``--seed``), the weighted cosine kNN of ``rayssl.eval.probes`` on seven attributes of the same
+held-out scenes (shape, colour, objects, brightness, hue, place, size; defined there). Single
 process, pure PyTorch (no Ray); checkpoints may be local or s3:// (the default S3
 credentials). Last stdout line: one JSON object.
 """
