@@ -122,3 +122,22 @@ def test_the_worker_feed_gives_the_same_crops_with_and_without_prefetch():
         assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not torch.equal(runs[True][0][0], runs[True][1][0])
     assert TrainFeed(rows, cfg.data, CPU, batch_size=4, seed=5).prefetch is False  # default: on CUDA only
+
+
+def test_a_ray_data_shard_read_from_the_prefetch_thread_gives_the_same_crops(ray_session):
+    # The worker's case: Ray Data's iterator is driven from the producer thread.
+    rows = _Rows(12)
+    ds = ray_session.data.from_items([{"key": k, "encoded": b} for k, b in enumerate(rows.blobs)],
+                                     override_num_blocks=1)  # one block: one order
+    cfg = Config.from_dict({"data": {"augment_on": "device", "crop_sizes": [32, 16], "crop_counts": [2, 1],
+                                     "shuffle_buffer": 0}})
+    runs = {}
+    for prefetch in (False, True):
+        feed = TrainFeed(ds, cfg.data, CPU, batch_size=4, seed=5, prefetch=prefetch)
+        runs[prefetch] = [crops for crops, _ in feed.epoch(0)]
+    assert len(runs[True]) == len(runs[False]) == 3
+    for a, b in zip(runs[False], runs[True]):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    # One block and no shuffle: the rows in their order, so the same crops as without Ray.
+    plain = [crops for crops, _ in TrainFeed(rows, cfg.data, CPU, batch_size=4, seed=5).epoch(0)]
+    assert all(torch.equal(x, y) for a, b in zip(plain, runs[True]) for x, y in zip(a, b))
