@@ -9,7 +9,8 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
 TAR_EXTENSIONS = ("tar",)
 PARQUET_EXTENSIONS = ("parquet", "pq")
 
-__all__ = ["IMAGE_EXTENSIONS", "PARQUET_EXTENSIONS", "TAR_EXTENSIONS", "encode_image", "extension", "is_local_fs", "kind_of"]
+__all__ = ["IMAGE_EXTENSIONS", "PARQUET_EXTENSIONS", "TAR_EXTENSIONS", "encode_image", "extension", "is_local_fs",
+           "kind_of"]
 
 
 def encode_image(image, image_format: str = "jpg") -> bytes:
