@@ -385,3 +385,14 @@ def test_distributed_rank_state_restores(two_workers):
     assert fresh.load_rank_state_dict(two_workers[1]["rank_state"])
     for name, value in two_workers[0]["queue"].items():
         assert torch.equal(fresh.queue.state_dict()[name], value), name
+
+
+@pytest.mark.parametrize("method", ["mls", "moco"])
+def test_the_paper_preset_gives_moco_v2s_two_views_not_swavs_multi_crop(method):
+    # The data defaults are SwAV's 2x224 + 6x96; MLS/MoCo train on the first two crops only, so
+    # their paper preset cuts just those, with MoCo-v2's augmentation.
+    from rayssl.presets import layered_config
+
+    d = layered_config({"run": {"method": method}}, preset="paper").data
+    assert (list(d.crop_sizes), list(d.crop_counts), list(d.min_scale), list(d.max_scale)) == ([224], [2], [0.2], [1.0])
+    assert (d.color_jitter, d.color_jitter_p, d.grayscale_p, d.blur_p) == (0.4, 0.8, 0.2, 0.5)

@@ -122,8 +122,12 @@ _QUICK_VIEWS = {
     "optim": {"optimizer": "sgd", "base_lr": 0.12, "weight_decay": 1e-4, "warmup_epochs": 1.0},
 }
 _QUICK_HEAD = {"queue_size": 1024, "momentum": 0.99, "projection_hidden_dim": 512, "projection_dim": 128}
-# MoCo-v2's own optimiser on real data (lr 0.03 per 256 images, no warmup).
-_PAPER = {"optim": {"optimizer": "sgd", "base_lr": 0.03, "weight_decay": 1e-4, "warmup_epochs": 0.0}}
+# MoCo-v2's own recipe on real data: two 224 px views at scale (0.2, 1), colour jitter 0.4
+# (hue 0.1) with p 0.8, grayscale 0.2, blur 0.5 (the data defaults are SwAV's multi-crop, whose
+# six small crops MLS/MoCo would never use); SGD lr 0.03 per 256 images, no warmup.
+_PAPER = {"data": {"crop_sizes": [224], "crop_counts": [2], "min_scale": [0.2], "max_scale": [1.0],
+                   "color_jitter": 0.4},
+          "optim": {"optimizer": "sgd", "base_lr": 0.03, "weight_decay": 1e-4, "warmup_epochs": 0.0}}
 _SCENES_NOTE = ("at the default CPU budget MoCo-v2 and MLS with SGD ended below their random-init backbone on the "
                 "built-in scenes in every seed measured (with AdamW MoCo-v2 ended above it); the install is not "
                 "broken, the backbone needs a longer run")
