@@ -172,8 +172,8 @@ def test_decode_check_and_worker_batches_keep_the_batch_size():
 def test_a_jpeg_nvjpeg_refuses_sends_only_itself_to_the_cpu_decoder(monkeypatch):
     """On CUDA the JPEGs go to nvJPEG in one call; when it refuses one, that call fails whole,
     and the others are decoded by nvJPEG one by one: only the refused image takes the CPU path.
-    (nvJPEG is stood in for by a fake that decodes with PIL and refuses one image; the 'cuda'
-    device is never touched, as nothing here is copied to it.)"""
+    (nvJPEG is stood in for by a fake that decodes with PIL and refuses one image, the CUDA
+    stream by a fake; the 'cuda' device is never touched, as nothing here is copied to it.)"""
     import torchvision.io
 
     import rayssl.data.gpu_augment as ga
@@ -184,9 +184,16 @@ def test_a_jpeg_nvjpeg_refuses_sends_only_itself_to_the_cpu_decoder(monkeypatch)
     refused = blobs[1]
     calls = []
 
+    order = []
+
+    class FakeStream:
+        def synchronize(self):
+            order.append("sync")
+
     def fake_decode_jpeg(data, mode=None, device=None):
         many = isinstance(data, list)
         calls.append(len(data) if many else 1)
+        order.append("decode")
         one = [data] if not many else data
         if any(bytes(d.numpy()) == refused for d in one):
             raise RuntimeError("nvjpeg: unsupported")
@@ -196,9 +203,12 @@ def test_a_jpeg_nvjpeg_refuses_sends_only_itself_to_the_cpu_decoder(monkeypatch)
 
     cpu_decoded = []
     monkeypatch.setattr(torchvision.io, "decode_jpeg", fake_decode_jpeg)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream())
     monkeypatch.setattr(ga, "decode_image", lambda blob, **kw: (cpu_decoded.append(blob), (None, "x", None))[1])
     out = decode_images(blobs, "cuda", min_side=1)
     assert calls == [3, 1, 1, 1]  # the batched call, then one per image
+    # nvJPEG writes from its own stream: the caller's queued work is finished before it starts.
+    assert order[:2] == ["sync", "decode"]
     assert cpu_decoded == [refused]  # only the refused JPEG went to the CPU decoder
     for i in (0, 2):
         ref = np.asarray(Image.open(io.BytesIO(blobs[i])).convert("RGB"))

@@ -5,13 +5,14 @@ refused before anything runs."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
-from rayssl.bench.gpu_check import GOALS, CheckOptions, check_goals, step_config
+from rayssl.bench.gpu_check import GOALS, CheckOptions, check_goals, in_fresh_process, step_config
 from rayssl.cli import gpu_check
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,6 +81,11 @@ def test_the_full_check_measures_the_papers_recipe_on_one_gpu():
     assert list(mls.data.crop_sizes) == [224] and list(mls.data.crop_counts) == [2] and mls.run.batch_size == 64
     assert step_config(opts, "model.compile=true").model.compile is True
     assert step_config(opts, "model.backbone=timm:vit_small_patch16_224").model.backbone.endswith("vit_small_patch16_224")
+
+
+def test_a_fresh_process_is_another_process():
+    # step_cudnn_heuristics runs there: cuDNN's choices of the earlier parts must not reach it.
+    assert in_fresh_process(os.getpid) != os.getpid()
 
 
 @pytest.mark.parametrize("ratio,met", [(0.5, False), (0.95, None)])

@@ -1,6 +1,7 @@
-"""Making the next batch while the step runs (``rayssl.data.prefetch.ahead``, used by the
-worker's feed with ``augment_on=device``): same items in the same order, a bounded look-ahead,
-the producer's error raised in the consumer, and a consumer that stops early stops the producer."""
+"""Making the next batches while the step runs (``rayssl.data.prefetch.ahead``, used by the
+worker's feed with ``augment_on=device``): the same results in the same order, made on another
+thread; the source read on the caller's thread no further ahead than the depth; errors raised
+in order; a caller that stops early stops the work."""
 
 from __future__ import annotations
 
@@ -27,73 +28,76 @@ def _wait_for(cond, seconds=5.0):
     return cond()
 
 
-def test_items_come_in_order_made_on_another_thread():
+def test_results_come_in_order_made_on_another_thread():
     made_on = []
 
-    def items():
-        for i in range(6):
-            made_on.append(threading.get_ident())
-            yield {"i": i, "x": torch.full((2,), float(i))}
+    def fn(i):
+        made_on.append(threading.get_ident())
+        return {"i": i, "x": torch.full((2,), float(i))}
 
-    got = list(ahead(items(), CPU))
+    got = list(ahead(range(6), fn, CPU))
     assert [g["i"] for g in got] == list(range(6))
     assert all(torch.equal(g["x"], torch.full((2,), float(g["i"]))) for g in got)
-    assert set(made_on) != {threading.get_ident()} and len(set(made_on)) == 1
+    assert threading.get_ident() not in made_on and len(set(made_on)) == 1
 
 
-@pytest.mark.parametrize("depth", [1, 3])
-def test_the_producer_runs_ahead_but_no_further_than_its_depth(depth):
-    made = []
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_the_source_is_read_on_the_callers_thread_no_further_than_the_depth(depth):
+    read_on = []
 
-    def items():
+    def source():
         for i in range(100):
-            made.append(i)
+            read_on.append(threading.get_ident())
             yield i
 
-    it = ahead(items(), CPU, depth=depth)
+    done = []
+    it = ahead(source(), lambda i: done.append(i) or i * 10, CPU, depth=depth)
     assert next(it) == 0
-    # One handed over, `depth` waiting in the hand-off, and one made and waiting to be put.
-    assert _wait_for(lambda: len(made) == depth + 2)
-    time.sleep(0.2)
-    assert len(made) == depth + 2
-    assert next(it) == 1
+    assert len(read_on) == depth + 1  # the one handed over and `depth` ahead of it
+    assert _wait_for(lambda: len(done) == depth + 1)  # and those are made while the caller works
+    assert [next(it) for _ in range(3)] == [10, 20, 30]
+    assert len(read_on) == depth + 4 and set(read_on) == {threading.get_ident()}
     it.close()
 
 
-def test_an_error_in_the_producer_is_raised_in_the_consumer_after_the_items_before_it():
-    def items():
-        yield 1
-        yield 2
-        raise OSError("shard 7 is unreadable")
+@pytest.mark.parametrize("where", ["fn", "source"])
+def test_an_error_is_raised_after_the_results_before_it(where):
+    def source():
+        yield from (1, 2, 3)
+        if where == "source":
+            raise OSError("shard 7 is unreadable")
 
-    it = ahead(items(), CPU)
+    def fn(i):
+        if where == "fn" and i == 3:
+            raise OSError("shard 7 is unreadable")
+        return i
+
+    it = ahead(source(), fn, CPU, depth=2)
     assert [next(it), next(it)] == [1, 2]
+    if where == "source":
+        assert next(it) == 3
     with pytest.raises(OSError, match="shard 7 is unreadable"):
         next(it)
 
 
-def test_a_consumer_that_stops_early_stops_the_producer():
-    closed = threading.Event()
+def test_a_caller_that_stops_early_stops_the_work():
+    made = []
 
-    def endless():
-        try:
-            i = 0
-            while True:
-                yield i
-                i += 1
-        finally:
-            closed.set()
+    def slow(i):
+        time.sleep(0.05)
+        made.append(i)
+        return i
 
-    it = ahead(endless(), CPU)
+    it = ahead(range(1000), slow, CPU, depth=3)
     assert next(it) == 0
     it.close()
-    assert _wait_for(lambda: not any(t.name == "rayssl-prefetch" for t in threading.enumerate()))
-    assert closed.wait(5)
+    assert _wait_for(lambda: not any(t.name.startswith("rayssl-prefetch") for t in threading.enumerate()))
+    assert len(made) <= 5  # the one handed over, at most one running; the queued ones cancelled
 
 
 def test_depth_below_one_is_refused():
     with pytest.raises(ValueError, match="depth must be >= 1"):
-        next(ahead(iter([1]), CPU, depth=0))
+        next(ahead([1], lambda i: i, CPU, depth=0))
 
 
 class _Rows:
@@ -108,9 +112,11 @@ class _Rows:
             yield {"key": np.arange(a, a + batch_size, dtype=np.uint64), "encoded": self.blobs[a:a + batch_size]}
 
 
+CFG = {"data": {"augment_on": "device", "crop_sizes": [32, 16], "crop_counts": [2, 1], "shuffle_buffer": 0}}
+
+
 def test_the_worker_feed_gives_the_same_crops_with_and_without_prefetch():
-    cfg = Config.from_dict({"data": {"augment_on": "device", "crop_sizes": [32, 16], "crop_counts": [2, 1],
-                                     "shuffle_buffer": 0}})
+    cfg = Config.from_dict(CFG)
     rows = _Rows(12)
     runs = {}
     for prefetch in (False, True):
@@ -124,20 +130,17 @@ def test_the_worker_feed_gives_the_same_crops_with_and_without_prefetch():
     assert TrainFeed(rows, cfg.data, CPU, batch_size=4, seed=5).prefetch is False  # default: on CUDA only
 
 
-def test_a_ray_data_shard_read_from_the_prefetch_thread_gives_the_same_crops(ray_session):
-    # The worker's case: Ray Data's iterator is driven from the producer thread.
+def test_a_ray_data_shard_gives_the_same_crops_with_prefetch(ray_session):
     rows = _Rows(12)
     ds = ray_session.data.from_items([{"key": k, "encoded": b} for k, b in enumerate(rows.blobs)],
                                      override_num_blocks=1)  # one block: one order
-    cfg = Config.from_dict({"data": {"augment_on": "device", "crop_sizes": [32, 16], "crop_counts": [2, 1],
-                                     "shuffle_buffer": 0}})
+    cfg = Config.from_dict(CFG)
     runs = {}
     for prefetch in (False, True):
         feed = TrainFeed(ds, cfg.data, CPU, batch_size=4, seed=5, prefetch=prefetch)
         runs[prefetch] = [crops for crops, _ in feed.epoch(0)]
     assert len(runs[True]) == len(runs[False]) == 3
-    for a, b in zip(runs[False], runs[True]):
-        assert all(torch.equal(x, y) for x, y in zip(a, b))
-    # One block and no shuffle: the rows in their order, so the same crops as without Ray.
+    # One block and no shuffle: the rows in their order, so also the same crops as without Ray.
     plain = [crops for crops, _ in TrainFeed(rows, cfg.data, CPU, batch_size=4, seed=5).epoch(0)]
-    assert all(torch.equal(x, y) for a, b in zip(plain, runs[True]) for x, y in zip(a, b))
+    for a, b, c in zip(runs[False], runs[True], plain):
+        assert all(torch.equal(x, y) and torch.equal(y, z) for x, y, z in zip(a, b, c))

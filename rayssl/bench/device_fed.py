@@ -2,9 +2,9 @@
 
 With ``data.augment_on=device`` the Ray Data tasks only read the encoded JPEGs; the training
 worker decodes them (nvJPEG on CUDA) and cuts the multi-crop on its own device
-(``rayssl.data.gpu_augment.device_crop_batches``, the function the worker's feed calls) before
-``Engine.train_step``; on CUDA the next batch is decoded and cropped by a background thread on a
-side stream while the step runs (``rayssl.data.prefetch``). This measures that worker side
+(``rayssl.data.gpu_augment.device_crop_batch``, the function the worker's feed calls) before
+``Engine.train_step``; on CUDA the next batches are decoded and cropped by a background thread
+on a side stream while the step runs (``rayssl.data.prefetch``). This measures that worker side
 alone: encoded JPEG scenes held in memory, then, alternated over ``repeats``, ``steps`` bare
 steps on ready crops, ``steps`` steps each fed by decoding and cropping its own batch first
 (serial: how the worker fed it until 2026-12-05), and ``steps`` fed as the worker feeds them
@@ -22,10 +22,11 @@ import torch
 from rayssl.bench.step import StepBench, timed
 from rayssl.config import Config
 from rayssl.data.formats import encode_image
-from rayssl.data.gpu_augment import DeviceMultiCrop, device_crop_batches
+from rayssl.data.gpu_augment import DeviceMultiCrop, device_crop_batch
 from rayssl.data.multicrop import crop_spec
 from rayssl.data.prefetch import ahead
 from rayssl.data.scenes import generate_batch
+from rayssl.engine.lockstep import lockstep
 
 __all__ = ["encoded_scenes", "measure_device_fed"]
 
@@ -51,14 +52,14 @@ def measure_device_fed(cfg: Config, device: torch.device, steps: int, warmup: in
 
     def crops(i: int) -> list[torch.Tensor]:
         epoch[0] += 1  # new crops every call, as every epoch draws them anew
-        return next(device_crop_batches([rows[i % batches]], augment, seed=cfg.run.seed, epoch=epoch[0]))["crops"]
+        return device_crop_batch(rows[i % batches], augment, seed=cfg.run.seed, epoch=epoch[0])["crops"]
 
     def serial() -> None:
         for i in range(steps):
             sb.step(crops(i))
 
-    def prefetched() -> None:
-        for c in ahead((crops(i) for i in range(steps)), device):
+    def prefetched() -> None:  # as the worker: depth 2 (rayssl.data.feed), lockstep's look-ahead
+        for c in lockstep(ahead(range(steps), crops, device, depth=2)):
             sb.step(c)
 
     for i in range(max(1, warmup)):

@@ -13,7 +13,8 @@ after every part (a check cut short keeps what it measured):
 4. ``pipeline_cpu`` / ``pipeline_device``: the same step fed by the Ray Data pipeline from JPEG
    shards with ``augment_on`` cpu (beside the DataLoader baseline) and device (needs Ray);
 5. ``step_cudnn_heuristics``: the ResNet-50 step with ``run.cudnn_benchmark=false`` (cuDNN's
-   heuristic algorithms instead of timed ones: what the setting buys);
+   heuristic algorithms instead of timed ones: what the setting buys), in a fresh process, since
+   cuDNN reuses the algorithms it timed for the earlier parts whatever the setting;
 6. ``step_mls``: MLS's step, ResNet-50, its two 224 px views, queue full (BCE term timed);
 7. ``step_vit``: the step with ``timm:vit_small_patch16_224`` (needs timm);
 8. ``step_compile`` / ``step_cudagraphs``: the ResNet-50 step with ``torch.compile``, inductor
@@ -33,10 +34,12 @@ import contextlib
 import datetime as dt
 import importlib.util
 import json
+import multiprocessing
 import os
 import platform
 import time
 import traceback
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
@@ -50,7 +53,8 @@ from rayssl.config import Config
 from rayssl.outfile import write_bytes
 from rayssl.presets import layered_config
 
-__all__ = ["GOALS", "CheckOptions", "check_goals", "run_gpu_check", "step_config"]
+__all__ = ["GOALS", "CheckOptions", "check_goals", "in_fresh_process", "measure_step_part", "run_gpu_check",
+           "step_config"]
 
 # The parts that time the goal's step (SwAV, ResNet-50, 2x224 + 6x96), in their variants.
 SWAV_RESNET50_STEPS = ("step", "step_cudnn_heuristics", "step_compile", "step_cudagraphs")
@@ -107,15 +111,31 @@ def step_config(opts: CheckOptions, *sets: str, method: str = "swav") -> Config:
     return bench_config(method, z["preset"], z["batch"], (*base, *sets))
 
 
+def _warmup(opts: CheckOptions, cfg: Config) -> int:
+    z = _sizes(opts)
+    return z["warmup"] if z["warmup"] is not None else max(2, cfg.method.warmup_steps(cfg.run.batch_size) + 1)
+
+
+def measure_step_part(opts: CheckOptions, device: str, sets: tuple[str, ...] = (), method: str = "swav") -> dict:
+    """One step part: the config it measures and ``measure_step``'s figures."""
+    cfg = step_config(opts, *sets, method=method)
+    z = _sizes(opts)
+    return {**_describe(cfg), **measure_step(cfg, torch.device(device), z["steps"], _warmup(opts, cfg), z["repeats"],
+                                             z["split"])}
+
+
+def in_fresh_process(fn: Callable, *args):
+    """``fn(*args)`` in a new (spawned) Python process: nothing this process cached reaches it
+    (cuDNN keeps the algorithms it chose per process, whatever ``cudnn.benchmark`` says later)."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
 def _parts(opts: CheckOptions, device: torch.device, result: dict) -> list[Part]:
     z = _sizes(opts)
 
-    def warmup(cfg: Config) -> int:
-        return z["warmup"] if z["warmup"] is not None else max(2, cfg.method.warmup_steps(cfg.run.batch_size) + 1)
-
     def step(*sets: str, method: str = "swav") -> dict:
-        cfg = step_config(opts, *sets, method=method)
-        return {**_describe(cfg), **measure_step(cfg, device, z["steps"], warmup(cfg), z["repeats"], z["split"])}
+        return measure_step_part(opts, str(device), sets, method)
 
     def fed(augment_on: str, parts: tuple[str, ...]) -> dict:
         from rayssl.bench.run import BenchOptions, run_bench  # needs Ray
@@ -132,7 +152,7 @@ def _parts(opts: CheckOptions, device: torch.device, result: dict) -> list[Part]
 
     def device_fed() -> dict:
         cfg = step_config(opts)
-        return {**_describe(cfg), **measure_device_fed(cfg, device, z["steps"], warmup(cfg), z["repeats"],
+        return {**_describe(cfg), **measure_device_fed(cfg, device, z["steps"], _warmup(opts, cfg), z["repeats"],
                                                        z["scene_size"])}
 
     q_seconds = 3.0 if opts.dry_run else opts.quality_s
@@ -144,7 +164,8 @@ def _parts(opts: CheckOptions, device: torch.device, result: dict) -> list[Part]
         Part("device_fed", 45, device_fed),
         Part("pipeline_cpu", 100, lambda: fed("cpu", ("pipeline", "dataloader")), needs="ray"),
         Part("pipeline_device", 60, lambda: fed("device", ("pipeline",)), needs="ray"),
-        Part("step_cudnn_heuristics", 40, lambda: step("run.cudnn_benchmark=false")),
+        Part("step_cudnn_heuristics", 50, lambda: in_fresh_process(measure_step_part, opts, str(device),
+                                                                   ("run.cudnn_benchmark=false",))),
         Part("step_mls", 40, lambda: step(method="mls")),
         Part("step_vit", 60, lambda: step(*z["vit"]), needs="timm"),
         Part("step_compile", 150, lambda: step("model.compile=true", f"model.compile_backend={z['compile_backend']}")),

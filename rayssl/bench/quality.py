@@ -157,7 +157,8 @@ def quality_run(cfg: Config, device: torch.device, seconds: float | None, worker
     probes = None
     if probe_sizes is not None:
         probes = probe_scenes({"trained": engine.method.backbone, "random init": evaluate.start_backbone()},
-                              d.scenes_image_size, cfg.run.seed, *probe_sizes, k=cfg.eval.knn_k, device=device)
+                              d.scenes_image_size, cfg.run.seed, *probe_sizes, k=cfg.eval.knn_k, device=device,
+                              temperature=cfg.eval.knn_temperature)
     return {
         "method": cfg.run.method, "backbone": cfg.model.backbone, "small_stem": cfg.model.small_stem,
         "batch_size": cfg.run.batch_size, "crops": [f"{c}x{s}" for s, c in zip(d.crop_sizes, d.crop_counts)],

@@ -10,6 +10,7 @@ asked for (CDUL's image ``index``). No Ray import: ``source`` is anything with R
 
 from __future__ import annotations
 
+from functools import partial
 from itertools import islice
 from typing import Iterator, Sequence
 
@@ -30,7 +31,7 @@ class TrainFeed:
     ``augment_on=device`` the crops are seeded per image by (seed, epoch, image key), as the
     Ray Data tasks seed them on the CPU path. ``local_shuffle=False``: no shuffle buffer, for
     rows already in a new order every epoch (``TrainData.shuffled_at_source``). ``prefetch``:
-    with ``augment_on=device``, the next batch is decoded and cropped by a background thread
+    with ``augment_on=device``, the next batches are decoded and cropped by a background thread
     (on a side CUDA stream) while the step runs (``rayssl.data.prefetch``; default: on CUDA).
     """
 
@@ -60,13 +61,15 @@ class TrainFeed:
         shuffle = {"local_shuffle_buffer_size": buffer or None,
                    "local_shuffle_seed": (self.seed * 100003 + epoch * 101 + self.rank) if buffer else None}
         if self.augment is not None:
-            from rayssl.data.gpu_augment import device_crop_batches
+            from rayssl.data.gpu_augment import device_crop_batch
 
             rows = islice(self.source.iter_batches(batch_size=self.batch_size, drop_last=True,
                                                    batch_format="numpy", **shuffle), skip, None)
-            batches = device_crop_batches(rows, self.augment, seed=self.seed, epoch=epoch, min_side=1)
-            for batch in ahead(batches, self.device) if self.prefetch else batches:
-                yield batch.pop("crops"), {k: batch[k] for k in self.columns}
+            crop = partial(device_crop_batch, augment=self.augment, seed=self.seed, epoch=epoch, min_side=1)
+            # depth 2: lockstep takes batch t+1 before step t (rayssl.data.prefetch)
+            for batch in ahead(rows, crop, self.device, depth=2) if self.prefetch else map(crop, rows):
+                if batch is not None:  # None: no image of the batch decoded
+                    yield batch.pop("crops"), {k: batch[k] for k in self.columns}
             return
         for batch in islice(self.source.iter_torch_batches(batch_size=self.batch_size, drop_last=True,
                                                            device=self.device, **shuffle), skip, None):

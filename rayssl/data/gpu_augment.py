@@ -43,6 +43,7 @@ __all__ = [
     "ShipToDevice",
     "check_encoded",
     "decode_images",
+    "device_crop_batch",
     "device_crop_batches",
     "draw_multicrop_params",
     "is_jpeg",
@@ -117,6 +118,10 @@ def decode_images(blobs: Sequence[bytes], device: torch.device | str, min_side: 
         gpu_idx = [i for i, b in enumerate(blobs) if is_jpeg(b) and not _exif_rotated(b)]
         if gpu_idx:
             data = [torch.frombuffer(bytearray(blobs[i]), dtype=torch.uint8) for i in gpu_idx]
+            # nvJPEG writes its outputs (allocated on this stream) from a stream of its own that
+            # does not wait for this one: a block freed here while queued kernels still read it
+            # would be overwritten. Let this stream's queued work finish first.
+            torch.cuda.current_stream(device).synchronize()
             try:
                 decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
             except RuntimeError:  # one JPEG nvJPEG refuses fails the whole call: one by one, so
@@ -342,38 +347,47 @@ class DeviceMultiCrop:
 
 def device_crop_batches(batches: Iterable[dict], augment: DeviceMultiCrop, *, seed: int, epoch: int,
                         min_side: int = 1, failed: Counter | None = None) -> Iterator[dict]:
-    """Worker side of ``augment_on = "device"``: shipped numpy batches -> device crops.
+    """Worker side of ``augment_on = "device"``: shipped numpy batches -> device crops
+    (``device_crop_batch`` of each; a batch with no decodable image is dropped)."""
+    for batch in batches:
+        out = device_crop_batch(batch, augment, seed=seed, epoch=epoch, min_side=min_side, failed=failed)
+        if out is not None:
+            yield out
 
-    Each batch holds ``key`` (uint64 augmentation keys) and either ``encoded`` (bytes) or
-    ``image`` (uint8 (N, H, W, 3)). Yields ``{"crops": [normalised float (N, 3, s_j, s_j)
+
+def device_crop_batch(batch: dict, augment: DeviceMultiCrop, *, seed: int, epoch: int, min_side: int = 1,
+                      failed: Counter | None = None) -> dict | None:
+    """One shipped numpy batch -> its crops on ``augment.device`` (None: no image decoded).
+
+    ``batch`` holds ``key`` (uint64 augmentation keys) and either ``encoded`` (bytes) or
+    ``image`` (uint8 (N, H, W, 3)). Returns ``{"crops": [normalised float (N, 3, s_j, s_j)
     per crop], <other numeric columns as tensors on the device>}``. Crops are seeded per
     sample by (seed, epoch, key), as the CPU pipeline seeds them. An image that fails to
     decode on the worker (truncated after a valid header) is replaced by another image of
     the same batch, so every rank keeps the batch size the collectives expect; the
     replacements are counted in ``failed["decode_error"]``.
     """
-    for batch in batches:
-        keys = [int(k) for k in batch["key"]]
-        if "encoded" in batch:
-            images = decode_images([bytes(b) for b in batch["encoded"]], augment.device, min_side=min_side)
-            ok = [i for i, im in enumerate(images) if im is not None]
-            if not ok:
-                if failed is not None:
-                    failed["decode_error"] += len(images)
-                continue
-            for n, i in enumerate([i for i, im in enumerate(images) if im is None]):
-                j = ok[n % len(ok)]
-                images[i], keys[i] = images[j], keys[j]
-                if failed is not None:
-                    failed["decode_error"] += 1
-        else:
-            images = torch.from_numpy(np.ascontiguousarray(batch["image"]))
-        crops = augment(images, sample_generators(seed, epoch, keys))
-        out = {"crops": crops}
-        for k, v in batch.items():
-            if k in ("key", "encoded", "image"):
-                continue
-            arr = np.asarray(v)
-            if arr.dtype.kind in "biuf":
-                out[k] = torch.from_numpy(np.ascontiguousarray(arr)).to(augment.device, non_blocking=True)
-        yield out
+    keys = [int(k) for k in batch["key"]]
+    if "encoded" in batch:
+        images = decode_images([bytes(b) for b in batch["encoded"]], augment.device, min_side=min_side)
+        ok = [i for i, im in enumerate(images) if im is not None]
+        if not ok:
+            if failed is not None:
+                failed["decode_error"] += len(images)
+            return None
+        for n, i in enumerate([i for i, im in enumerate(images) if im is None]):
+            j = ok[n % len(ok)]
+            images[i], keys[i] = images[j], keys[j]
+            if failed is not None:
+                failed["decode_error"] += 1
+    else:
+        images = torch.from_numpy(np.ascontiguousarray(batch["image"]))
+    crops = augment(images, sample_generators(seed, epoch, keys))
+    out = {"crops": crops}
+    for k, v in batch.items():
+        if k in ("key", "encoded", "image"):
+            continue
+        arr = np.asarray(v)
+        if arr.dtype.kind in "biuf":
+            out[k] = torch.from_numpy(np.ascontiguousarray(arr)).to(augment.device, non_blocking=True)
+    return out

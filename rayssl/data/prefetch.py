@@ -1,27 +1,35 @@
-"""Make the next batches while the training step runs: a producer thread ``depth`` batches ahead.
+"""Make the next batches while the training step runs: ``fn`` over a source, a few items ahead.
 
-``ahead(batches, device)`` runs the iterator ``batches`` in a background thread and yields its
-items in the same order. On CUDA the thread launches its work on a side stream, and each item
-is handed over with an event the consumer's stream waits on (and its tensors marked as used
-by that stream, so the caching allocator does not reuse their memory early): with
-``data.augment_on=device`` the next batch's nvJPEG decoding and multi-crop overlap the
-current step instead of following it. Items and their seeded contents are exactly those of
-``batches``; an exception in the producer is raised in the consumer; closing the consumer
-stops the producer. No Ray import.
+``ahead(items, fn, device, depth)`` yields ``fn(item)`` for each item of ``items``, in order.
+The items are read on the caller's thread (a Ray Data iterator stays with the thread that
+opened it); ``fn`` runs on one background thread, up to ``depth`` items ahead of the one
+handed over. On CUDA that thread launches its work on a side stream, and each result is
+handed over with an event the caller's stream waits on (its tensors marked as used by that
+stream, so the caching allocator keeps their memory until the caller's work is done): with
+``data.augment_on=device`` the nvJPEG decoding and multi-crop of the next batches overlap the
+current step instead of following it.
+
+``depth``: the training loop's ``lockstep`` takes batch t+1 before it runs step t, so the
+worker uses ``depth=2``: batch t+1 was made while step t-1 ran, and its event gates step t
+only on work already done. Up to ``depth`` + 2 batches of crops are then alive at once.
+
+Results and their seeded contents are exactly those of ``map(fn, items)``; an exception of
+``fn`` or of the source is raised in the caller after the results before it; closing the
+caller's iterator cancels what was not started. No Ray import.
 """
 
 from __future__ import annotations
 
-import queue
-import threading
-from typing import Iterable, Iterator, TypeVar
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import torch
 
 __all__ = ["ahead"]
 
-T = TypeVar("T")
-_END = object()
+A = TypeVar("A")
+B = TypeVar("B")
 
 
 def _tensors(item) -> Iterator[torch.Tensor]:
@@ -35,61 +43,49 @@ def _tensors(item) -> Iterator[torch.Tensor]:
             yield from _tensors(v)
 
 
-def ahead(batches: Iterable[T], device: torch.device, depth: int = 1) -> Iterator[T]:
-    """``batches``' items, made by a background thread up to ``depth`` items ahead."""
+def ahead(items: Iterable[A], fn: Callable[[A], B], device: torch.device, depth: int = 1) -> Iterator[B]:
+    """``fn(item)`` for each of ``items``, in order, made by a background thread ``depth`` ahead."""
     if depth < 1:
         raise ValueError(f"depth must be >= 1, got {depth}")
-    cuda = torch.device(device).type == "cuda"
-    side = torch.cuda.Stream(device=device) if cuda else None
-    handoff: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
+    device = torch.device(device)
+    side = torch.cuda.Stream(device=device) if device.type == "cuda" else None
 
-    def put(entry) -> bool:
-        while not stop.is_set():
-            try:
-                handoff.put(entry, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+    def make(item):
+        if side is None:
+            return fn(item), None
+        torch.cuda.set_device(side.device)  # a new thread starts on device 0 and its default stream
+        with torch.cuda.stream(side):
+            out = fn(item)
+        done = torch.cuda.Event()
+        done.record(side)
+        return out, done
 
-    def produce() -> None:
-        try:
-            if side is not None:  # a new thread starts on device 0 and its default stream
-                torch.cuda.set_device(side.device)
-                torch.cuda.set_stream(side)
-            for item in batches:
-                done = None
-                if side is not None:
-                    done = torch.cuda.Event()
-                    done.record(side)
-                if not put((item, done, None)):
-                    return
-            put((_END, None, None))
-        except BaseException as exc:  # handed to the consumer, raised there
-            put((None, None, exc))
-
-    thread = threading.Thread(target=produce, name="rayssl-prefetch", daemon=True)
-    thread.start()
+    source = iter(items)
+    pending: deque = deque()
+    error: BaseException | None = None
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rayssl-prefetch")
     try:
         while True:
-            item, done, exc = handoff.get()
-            if exc is not None:
-                raise exc
-            if item is _END:
+            while error is None and len(pending) <= depth:
+                try:
+                    item = next(source)
+                except StopIteration:
+                    break
+                except Exception as exc:  # raised after the results made before it
+                    error = exc
+                    break
+                pending.append(pool.submit(make, item))
+            if not pending:
+                if error is not None:
+                    raise error
                 return
+            out, done = pending.popleft().result()
             if done is not None:
                 main = torch.cuda.current_stream(device)
                 main.wait_event(done)
-                for t in _tensors(item):
+                for t in _tensors(out):
                     if t.device.type == "cuda":
                         t.record_stream(main)
-            yield item
-    finally:  # closed early or done: the producer stops at its next hand-off
-        stop.set()
-        try:
-            while True:
-                handoff.get_nowait()
-        except queue.Empty:
-            pass
-        thread.join(timeout=1.0)
+            yield out
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)

@@ -77,16 +77,17 @@ def quantile_edges(scenes: dict) -> dict[str, np.ndarray]:
 
 
 def probe(backbone: torch.nn.Module, sets: tuple[dict, dict], labels: tuple[dict, dict], size: int,
-          k: int = 20, device="cpu") -> dict[str, float]:
+          k: int = 20, device="cpu", temperature: float = 0.07) -> dict[str, float]:
     """kNN top-1 of every attribute from ``backbone``'s frozen features (computed on ``device``)."""
     train, test = sets
     f_tr = extract_features(backbone, train["image"], size, device)
     f_te = extract_features(backbone, test["image"], size, device)
-    return {a: round(knn_top1(f_tr, labels[0][a], f_te, labels[1][a], k=k), 4) for a in ATTRIBUTES}
+    return {a: round(knn_top1(f_tr, labels[0][a], f_te, labels[1][a], k=k, temperature=temperature), 4)
+            for a in ATTRIBUTES}
 
 
 def probe_scenes(backbones: dict[str, torch.nn.Module], size: int, seed: int = 0, num_train: int = 2000,
-                 num_test: int = 1000, k: int = 20, device="cpu") -> dict:
+                 num_test: int = 1000, k: int = 20, device="cpu", temperature: float = 0.07) -> dict:
     """Every attribute's kNN top-1 for each of ``backbones`` (name -> module) on held-out scenes
     of ``size`` px (streams of ``seed``), beside each attribute's majority-class share."""
     sets = scenes_eval_sets(seed, size, num_train, num_test)
@@ -94,4 +95,4 @@ def probe_scenes(backbones: dict[str, torch.nn.Module], size: int, seed: int = 0
     labels = (attribute_labels(sets[0], edges), attribute_labels(sets[1], edges))
     majority = {a: round(float(np.bincount(labels[1][a].numpy()).max() / num_test), 4) for a in ATTRIBUTES}
     return {"num_train": num_train, "num_test": num_test, "seed": seed, "k": k, "majority": majority,
-            "probes": {name: probe(b, sets, labels, size, k, device) for name, b in backbones.items()}}
+            "probes": {name: probe(b, sets, labels, size, k, device, temperature) for name, b in backbones.items()}}
