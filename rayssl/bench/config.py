@@ -8,7 +8,7 @@ from rayssl.config import SECTIONS, Config, build_section, deep_merge, parse_ass
 from rayssl.methods import get_method
 from rayssl.presets import resolve_preset
 
-__all__ = ["BENCH_PRESETS", "bench_config", "fitted", "ingest_config"]
+__all__ = ["BENCH_PRESETS", "bench_config", "bench_warmup", "fitted", "ingest_config"]
 
 # Settings layered on rayssl.presets' "quick" (cpu) or "paper" (gpu) preset.
 BENCH_PRESETS: dict[str, dict] = {
@@ -40,6 +40,12 @@ def bench_config(method: str = "swav", preset: str = "cpu", batch_size: int | No
     for s in sets:
         raw = deep_merge(raw, parse_assignment(s))
     return Config.from_dict(raw)
+
+
+def bench_warmup(cfg: Config, given: int | None = None) -> int:
+    """Untimed steps before a measurement: ``given``, else until every part of the method's step
+    runs (its queue full of real keys), and at least 2."""
+    return given if given is not None else max(2, cfg.method.warmup_steps(cfg.run.batch_size) + 1)
 
 
 def ingest_config(data: dict, preset: str = "quick", batch_size: int = 32, sets: Sequence[str] = ()) -> Config:

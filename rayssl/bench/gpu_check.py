@@ -45,7 +45,7 @@ from typing import Callable
 
 import torch
 
-from rayssl.bench.config import bench_config
+from rayssl.bench.config import bench_config, bench_warmup
 from rayssl.bench.device_fed import measure_device_fed
 from rayssl.bench.quality import quality_run
 from rayssl.bench.step import measure_step
@@ -111,17 +111,12 @@ def step_config(opts: CheckOptions, *sets: str, method: str = "swav") -> Config:
     return bench_config(method, z["preset"], z["batch"], (*base, *sets))
 
 
-def _warmup(opts: CheckOptions, cfg: Config) -> int:
-    z = _sizes(opts)
-    return z["warmup"] if z["warmup"] is not None else max(2, cfg.method.warmup_steps(cfg.run.batch_size) + 1)
-
-
 def measure_step_part(opts: CheckOptions, device: str, sets: tuple[str, ...] = (), method: str = "swav") -> dict:
     """One step part: the config it measures and ``measure_step``'s figures."""
     cfg = step_config(opts, *sets, method=method)
     z = _sizes(opts)
-    return {**_describe(cfg), **measure_step(cfg, torch.device(device), z["steps"], _warmup(opts, cfg), z["repeats"],
-                                             z["split"])}
+    return {**_describe(cfg), **measure_step(cfg, torch.device(device), z["steps"], bench_warmup(cfg, z["warmup"]),
+                                             z["repeats"], z["split"])}
 
 
 def in_fresh_process(fn: Callable, *args):
@@ -152,8 +147,8 @@ def _parts(opts: CheckOptions, device: torch.device, result: dict) -> list[Part]
 
     def device_fed() -> dict:
         cfg = step_config(opts)
-        return {**_describe(cfg), **measure_device_fed(cfg, device, z["steps"], _warmup(opts, cfg), z["repeats"],
-                                                       z["scene_size"])}
+        return {**_describe(cfg), **measure_device_fed(cfg, device, z["steps"], bench_warmup(cfg, z["warmup"]),
+                                                       z["repeats"], z["scene_size"])}
 
     q_seconds = 3.0 if opts.dry_run else opts.quality_s
     return [

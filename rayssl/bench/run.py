@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from rayssl.bench.comm import measure_comm
-from rayssl.bench.config import BENCH_PRESETS, bench_config, ingest_config
+from rayssl.bench.config import BENCH_PRESETS, bench_config, bench_warmup, ingest_config
 from rayssl.bench.step import measure_step
 from rayssl.config import Config, deep_merge
 from rayssl.engine import autocast_for, build_method, training_precision, uses_channels_last
@@ -78,7 +78,7 @@ def run_bench(opts: BenchOptions) -> dict:
     if opts.parts == ("ingest",):
         return _ingest_only(opts, preset)
     cfg = bench_config(opts.method, preset, opts.batch_size, opts.sets, opts.augment_on)
-    warmup = opts.warmup if opts.warmup is not None else max(2, cfg.method.warmup_steps(cfg.run.batch_size) + 1)
+    warmup = bench_warmup(cfg, opts.warmup)
     precision = training_precision(cfg, device)
     result = {
         "bench": "rayssl.bench", "method": cfg.run.method, "preset": preset,

@@ -44,7 +44,7 @@ class TrainFeed:
         self.buffer = data.shuffle_buffer if local_shuffle else 0
         self.keys = [f"crop_{j}" for j in range(sum(data.crop_counts))]
         self.augment = None
-        # augment_on=device: decode and crop the next batch while the step runs (None: on CUDA).
+        # augment_on=device: decode and crop the next batches while the step runs (None: on CUDA).
         self.prefetch = device.type == "cuda" if prefetch is None else prefetch
         if data.augment_on == "device":
             from rayssl.data.gpu_augment import DeviceMultiCrop
