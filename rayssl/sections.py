@@ -36,7 +36,9 @@ class RunSection:
     output: str = ""  # local dir or s3:// URI; empty -> ./runs/<method>-<timestamp>
     epochs: int = 100
     batch_size: int = 256  # global, split evenly over workers
-    num_workers: int = 2  # with max_workers: the fewest the run trains with
+    # with max_workers: the fewest the run trains with. 0: train in this process (Ray Train's
+    # local mode: Ray Data feeds the step here; no worker actors, restarts, preemption or resizes)
+    num_workers: int = 2
     # Elastic: Ray Train runs between num_workers and max_workers workers, as many as the cluster
     # can hold, and resizes (from the latest checkpoint) as nodes come and go. The global batch
     # stays batch_size: each worker's share is batch_size / workers. None: exactly num_workers.
@@ -79,7 +81,11 @@ class RunSection:
     def __post_init__(self) -> None:
         check(self.epochs >= 1, "run.epochs", f"must be >= 1, got {self.epochs}")
         check(self.batch_size >= 1, "run.batch_size", f"must be >= 1, got {self.batch_size}")
-        check(self.num_workers >= 1, "run.num_workers", f"must be >= 1, got {self.num_workers}")
+        check(self.num_workers >= 0, "run.num_workers",
+              f"must be >= 1, or 0 to train in this process; got {self.num_workers}")
+        check(not self.in_process or self.max_workers is None, "run.max_workers",
+              "an in-process run (run.num_workers=0) has no workers to resize: it cannot be elastic "
+              "(an elastic --num-workers MIN-MAX needs MIN >= 1)")
         check(self.elastic_check_s > 0, "run.elastic_check_s", f"must be > 0, got {self.elastic_check_s}")
         check(self.max_workers is None or self.max_workers >= self.num_workers, "run.max_workers",
               f"must be >= run.num_workers={self.num_workers}, got {self.max_workers}")
@@ -88,7 +94,7 @@ class RunSection:
             not uneven,
             "run.batch_size",
             f"global batch {self.batch_size} is not divisible by num_workers {self.num_workers}"
-            if self.max_workers is None else
+            if not self.elastic else
             f"global batch {self.batch_size} is not divisible by {', '.join(map(str, uneven))} workers (the run "
             f"may train with any of {self.num_workers}-{self.max_workers}, and keeps its global batch)",
         )
@@ -98,6 +104,8 @@ class RunSection:
             f"must be > 0, got {self.cpus_per_worker}",
         )
         check(self.max_failures >= -1, "run.max_failures", "must be >= 0 (or -1 for unlimited)")
+        check(not self.in_process or self.max_failures == 0, "run.max_failures",
+              "an in-process run (run.num_workers=0) has no worker to restart; leave it 0, or train on workers")
         check(self.checkpoint_every_epochs >= 1, "run.checkpoint_every_epochs", "must be >= 1")
         check(self.checkpoint_every_steps is None or self.checkpoint_every_steps >= 1, "run.checkpoint_every_steps",
               f"must be >= 1 (leave it unset for epoch checkpoints only), got {self.checkpoint_every_steps}")
@@ -117,8 +125,14 @@ class RunSection:
 
     @property
     def worker_counts(self) -> range:
-        """Every number of workers the run may train with."""
-        return range(self.num_workers, (self.max_workers or self.num_workers) + 1)
+        """Every number of workers the run may train with (an in-process run: its one)."""
+        fewest = max(1, self.num_workers)
+        return range(fewest, (self.max_workers or fewest) + 1)
+
+    @property
+    def in_process(self) -> bool:
+        """``num_workers=0``: the run trains in the driver's process (Ray Train's local mode)."""
+        return self.num_workers == 0
 
     @property
     def elastic(self) -> bool:

@@ -22,7 +22,8 @@ def _error(capsys, argv) -> str:
     [
         (["--batch-size", "7", "--num-workers", "2"], "--batch-size (run.batch_size): global batch 7 is not divisible"),
         (["--epochs", "0"], "--epochs (run.epochs): must be >= 1"),
-        (["--num-workers", "0"], "--num-workers (run.num_workers): must be >= 1"),
+        (["--num-workers", "0", "--max-failures", "1"], "--max-failures (run.max_failures): an in-process run"),
+        (["--num-workers", "0-2"], "run.max_workers: an in-process run (run.num_workers=0) has no workers to resize"),
         (["--set", "swav.temperature=-0.1"], "swav.temperature: must be > 0"),
         (["--set", "swav.num_prototypes=0"], "swav.num_prototypes: must be >= 1"),
         (["--set", "swav.epsilon=abc"], "swav.epsilon: cannot read 'abc'"),

@@ -60,6 +60,9 @@ def plan_trials(cluster: Mapping[str, float], num_workers: int, use_gpu: bool | 
     a whole CPU when the cluster has room for one trial that way, else an equal share of
     what is left. As many trials run at once as fit (at least one), capped by the samples.
     """
+    if num_workers < 1:
+        raise ConfigError("--num-workers: a sweep's trials train on Ray Train workers (1 or more); "
+                          "0, training in this process, is for a single run")
     cpus, gpus = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
     gpu = use_gpu if use_gpu is not None else gpus >= 1
     if gpu and gpus < num_workers:

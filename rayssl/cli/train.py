@@ -94,7 +94,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                    help="GLOBAL batch size, split evenly over the workers (quick preset: 64)")
     p.add_argument("--num-workers", type=worker_range, default=None, metavar="N|MIN-MAX",
                    help="number of Ray Train workers (default 2); MIN-MAX: elastic, as many as the cluster holds "
-                        "(the global batch stays --batch-size)")
+                        "(the global batch stays --batch-size); 0: train in this process, Ray Data feeding it "
+                        "(no worker start, restarts or resizes: fastest on one machine)")
     add_gpu_flag(p, "training workers", default=None)
     p.add_argument("--cpus-per-worker", type=float, default=None,
                    help="CPUs reserved per training worker; default: sized so Ray Data keeps >= 1 CPU")

@@ -3,8 +3,9 @@
 ``train(cfg)`` sizes the workers (``cluster.place``), builds the Ray Data pipeline of
 ``cfg.data`` (or, for a method with per-image state, the rows of its index table), writes the
 resolved config next to the checkpoints, fits a ``TorchTrainer`` running
-``rayssl.runtime.worker.train_loop_per_worker`` and returns the run's summary (also written to
-``<output>/summary.json``). Checks a user can act on have run before (``rayssl.cli.train``);
+``rayssl.runtime.worker.train_loop_per_worker`` (on workers, or with ``run.num_workers=0`` in
+this process: Ray Train's local mode, ``rayssl.runtime.reports.InProcessReports``) and returns
+the run's summary (also written to ``<output>/summary.json``). Checks a user can act on have run before (``rayssl.cli.train``);
 what only the cluster can tell (GPUs, nodes) is checked here, before anything starts.
 """
 
@@ -30,10 +31,11 @@ from rayssl.runtime.callbacks import StopOnNonFinite
 from rayssl.runtime.evaluation import no_evaluation_note
 from rayssl.runtime.cluster import capacity, check_output_shared, place, ray_session, ray_start_seconds
 from rayssl.runtime.internals import resume_point
+from rayssl.runtime.reports import InProcessReports, RayReports, newest_checkpoint
 from rayssl.runtime.worker import train_loop_per_worker
 from rayssl.storage import is_remote, run_location, write_text
 
-__all__ = ["carried_data_counts", "checkpoint_uri", "time_spent", "time_text", "train"]
+__all__ = ["carried_data_counts", "checkpoint_uri", "resume_from", "time_spent", "time_text", "train"]
 
 
 def carried_data_counts(point: dict | None) -> dict:
@@ -52,14 +54,35 @@ def checkpoint_uri(path: str, output: str) -> str:
     return path
 
 
-def _data_config(cfg: Config) -> DataConfig | None:
+def _ingest_options(cfg: Config):
     """``data.deterministic``: Ray Data preserves order, so ``streaming_split`` hands every
     worker the same rows in the same order on every run (it ignores locality then)."""
     if not cfg.data.deterministic:
         return None
     options = DataConfig.default_ingest_options()
     options.preserve_order = True
-    return DataConfig(execution_options=options)
+    return options
+
+
+def _data_config(cfg: Config) -> DataConfig | None:
+    options = _ingest_options(cfg)
+    return None if options is None else DataConfig(execution_options=options)
+
+
+def resume_from(output: str, options) -> tuple[str | None, dict]:
+    """``--resume``: (the URI of the newest complete checkpoint of ``output``, the metrics reported
+    with it), or (None, {}). Ray Train's snapshot lists the checkpoints its workers reported
+    (``resume_point`` verifies them); an in-process part of the run stored its own beside them."""
+    point = resume_point(output, options)
+    base = output.rstrip("/")
+    listed = f"{base}/{point['checkpoint_dir_name']}" if point else None
+    newest = newest_checkpoint(output, options)
+    if newest is not None and (listed is None or newest[0].rsplit("/", 1)[-1] > listed.rsplit("/", 1)[-1]):
+        log(f"--resume: resuming from {newest[0]}")
+        return newest
+    if listed is None:
+        log(f"--resume: WARNING no complete checkpoint in {base}; training starts again from epoch 0")
+    return listed, (point or {}).get("metrics") or {}
 
 
 def train(cfg: Config, callbacks: Sequence = (), source: Source | None = None) -> dict:
@@ -91,25 +114,36 @@ def train(cfg: Config, callbacks: Sequence = (), source: Source | None = None) -
                 f"--batch-size: global batch {cfg.run.batch_size} exceeds the {data.num_images} training images")
         options = cfg.data.s3.signed()  # the run's own files, from every process of the run
         write_text(f"{cfg.run.output.rstrip('/')}/config.yaml", cfg.to_yaml(), options)
-        if cfg.run.resume:
-            carried = carried_data_counts(resume_point(cfg.run.output, options))
-            if carried:  # before any map task reports: the totals include the run so far
-                data.stats.add(carried, wait=True)
+        restore, reported = resume_from(cfg.run.output, options) if cfg.run.resume else (None, {})
+        carried = carried_data_counts({"metrics": reported})
+        if carried:  # before any map task reports: the totals include the run so far
+            data.stats.add(carried, wait=True)
+        if cfg.run.in_process:  # Ray Train's local mode keeps only the last report: rayssl stores them
+            reports = InProcessReports(cfg.run.output, options, cfg.run.keep_checkpoints, callbacks, restore)
+            ingest = _ingest_options(cfg)
+            if ingest is not None:
+                data.dataset.context.execution_options = ingest
+        else:
+            reports = RayReports(restore, options)
         storage_path, name, fs = run_location(cfg.run.output, options)
         note = no_evaluation_note(cfg)
         if note:
             log(note)
+        where = ("in this process (run.num_workers=0: no worker restarts, preemption checkpoints or resizes)"
+                 if cfg.run.in_process else f"{cfg.run.workers_text} workers ({'GPU' if placement.use_gpu else 'CPU'}, "
+                 f"{placement.cpus} CPU each)")
         log(f"{cfg.run.method}: {data.num_images} images, {steps_per_epoch} steps/epoch x {cfg.run.epochs} epochs, "
-            f"{cfg.run.workers_text} workers ({'GPU' if placement.use_gpu else 'CPU'}, {placement.cpus} CPU each), "
-            f"output {cfg.run.output}")
+            f"{where}, output {cfg.run.output}")
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"config": cfg.to_dict(), "steps_per_epoch": steps_per_epoch, "stats": data.stats,
-                               "shuffled_at_source": data.shuffled_at_source},
-            scaling_config=ScalingConfig(num_workers=(cfg.run.num_workers, cfg.run.max_workers) if cfg.run.elastic
-                                         else cfg.run.num_workers, use_gpu=placement.use_gpu,
-                                         resources_per_worker={"CPU": placement.cpus},
-                                         elastic_resize_monitor_interval_s=cfg.run.elastic_check_s),
+                               "shuffled_at_source": data.shuffled_at_source, "reports": reports,
+                               "device": ("cuda" if placement.use_gpu else "cpu") if cfg.run.in_process else None},
+            scaling_config=ScalingConfig(num_workers=0) if cfg.run.in_process else
+            ScalingConfig(num_workers=(cfg.run.num_workers, cfg.run.max_workers) if cfg.run.elastic
+                          else cfg.run.num_workers, use_gpu=placement.use_gpu,
+                          resources_per_worker={"CPU": placement.cpus},
+                          elastic_resize_monitor_interval_s=cfg.run.elastic_check_s),
             run_config=RunConfig(
                 name=name, storage_path=storage_path, storage_filesystem=fs,
                 failure_config=FailureConfig(max_failures=cfg.run.max_failures,
@@ -124,7 +158,13 @@ def train(cfg: Config, callbacks: Sequence = (), source: Source | None = None) -
         result = trainer.fit()
         t_end = time.perf_counter()
         counts = data.stats.get()
-    summary = _summary(cfg, result, counts, t_end - t0, time_spent(result.metrics, ray_start_seconds(), t_end - t_ray))
+    if cfg.run.in_process:
+        metrics, checkpoint = reports.last_metrics, reports.last_checkpoint
+    else:
+        metrics = result.metrics
+        checkpoint = checkpoint_uri(result.checkpoint.path, cfg.run.output) if result.checkpoint is not None else None
+    summary = _summary(cfg, metrics, checkpoint, counts, t_end - t0,
+                       time_spent(metrics, ray_start_seconds(), t_end - t_ray))
     log(time_text(summary["time"]))
     return summary
 
@@ -158,8 +198,9 @@ def time_text(t: dict) -> str:
             f"{t['checkpoint_s']:.1f} s, starting the workers and the rest {t['other_s']:.1f} s")
 
 
-def _summary(cfg: Config, result, counts: dict, wall: float, spent: dict) -> dict:
-    m = dict(result.metrics or {})
+def _summary(cfg: Config, metrics: dict | None, checkpoint: str | None, counts: dict, wall: float,
+             spent: dict) -> dict:
+    m = dict(metrics or {})
     metric = run_metric(cfg.eval, get_method(cfg.run.method).metric)
     summary = {
         "method": cfg.run.method,
@@ -183,7 +224,7 @@ def _summary(cfg: Config, result, counts: dict, wall: float, spent: dict) -> dic
     summary.update({
         # the workers' restarts: with another worker count (elastic), after a preemption notice,
         # and after anything else; and how many trained at the end
-        "workers": counts.get(WORLD_SIZE) or cfg.run.num_workers,
+        "workers": counts.get(WORLD_SIZE) or cfg.run.num_workers,  # an in-process run: 1
         "resizes": counts.get(RESIZES, 0),
         "preemptions": counts.get(PREEMPTIONS, 0),
         "restarts": max(0, counts.get(WORKER_STARTS, 1) - 1 - counts.get(PREEMPTIONS, 0) - counts.get(RESIZES, 0)),
@@ -191,7 +232,7 @@ def _summary(cfg: Config, result, counts: dict, wall: float, spent: dict) -> dic
         "wall_s": round(wall, 1),
         "time": spent,
         "output": cfg.run.output,
-        "checkpoint": checkpoint_uri(result.checkpoint.path, cfg.run.output) if result.checkpoint is not None else None,
+        "checkpoint": checkpoint,
     })
     write_text(f"{cfg.run.output.rstrip('/')}/summary.json", json.dumps(summary, indent=2), cfg.data.s3.signed())
     return summary

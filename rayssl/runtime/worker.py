@@ -1,8 +1,10 @@
 """The function Ray Train's ``TorchTrainer`` runs on every worker: Ray glue around the engine.
 
 Ray enters only here: the worker's rank and device, its dataset shard, the checkpoint to
-resume from, and ``ray.train.report`` (called the same number of times on every rank). The
-model, the step, the progress and the evaluation are ``rayssl.engine`` (pure PyTorch).
+resume from, and the reports (``rayssl.runtime.reports``: ``ray.train.report``, called the
+same number of times on every rank; in an in-process run, ``run.num_workers=0``, the function
+runs in the driver and rayssl stores the reports itself). The model, the step, the progress
+and the evaluation are ``rayssl.engine`` (pure PyTorch).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import time
 
 import ray.train
 import ray.train.torch
-from ray.train import CheckpointUploadMode
+import torch
 
 from rayssl.checkpoint import CheckpointError
 from rayssl.config import Config
@@ -21,6 +23,7 @@ from rayssl.engine import Engine, Monitor, control_group, lockstep, log
 from rayssl.modules.seeding import untouched_streams
 from rayssl.runtime.evaluation import evaluator_for, online_probe
 from rayssl.runtime.internals import quiet_report_lines
+from rayssl.runtime.reports import RayReports
 from rayssl.storage import StorageError
 from rayssl.storage.checked import take_write_failures
 
@@ -47,8 +50,9 @@ class Checkpoints:
     a collective). Uploads are asynchronous (``run.checkpoint_upload``) except the run's last
     checkpoint and a just-in-time one, which must be stored before the node goes."""
 
-    def __init__(self, engine: Engine, monitor: Monitor, on_notice=lambda: None):
+    def __init__(self, engine: Engine, monitor: Monitor, on_notice=lambda: None, reports=None):
         self.engine, self.monitor, self.run, self.on_notice = engine, monitor, engine.cfg.run, on_notice
+        self.reports = reports or RayReports()  # rayssl.runtime.reports: Ray Train's, or an in-process run's
         self.preempted: set[str] = set()  # nodes a just-in-time checkpoint was written for
         self.preemption_at_epoch_end = False
 
@@ -107,10 +111,7 @@ class Checkpoints:
         """Report the checkpoint ``write`` wrote, with ``metrics`` (not a collective of torch's)."""
         directory, wait = written
         t = time.perf_counter()
-        ray.train.report({**metrics, "time": dict(self.monitor.totals)},
-                         checkpoint=ray.train.Checkpoint.from_directory(directory),
-                         checkpoint_upload_mode=CheckpointUploadMode.SYNC if wait else CheckpointUploadMode.ASYNC,
-                         delete_local_checkpoint_after_upload=True)
+        self.reports.report({**metrics, "time": dict(self.monitor.totals)}, directory, wait)
         self.monitor.add_time("checkpoint_s", time.perf_counter() - t)  # the upload: in the next report
         if wait:
             failed_uploads()
@@ -127,8 +128,11 @@ def train_loop_per_worker(payload: dict) -> None:
     # Asked for before the engine is built: rank 0's call starts Ray Data's split coordinator (a
     # process of its own), which then starts while the model is built rather than after it.
     shard = ray.train.get_dataset_shard("train")
-    engine = Engine(cfg, steps_per_epoch, ray.train.torch.get_device(), world_size=world, rank=rank)
-    checkpoint = ray.train.get_checkpoint()
+    # an in-process run: the driver's choice (Ray Train's local mode takes CUDA whenever it is there)
+    device = torch.device(payload["device"]) if payload.get("device") else ray.train.torch.get_device()
+    engine = Engine(cfg, steps_per_epoch, device, world_size=world, rank=rank)
+    reports = payload.get("reports") or RayReports()  # an in-process run's own (run.num_workers=0)
+    checkpoint = reports.restored()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             try:
@@ -152,7 +156,7 @@ def train_loop_per_worker(payload: dict) -> None:
     evaluate = evaluator_for(engine)  # the user's labelled images, the held-out scenes, or nothing
     probe = online_probe(engine) if rank == 0 else None  # eval.online_probe: a linear head beside training
     control = control_group()  # host-side (gloo) group for the per-step "have data" flags
-    checkpoints = Checkpoints(engine, monitor, stats.count_preemption_notice if rank == 0 else lambda: None)
+    checkpoints = Checkpoints(engine, monitor, stats.count_preemption_notice if rank == 0 else lambda: None, reports)
 
     for epoch in range(engine.epoch, cfg.run.epochs):
         engine.epoch, skip = epoch, engine.epoch_step  # skip > 0: resumed from inside this epoch
@@ -167,7 +171,7 @@ def train_loop_per_worker(payload: dict) -> None:
             if probe is not None:
                 probe.step()
             if monitor.log_step():  # the step's progress to the trackers, live (every rank reports)
-                ray.train.report(monitor.take_step_report())
+                reports.report(monitor.take_step_report())
             reason = checkpoints.after_step()
             if reason:
                 checkpoints.save(monitor.mid_epoch_report(stats.get_or_empty() if rank == 0 else {}),
@@ -185,6 +189,6 @@ def train_loop_per_worker(payload: dict) -> None:
         if written:
             checkpoints.report(written, report)
         else:
-            ray.train.report({**report, "time": dict(monitor.totals)})
+            reports.report({**report, "time": dict(monitor.totals)})
         monitor.epoch_done(reason is not None)
         engine.epoch_step = 0

@@ -1,0 +1,155 @@
+"""Where a worker's reports and checkpoints go: Ray Train, or (an in-process run) rayssl itself.
+
+A run on Ray Train workers reports with ``ray.train.report``: Ray Train stores each checkpoint
+under the run's output (``checkpoint_<time>``, its snapshot naming the ones kept), hands every
+report to the run's callbacks in its controller, and gives a restarted or resumed worker the
+newest checkpoint. An in-process run (``run.num_workers=0``: Ray Train's local mode, the training
+function in the driver) has none of that in Ray 2.60, which keeps only the last report; there
+``InProcessReports`` does the same three things here: it copies each checkpoint to
+``<output>/checkpoint_<time>`` (the reported metrics beside it in ``report.json``), keeps the
+newest ``run.keep_checkpoints``, hands every report to the callbacks, and on ``--resume``
+restores the newest complete checkpoint of the output.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import posixpath
+import shutil
+import sys
+from typing import Sequence
+
+import ray.train
+from ray.train import CheckpointUploadMode
+
+from rayssl.checkpoint import MANIFEST_FILE, CheckpointError, verify_checkpoint_dir
+from rayssl.storage import S3Options, filesystem, pyarrow_filesystem
+
+__all__ = ["InProcessReports", "RayReports", "REPORT_FILE", "newest_checkpoint"]
+
+REPORT_FILE = "report.json"  # an in-process checkpoint's reported metrics (what resume carries on)
+
+
+def _newer(a, b):
+    """The newer of two checkpoints (``checkpoint_<time>`` names sort in time), either may be None."""
+    if a is None or b is None:
+        return a or b
+    return a if posixpath.basename(a.path.rstrip("/")) >= posixpath.basename(b.path.rstrip("/")) else b
+
+
+class RayReports:
+    """Reports through Ray Train (a run on Ray Train workers). ``restore``: on ``--resume``, the
+    newest complete checkpoint of the output, restored when it is newer than Ray Train's (whose
+    snapshot does not list the checkpoints of an in-process part of the run)."""
+
+    def __init__(self, restore: str | None = None, options: S3Options | None = None):
+        self.restore, self.options = restore, options
+
+    def restored(self):
+        """The checkpoint this worker starts from, or None."""
+        return _newer(ray.train.get_checkpoint(), _checkpoint(self.restore, self.options))
+
+    def report(self, metrics: dict, directory: str | None = None, wait: bool = True) -> None:
+        """Report ``metrics``, with the checkpoint written in ``directory`` (uploaded, then deleted
+        there; ``wait``: before this returns)."""
+        if directory is None:
+            ray.train.report(metrics)
+            return
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
+                         checkpoint_upload_mode=CheckpointUploadMode.SYNC if wait else CheckpointUploadMode.ASYNC,
+                         delete_local_checkpoint_after_upload=True)
+
+
+def newest_checkpoint(output: str, options: S3Options | None = None) -> tuple[str, dict] | None:
+    """(URI, reported metrics) of the newest complete checkpoint under ``output``, or None."""
+    fs, root = filesystem(output, options)
+    try:
+        complete = _complete(fs, root)
+    except (FileNotFoundError, OSError):
+        return None
+    if not complete:
+        return None
+    try:
+        metrics = json.loads(fs.cat_file(f"{complete[-1]}/{REPORT_FILE}"))
+    except (FileNotFoundError, OSError, json.JSONDecodeError):
+        metrics = {}  # a checkpoint Ray Train stored: its metrics are in Ray Train's snapshot
+    return f"{output.rstrip('/')}/{posixpath.basename(complete[-1])}", metrics
+
+
+class InProcessReports:
+    """Reports of an in-process run (``run.num_workers=0``), stored and handed on here.
+
+    ``callbacks``: the run's Ray Train callbacks; each report goes to their ``after_report`` as
+    Ray Train's controller would hand it (one worker's metrics in a list). ``restore``: the
+    checkpoint URI to start from (``newest_checkpoint``), or None."""
+
+    def __init__(self, output: str, options: S3Options | None, keep: int, callbacks: Sequence = (),
+                 restore: str | None = None):
+        self.output, self.options, self.keep = output.rstrip("/"), options, keep
+        self.callbacks, self.restore = list(callbacks), restore
+        self.last_checkpoint: str | None = None  # URI of the newest checkpoint stored by this run
+        self.last_metrics: dict = {}  # the last report's (the run's end: its last epoch's)
+
+    def restored(self):
+        return _checkpoint(self.restore, self.options)
+
+    def report(self, metrics: dict, directory: str | None = None, wait: bool = True) -> None:
+        """As ``RayReports.report``; the checkpoint is always stored before this returns."""
+        checkpoint, self.last_metrics = None, metrics
+        if directory is not None:
+            self.last_checkpoint = self._store(directory, metrics)
+            checkpoint = _checkpoint(self.last_checkpoint, self.options)
+        for callback in self.callbacks:
+            try:
+                callback.after_report(None, [metrics], checkpoint)
+            except Exception as exc:  # noqa: BLE001 - as in Ray Train's controller: trackers never stop training
+                sys.stderr.write(f"[rayssl] WARNING callback {type(callback).__name__}: {type(exc).__name__}: {exc}\n")
+
+    def _store(self, directory: str, metrics: dict) -> str:
+        """Copy the checkpoint in ``directory`` to the output, then delete it there; keep the newest
+        ``keep`` checkpoints of the output. The metrics go in first: the manifest, written last
+        by the engine and copied last, is what makes a checkpoint complete."""
+        with open(f"{directory}/{REPORT_FILE}", "w") as f:
+            json.dump(metrics, f, default=str)
+        name = "checkpoint_" + datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S.%f")
+        fs, root = filesystem(self.output, self.options)
+        dest = f"{root.rstrip('/')}/{name}"
+        fs.makedirs(dest, exist_ok=True)
+        for entry in sorted(_files(directory), key=lambda e: (e == MANIFEST_FILE, e)):  # the manifest last
+            fs.put_file(f"{directory}/{entry}", f"{dest}/{entry}")
+        shutil.rmtree(directory, ignore_errors=True)
+        for old in _complete(fs, root)[:-self.keep]:  # an incomplete one is left as it is, as --resume does
+            fs.rm(old, recursive=True)
+        return f"{self.output}/{name}"
+
+
+def _complete(fs, root: str) -> list[str]:
+    """The complete ``checkpoint_*`` directories under ``root``, oldest first."""
+    out = []
+    for entry in sorted(e["name"].rstrip("/") for e in fs.ls(root.rstrip("/"), detail=True)
+                        if e.get("type") == "directory"
+                        and posixpath.basename(e["name"].rstrip("/")).startswith("checkpoint_")):
+        try:
+            verify_checkpoint_dir(entry, fs=fs)
+        except CheckpointError:
+            continue
+        out.append(entry)
+    return out
+
+
+def _checkpoint(uri: str | None, options: S3Options | None):
+    if uri is None:
+        return None
+    fs, root = filesystem(uri, options)
+    return ray.train.Checkpoint(root, filesystem=pyarrow_filesystem(fs))
+
+
+def _files(directory: str) -> list[str]:
+    out = []
+    for here, _, names in os.walk(directory):
+        rel = os.path.relpath(here, directory)
+        out += [n if rel == "." else f"{rel}/{n}" for n in names]
+    return out
+
