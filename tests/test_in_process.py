@@ -25,6 +25,7 @@ from rayssl.checkpoint import (MANIFEST_FILE, load_shared_state, verify_checkpoi
                                write_shared_state)
 from rayssl.cli import train
 from rayssl.config import Config, ConfigError
+from rayssl.runtime.driver import resume_from
 from rayssl.runtime.internals import SNAPSHOT_FILE
 from rayssl.runtime.reports import REPORT_FILE, InProcessReports, newest_checkpoint
 from rayssl.storage import S3Options, filesystem, s3_filesystem
@@ -164,3 +165,18 @@ def test_in_process_reports_store_keep_and_find(tmp_path, where, request):
         assert torch.equal(load_shared_state(restored)["model"]["w"], torch.full((2,), 2.0))
     reports.report({"epoch": 4}, _fake_checkpoint(tmp_path, 4))
     assert names() == sorted(s.rsplit("/", 1)[-1] for s in [stored[1], stored[2], reports.last_checkpoint])
+
+
+def test_resume_takes_an_in_process_checkpoint_not_an_unlisted_one_of_ray_train(tmp_path):
+    """``resume_from`` without a Ray Train snapshot: the newest complete checkpoint an in-process
+    run stored (with its report.json) is resumed, with its metrics; a newer complete one without a
+    report.json -- Ray Train's, unregistered when its run ended -- is passed over, as before."""
+    out = tmp_path / "out"
+    reports = InProcessReports(str(out), None, keep=3)
+    reports.report({"epoch": 1, "data": {"seen": 128}}, _fake_checkpoint(tmp_path, 1))
+    assert resume_from(str(out), None) == (reports.last_checkpoint, {"epoch": 1, "data": {"seen": 128}})
+    unlisted = out / "checkpoint_9999-01-01_00-00-00.000000"
+    shutil.copytree(_fake_checkpoint(tmp_path, 2), unlisted)
+    verify_checkpoint_dir(unlisted)
+    assert newest_checkpoint(str(out))[0] == reports.last_checkpoint
+    assert resume_from(str(out), None)[0] == reports.last_checkpoint

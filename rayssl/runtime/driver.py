@@ -5,8 +5,9 @@
 resolved config next to the checkpoints, fits a ``TorchTrainer`` running
 ``rayssl.runtime.worker.train_loop_per_worker`` (on workers, or with ``run.num_workers=0`` in
 this process: Ray Train's local mode, ``rayssl.runtime.reports.InProcessReports``) and returns
-the run's summary (also written to ``<output>/summary.json``). Checks a user can act on have run before (``rayssl.cli.train``);
-what only the cluster can tell (GPUs, nodes) is checked here, before anything starts.
+the run's summary (also written to ``<output>/summary.json``). Checks a user can act on have
+run before (``rayssl.cli.train``); what only the cluster can tell (GPUs, nodes) is checked
+here, before anything starts.
 """
 
 from __future__ import annotations
@@ -72,11 +73,13 @@ def _data_config(cfg: Config) -> DataConfig | None:
 def resume_from(output: str, options) -> tuple[str | None, dict]:
     """``--resume``: (the URI of the newest complete checkpoint of ``output``, the metrics reported
     with it), or (None, {}). Ray Train's snapshot lists the checkpoints its workers reported
-    (``resume_point`` verifies them); an in-process part of the run stored its own beside them."""
+    (``resume_point`` verifies them); an in-process part of the run stored its own beside them,
+    each with its ``report.json``. A complete checkpoint of Ray Train's that its snapshot does not
+    list (a run ended while registering it) is passed over, as before in-process runs existed."""
     point = resume_point(output, options)
     base = output.rstrip("/")
     listed = f"{base}/{point['checkpoint_dir_name']}" if point else None
-    newest = newest_checkpoint(output, options)
+    newest = newest_checkpoint(output, options)  # stored by an in-process run
     if newest is not None and (listed is None or newest[0].rsplit("/", 1)[-1] > listed.rsplit("/", 1)[-1]):
         log(f"--resume: resuming from {newest[0]}")
         return newest

@@ -63,19 +63,21 @@ class RayReports:
 
 
 def newest_checkpoint(output: str, options: S3Options | None = None) -> tuple[str, dict] | None:
-    """(URI, reported metrics) of the newest complete checkpoint under ``output``, or None."""
+    """(URI, reported metrics) of the newest complete checkpoint an in-process run stored under
+    ``output`` (one with its ``report.json``), or None. Ray Train's checkpoints have none: its
+    snapshot holds their metrics, and names the ones it registered (``resume_point``)."""
     fs, root = filesystem(output, options)
     try:
         complete = _complete(fs, root)
     except (FileNotFoundError, OSError):
         return None
-    if not complete:
-        return None
-    try:
-        metrics = json.loads(fs.cat_file(f"{complete[-1]}/{REPORT_FILE}"))
-    except (FileNotFoundError, OSError, json.JSONDecodeError):
-        metrics = {}  # a checkpoint Ray Train stored: its metrics are in Ray Train's snapshot
-    return f"{output.rstrip('/')}/{posixpath.basename(complete[-1])}", metrics
+    for path in reversed(complete):
+        try:
+            metrics = json.loads(fs.cat_file(f"{path}/{REPORT_FILE}"))
+        except (FileNotFoundError, OSError, json.JSONDecodeError):
+            continue
+        return f"{output.rstrip('/')}/{posixpath.basename(path)}", metrics
+    return None
 
 
 class InProcessReports:
