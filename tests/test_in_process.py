@@ -25,11 +25,13 @@ from rayssl.checkpoint import (MANIFEST_FILE, load_shared_state, verify_checkpoi
                                write_shared_state)
 from rayssl.cli import train
 from rayssl.config import Config, ConfigError
-from rayssl.runtime.driver import resume_from
+from rayssl.runtime.driver import in_process_device, resume_from
 from rayssl.runtime.internals import SNAPSHOT_FILE
 from rayssl.runtime.reports import REPORT_FILE, InProcessReports, newest_checkpoint
 from rayssl.storage import S3Options, filesystem, s3_filesystem
+from rayssl.space import choice
 from tuning.runner import plan_trials
+from tuning.spaces import validate_space
 
 EPOCHS = 3
 SAME = ["--epochs", str(EPOCHS), "--checkpoint-every", "1", "--keep-checkpoints", "2",
@@ -87,6 +89,15 @@ def test_in_process_run_stores_what_ray_train_would(ray_session, tmp_path, capsy
         assert torch.equal(v, w_local[k]), k
     assert len(_checkpoints(cut)) == 3  # the incomplete one is left as it was, 2 complete kept
 
+    # the finished run: not overwritten without --resume; resumed, nothing left to train, its
+    # summary still names its last checkpoint and loss
+    capsys.readouterr()
+    assert train.main(tiny_args(out, "--num-workers", "0")) != 0
+    assert "already holds a run; pass --resume" in capsys.readouterr().err
+    done = _run(capsys, out, "--num-workers", "0", "--resume")
+    assert (done["checkpoint"], done["final_loss"], done["steps"]) == (str(kept[-1]), s["final_loss"], s["steps"])
+    assert _checkpoints(out) == kept
+
     # ... and on a Ray Train worker (no snapshot of Ray Train's to restore from), which trains
     # epoch 3 to the bit as the in-process run did
     cut_w = tmp_path / "cut_worker"
@@ -117,15 +128,17 @@ def _fake_checkpoint(tmp_path: Path, epoch: int) -> str:
     d = tmp_path / f"written-{epoch}"
     d.mkdir()
     size = write_rank_state(d, 0, {"epoch": epoch})
-    write_shared_state(d, {"epoch": epoch, "model": {"w": torch.full((2,), float(epoch))}}, 1, [size])
+    write_shared_state(d, {"epoch": epoch, "step": 4 * epoch, "model": {"w": torch.full((2,), float(epoch))}},
+                       1, [size])
     return str(d)
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_in_process_reports_store_keep_and_find(tmp_path, where, request):
-    """Each checkpoint copied to the output with its metrics, the manifest last; the newest
-    ``keep`` complete ones kept (an incomplete one left as it is); the callbacks handed every
-    report; ``newest_checkpoint`` finds the newest complete one -- on a local disk and on S3."""
+    """Each checkpoint copied to the output with its metrics, the manifest last; the ``keep``
+    complete ones training had gone furthest at kept (an incomplete one left as it is); the
+    callbacks handed every report; ``newest_checkpoint`` finds the newest complete one that an
+    in-process run stored -- on a local disk and on S3."""
     options = None
     if where == "s3":
         options = S3Options(endpoint=request.getfixturevalue("s3_endpoint"))
@@ -140,8 +153,13 @@ def test_in_process_reports_store_keep_and_find(tmp_path, where, request):
         def after_report(self, run_context, metrics, checkpoint):
             seen.append((metrics[0]["epoch"] if "epoch" in metrics[0] else None, checkpoint is not None))
 
+    # a complete checkpoint from earlier in training under a later name (a clock set back since):
+    # kept in order of training progress, not of names, so it is the first to go
+    fs, root = filesystem(output, options)
+    early = f"{root}/checkpoint_9999-01-01_00-00-00.000000"
+    fs.put(_fake_checkpoint(tmp_path, 0) + "/", early + "/", recursive=True)
     reports = InProcessReports(output, options, keep=2, callbacks=[Recorder()])
-    assert newest_checkpoint(output, options) is None
+    assert newest_checkpoint(output, options) is None  # Ray Train's kind: no report.json
     stored = []
     for epoch in (1, 2, 3):
         reports.report({"step": epoch * 4})  # a step's progress: no checkpoint
@@ -151,7 +169,6 @@ def test_in_process_reports_store_keep_and_find(tmp_path, where, request):
         stored.append(reports.last_checkpoint)
     assert seen == [(None, False), (1, True), (None, False), (2, True), (None, False), (3, True)]
     assert reports.last_metrics == {"epoch": 3, "loss": 1.0 / 3}
-    fs, root = filesystem(output, options)
     names = lambda: sorted(e.rsplit("/", 1)[-1] for e in fs.ls(root, detail=False))  # noqa: E731
     assert names() == [s.rsplit("/", 1)[-1] for s in stored[1:]]  # the newest 2
     uri, metrics = newest_checkpoint(output, options)
@@ -180,3 +197,17 @@ def test_resume_takes_an_in_process_checkpoint_not_an_unlisted_one_of_ray_train(
     verify_checkpoint_dir(unlisted)
     assert newest_checkpoint(str(out))[0] == reports.last_checkpoint
     assert resume_from(str(out), None)[0] == reports.last_checkpoint
+
+
+def test_in_process_device_and_sweep_refusal():
+    """The device is the run's choice on this machine (Ray Train's local mode would take CUDA
+    whenever torch sees it); a sweep space that could draw num_workers=0 is refused."""
+    if torch.cuda.is_available():
+        assert (in_process_device(None), in_process_device(False)) == ("cuda", "cpu")
+    else:
+        assert (in_process_device(None), in_process_device(False)) == ("cpu", "cpu")
+        with pytest.raises(ConfigError, match="torch sees no GPU"):
+            in_process_device(True)
+    base = Config.from_dict({"run": {"batch_size": 8}}).to_dict()
+    with pytest.raises(ConfigError, match="sweep's trials train on Ray Train workers.*could draw run.num_workers=0"):
+        validate_space({"run.num_workers": choice(0, 2)}, base)

@@ -114,7 +114,9 @@ def validate_space(space: Mapping[str, Any], base: Mapping[str, Any], where: str
     for corner in itertools.product(*corner_lists):
         assignment = dict(zip(keys, corner))
         try:
-            Config.from_dict(deep_merge(dict(base), nest(assignment)))
+            if Config.from_dict(deep_merge(dict(base), nest(assignment))).run.in_process:
+                raise ConfigError("run.num_workers: a sweep's trials train on Ray Train workers (1 or more); "
+                                  "0, training in this process, is for a single run")
         except ConfigError as exc:
             at = ", ".join(f"{k}={v}" for k, v in assignment.items() if isinstance(space[k], Dim))
             raise ConfigError(f"{where}{exc}" + (f" (a trial of this space could draw {at})" if at else "")) from None

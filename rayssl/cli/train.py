@@ -28,6 +28,7 @@ from rayssl.modules.backbone import build_backbone
 from rayssl.modules.pretrained import load_into, read_weights
 from rayssl.presets import layered_config, preset_names
 from rayssl.runtime.internals import SNAPSHOT_FILE
+from rayssl.runtime.reports import newest_checkpoint
 from rayssl.storage import S3Options, exists, read_text
 from rayssl.viz.tracking import RunRecorder, tracking_requirements, wandb_environment
 
@@ -222,7 +223,8 @@ def prepare_output(cfg: Config, args: argparse.Namespace) -> Config:
         raw["run"]["output"] = cfg.run.output
         return localised(Config.from_dict(raw))  # a flag given again is as relative as the first time
     if exists(stored, options):
-        if not exists(f"{cfg.run.output.rstrip('/')}/{SNAPSHOT_FILE}", options):
+        if not exists(f"{cfg.run.output.rstrip('/')}/{SNAPSHOT_FILE}", options) \
+                and newest_checkpoint(cfg.run.output, options) is None:  # neither on workers nor in-process
             raise ConfigError(
                 f"--output: {cfg.run.output} holds a run that stopped before its first checkpoint; choose "
                 "another --output (nothing was overwritten). --resume would start it again from its stored "

@@ -32,11 +32,12 @@ from rayssl.runtime.callbacks import StopOnNonFinite
 from rayssl.runtime.evaluation import no_evaluation_note
 from rayssl.runtime.cluster import capacity, check_output_shared, place, ray_session, ray_start_seconds
 from rayssl.runtime.internals import resume_point
-from rayssl.runtime.reports import InProcessReports, RayReports, newest_checkpoint
+from rayssl.runtime.reports import InProcessReports, RayReports, newest_checkpoint, progress
 from rayssl.runtime.worker import train_loop_per_worker
-from rayssl.storage import is_remote, run_location, write_text
+from rayssl.storage import filesystem, is_remote, run_location, write_text
 
-__all__ = ["carried_data_counts", "checkpoint_uri", "resume_from", "time_spent", "time_text", "train"]
+__all__ = ["carried_data_counts", "checkpoint_uri", "in_process_device", "resume_from", "time_spent", "time_text",
+           "train"]
 
 
 def carried_data_counts(point: dict | None) -> dict:
@@ -80,12 +81,29 @@ def resume_from(output: str, options) -> tuple[str | None, dict]:
     base = output.rstrip("/")
     listed = f"{base}/{point['checkpoint_dir_name']}" if point else None
     newest = newest_checkpoint(output, options)  # stored by an in-process run
-    if newest is not None and (listed is None or newest[0].rsplit("/", 1)[-1] > listed.rsplit("/", 1)[-1]):
+    if newest is not None and (listed is None or _further(newest[0], listed, options)):
         log(f"--resume: resuming from {newest[0]}")
         return newest
     if listed is None:
         log(f"--resume: WARNING no complete checkpoint in {base}; training starts again from epoch 0")
     return listed, (point or {}).get("metrics") or {}
+
+
+def _further(a: str, b: str, options) -> bool:
+    """Had training gone further at checkpoint URI ``a`` than at ``b``?"""
+    (fs, pa), (_, pb) = filesystem(a, options), filesystem(b, options)
+    return progress(fs, pa) > progress(fs, pb)
+
+
+def in_process_device(use_gpu: bool | None) -> str:
+    """An in-process run's device: a GPU of this machine (``run.use_gpu`` None: when torch sees one).
+    Ray Train's local mode would take CUDA whenever it is there, whatever the run asked for."""
+    import torch
+
+    if use_gpu and not torch.cuda.is_available():
+        raise ConfigError("--use-gpu: an in-process run (--num-workers 0) trains on this machine, where torch "
+                          "sees no GPU; run on workers to train on the cluster's GPUs")
+    return "cuda" if (torch.cuda.is_available() if use_gpu is None else use_gpu) else "cpu"
 
 
 def train(cfg: Config, callbacks: Sequence = (), source: Source | None = None) -> dict:
@@ -98,6 +116,7 @@ def train(cfg: Config, callbacks: Sequence = (), source: Source | None = None) -
         t_ray = time.perf_counter()
         if cfg.run.progress_bars:  # an interactive user's choice (ray_session turns them off)
             DataContext.get_current().enable_progress_bars = True
+        device = in_process_device(cfg.run.use_gpu) if cfg.run.in_process else None
         resources, num_nodes = capacity()
         check_output_shared(cfg.run.output, cfg.run.shared_output, num_nodes)
         # sized for the most workers the run may have
@@ -122,7 +141,7 @@ def train(cfg: Config, callbacks: Sequence = (), source: Source | None = None) -
         if carried:  # before any map task reports: the totals include the run so far
             data.stats.add(carried, wait=True)
         if cfg.run.in_process:  # Ray Train's local mode keeps only the last report: rayssl stores them
-            reports = InProcessReports(cfg.run.output, options, cfg.run.keep_checkpoints, callbacks, restore)
+            reports = InProcessReports(cfg.run.output, options, cfg.run.keep_checkpoints, callbacks, restore, reported)
             ingest = _ingest_options(cfg)
             if ingest is not None:
                 data.dataset.context.execution_options = ingest
@@ -132,7 +151,8 @@ def train(cfg: Config, callbacks: Sequence = (), source: Source | None = None) -
         note = no_evaluation_note(cfg)
         if note:
             log(note)
-        where = ("in this process (run.num_workers=0: no worker restarts, preemption checkpoints or resizes)"
+        where = (f"in this process on {device.upper()} (run.num_workers=0: no worker restarts, preemption "
+                 "checkpoints or resizes)"
                  if cfg.run.in_process else f"{cfg.run.workers_text} workers ({'GPU' if placement.use_gpu else 'CPU'}, "
                  f"{placement.cpus} CPU each)")
         log(f"{cfg.run.method}: {data.num_images} images, {steps_per_epoch} steps/epoch x {cfg.run.epochs} epochs, "
@@ -141,7 +161,7 @@ def train(cfg: Config, callbacks: Sequence = (), source: Source | None = None) -
             train_loop_per_worker,
             train_loop_config={"config": cfg.to_dict(), "steps_per_epoch": steps_per_epoch, "stats": data.stats,
                                "shuffled_at_source": data.shuffled_at_source, "reports": reports,
-                               "device": ("cuda" if placement.use_gpu else "cpu") if cfg.run.in_process else None},
+                               "device": device},
             scaling_config=ScalingConfig(num_workers=0) if cfg.run.in_process else
             ScalingConfig(num_workers=(cfg.run.num_workers, cfg.run.max_workers) if cfg.run.elastic
                           else cfg.run.num_workers, use_gpu=placement.use_gpu,

@@ -27,29 +27,36 @@ from ray.train import CheckpointUploadMode
 from rayssl.checkpoint import MANIFEST_FILE, CheckpointError, verify_checkpoint_dir
 from rayssl.storage import S3Options, filesystem, pyarrow_filesystem
 
-__all__ = ["InProcessReports", "RayReports", "REPORT_FILE", "newest_checkpoint"]
+__all__ = ["InProcessReports", "RayReports", "REPORT_FILE", "fsspec_of", "newest_checkpoint", "progress"]
 
 REPORT_FILE = "report.json"  # an in-process checkpoint's reported metrics (what resume carries on)
 
 
-def _newer(a, b):
-    """The newer of two checkpoints (``checkpoint_<time>`` names sort in time), either may be None."""
+def progress(fs, path: str) -> tuple[int, str]:
+    """How far training had come at the complete checkpoint ``path`` (its manifest's step), then
+    its name: the order of checkpoints, whatever the clocks that named them said."""
+    return int(verify_checkpoint_dir(path, fs=fs).get("step") or 0), posixpath.basename(path.rstrip("/"))
+
+
+def _further(a, b):
+    """Of two ``ray.train.Checkpoint``s (either may be None), the one training had gone further at."""
     if a is None or b is None:
         return a or b
-    return a if posixpath.basename(a.path.rstrip("/")) >= posixpath.basename(b.path.rstrip("/")) else b
+    at = [progress(fsspec_of(c), c.path) for c in (a, b)]
+    return a if at[0] >= at[1] else b
 
 
 class RayReports:
-    """Reports through Ray Train (a run on Ray Train workers). ``restore``: on ``--resume``, the
-    newest complete checkpoint of the output, restored when it is newer than Ray Train's (whose
-    snapshot does not list the checkpoints of an in-process part of the run)."""
+    """Reports through Ray Train (a run on Ray Train workers). ``restore``: on ``--resume``, an
+    in-process part of the run's newest checkpoint (``resume_from``), restored when training had
+    gone further at it than at Ray Train's (whose snapshot does not list it)."""
 
     def __init__(self, restore: str | None = None, options: S3Options | None = None):
         self.restore, self.options = restore, options
 
     def restored(self):
         """The checkpoint this worker starts from, or None."""
-        return _newer(ray.train.get_checkpoint(), _checkpoint(self.restore, self.options))
+        return _further(ray.train.get_checkpoint(), _checkpoint(self.restore, self.options))
 
     def report(self, metrics: dict, directory: str | None = None, wait: bool = True) -> None:
         """Report ``metrics``, with the checkpoint written in ``directory`` (uploaded, then deleted
@@ -69,7 +76,7 @@ def newest_checkpoint(output: str, options: S3Options | None = None) -> tuple[st
     fs, root = filesystem(output, options)
     try:
         complete = _complete(fs, root)
-    except (FileNotFoundError, OSError):
+    except FileNotFoundError:  # no output yet; any other storage error is the caller's to see
         return None
     for path in reversed(complete):
         try:
@@ -88,11 +95,13 @@ class InProcessReports:
     checkpoint URI to start from (``newest_checkpoint``), or None."""
 
     def __init__(self, output: str, options: S3Options | None, keep: int, callbacks: Sequence = (),
-                 restore: str | None = None):
+                 restore: str | None = None, reported: dict | None = None):
         self.output, self.options, self.keep = output.rstrip("/"), options, keep
         self.callbacks, self.restore = list(callbacks), restore
-        self.last_checkpoint: str | None = None  # URI of the newest checkpoint stored by this run
-        self.last_metrics: dict = {}  # the last report's (the run's end: its last epoch's)
+        # the newest checkpoint and the last report: at first the restored ones (``reported``: the
+        # metrics reported with it), so a resumed run with nothing left to train still names them
+        self.last_checkpoint: str | None = restore
+        self.last_metrics: dict = dict(reported or {})
 
     def restored(self):
         return _checkpoint(self.restore, self.options)
@@ -106,7 +115,7 @@ class InProcessReports:
         for callback in self.callbacks:
             try:
                 callback.after_report(None, [metrics], checkpoint)
-            except Exception as exc:  # noqa: BLE001 - as in Ray Train's controller: trackers never stop training
+            except Exception as exc:  # noqa: BLE001 - the run's callbacks record; they never stop training
                 sys.stderr.write(f"[rayssl] WARNING callback {type(callback).__name__}: {type(exc).__name__}: {exc}\n")
 
     def _store(self, directory: str, metrics: dict) -> str:
@@ -123,22 +132,29 @@ class InProcessReports:
             fs.put_file(f"{directory}/{entry}", f"{dest}/{entry}")
         shutil.rmtree(directory, ignore_errors=True)
         for old in _complete(fs, root)[:-self.keep]:  # an incomplete one is left as it is, as --resume does
-            fs.rm(old, recursive=True)
+            if old != dest:
+                fs.rm(old, recursive=True)
         return f"{self.output}/{name}"
 
 
 def _complete(fs, root: str) -> list[str]:
-    """The complete ``checkpoint_*`` directories under ``root``, oldest first."""
-    out = []
-    for entry in sorted(e["name"].rstrip("/") for e in fs.ls(root.rstrip("/"), detail=True)
-                        if e.get("type") == "directory"
-                        and posixpath.basename(e["name"].rstrip("/")).startswith("checkpoint_")):
+    """The complete ``checkpoint_*`` directories under ``root``, in the order of ``progress``."""
+    found = []
+    for entry in (e["name"].rstrip("/") for e in fs.ls(root.rstrip("/"), detail=True)
+                  if e.get("type") == "directory"
+                  and posixpath.basename(e["name"].rstrip("/")).startswith("checkpoint_")):
         try:
-            verify_checkpoint_dir(entry, fs=fs)
+            found.append((progress(fs, entry), entry))
         except CheckpointError:
             continue
-        out.append(entry)
-    return out
+    return [entry for _, entry in sorted(found)]
+
+
+def fsspec_of(checkpoint) -> object:
+    """The fsspec filesystem of a ``ray.train.Checkpoint`` (its pyarrow one, wrapped)."""
+    import fsspec.implementations.arrow as arrow
+
+    return arrow.ArrowFSWrapper(checkpoint.filesystem)
 
 
 def _checkpoint(uri: str | None, options: S3Options | None):
