@@ -208,20 +208,38 @@ class LoadedCheckpoint:
         return int(self.config["data"]["crop_sizes"][0])
 
 
-def _newest_complete(fs, run_dir: str, uri: str, flag: str) -> str:
-    try:
-        entries = fs.ls(run_dir, detail=True)
-    except (FileNotFoundError, OSError):
-        raise CheckpointError(f"{flag} {uri}: does not exist") from None
-    dirs = sorted((e["name"].rstrip("/") for e in entries
-                   if e.get("type") == "directory" and posixpath.basename(e["name"].rstrip("/")).startswith("checkpoint_")),
-                  reverse=True)
+def checkpoint_dirs(fs, run_dir: str) -> list[str]:
+    """The ``checkpoint_*`` directories of a run directory (``fs.ls``'s errors pass through)."""
+    return [e["name"].rstrip("/") for e in fs.ls(run_dir.rstrip("/"), detail=True)
+            if e.get("type") == "directory" and posixpath.basename(e["name"].rstrip("/")).startswith("checkpoint_")]
+
+
+def progress(fs, path: str) -> tuple[int, str]:
+    """How far training had come at the complete checkpoint ``path`` (its manifest's step), then
+    its name: the order of checkpoints, whatever the clocks that named them said. Raises
+    CheckpointError for an incomplete one."""
+    return int(verify_checkpoint_dir(path, fs=fs).get("step") or 0), posixpath.basename(path.rstrip("/"))
+
+
+def by_progress(fs, dirs: list[str]) -> list[str]:
+    """The complete ones of checkpoint directories ``dirs``, in the order of ``progress``."""
+    found = []
     for d in dirs:
         try:
-            verify_checkpoint_dir(d, fs=fs)
-            return d
+            found.append((progress(fs, d), d))
         except CheckpointError:
-            continue  # an interrupted save: try the one before it
+            continue  # an interrupted save
+    return [d for _, d in sorted(found)]
+
+
+def _newest_complete(fs, run_dir: str, uri: str, flag: str) -> str:
+    try:
+        dirs = checkpoint_dirs(fs, run_dir)
+    except (FileNotFoundError, OSError):
+        raise CheckpointError(f"{flag} {uri}: does not exist") from None
+    complete = by_progress(fs, dirs)
+    if complete:
+        return complete[-1]
     if dirs:
         raise CheckpointError(f"{flag} {uri}: none of its {len(dirs)} checkpoint_* directories is complete")
     raise CheckpointError(f"{flag} {uri}: not a rayssl checkpoint (no manifest.json) "

@@ -20,6 +20,7 @@ from ray.data import DataContext
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from rayssl.checkpoint import progress
 from rayssl.config import Config, ConfigError
 from rayssl.data.indexed import build_indexed_train_data
 from rayssl.data.pipeline import build_train_data
@@ -32,7 +33,7 @@ from rayssl.runtime.callbacks import StopOnNonFinite
 from rayssl.runtime.evaluation import no_evaluation_note
 from rayssl.runtime.cluster import capacity, check_output_shared, place, ray_session, ray_start_seconds
 from rayssl.runtime.internals import resume_point
-from rayssl.runtime.reports import InProcessReports, RayReports, newest_checkpoint, progress
+from rayssl.runtime.reports import InProcessReports, RayReports, newest_checkpoint
 from rayssl.runtime.worker import train_loop_per_worker
 from rayssl.storage import filesystem, is_remote, run_location, write_text
 

@@ -24,18 +24,12 @@ from typing import Sequence
 import ray.train
 from ray.train import CheckpointUploadMode
 
-from rayssl.checkpoint import MANIFEST_FILE, CheckpointError, verify_checkpoint_dir
+from rayssl.checkpoint import MANIFEST_FILE, by_progress, checkpoint_dirs, progress
 from rayssl.storage import S3Options, filesystem, pyarrow_filesystem
 
-__all__ = ["InProcessReports", "RayReports", "REPORT_FILE", "fsspec_of", "newest_checkpoint", "progress"]
+__all__ = ["InProcessReports", "RayReports", "REPORT_FILE", "fsspec_of", "newest_checkpoint"]
 
 REPORT_FILE = "report.json"  # an in-process checkpoint's reported metrics (what resume carries on)
-
-
-def progress(fs, path: str) -> tuple[int, str]:
-    """How far training had come at the complete checkpoint ``path`` (its manifest's step), then
-    its name: the order of checkpoints, whatever the clocks that named them said."""
-    return int(verify_checkpoint_dir(path, fs=fs).get("step") or 0), posixpath.basename(path.rstrip("/"))
 
 
 def _further(a, b):
@@ -139,15 +133,7 @@ class InProcessReports:
 
 def _complete(fs, root: str) -> list[str]:
     """The complete ``checkpoint_*`` directories under ``root``, in the order of ``progress``."""
-    found = []
-    for entry in (e["name"].rstrip("/") for e in fs.ls(root.rstrip("/"), detail=True)
-                  if e.get("type") == "directory"
-                  and posixpath.basename(e["name"].rstrip("/")).startswith("checkpoint_")):
-        try:
-            found.append((progress(fs, entry), entry))
-        except CheckpointError:
-            continue
-    return [entry for _, entry in sorted(found)]
+    return by_progress(fs, checkpoint_dirs(fs, root))
 
 
 def fsspec_of(checkpoint) -> object:
