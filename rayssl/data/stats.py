@@ -118,7 +118,9 @@ def current_epoch(stats: DataCounts | None) -> int:
 
     Read once per map batch: Ray Data starts an epoch's tasks only after every training
     worker asked for that epoch (``streaming_split``'s barrier), and rank 0 announces the
-    epoch before it asks, so every batch of an epoch reads that epoch's number.
+    epoch before it asks and only once every worker holds its last batch of the epoch before,
+    so every batch an epoch trains on reads that epoch's number (a batch of the epoch before
+    made after the announcement is read to the end of that epoch and dropped).
     """
     return 0 if stats is None else stats.epoch()
 

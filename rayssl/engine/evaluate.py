@@ -39,8 +39,8 @@ def node_threads(device: torch.device) -> Iterator[None]:
     """On CPU, torch uses every core of the node for the duration (then its own count again).
 
     A CPU worker computes with the threads its Ray CPUs allow (one, for a fraction of a CPU);
-    while rank 0 evaluates, the other ranks wait for it and Ray Data is between epochs, so the
-    node's cores are idle (the default run's evaluation took 31 s on one of two cores).
+    while rank 0 evaluates, the other ranks wait for it and Ray Data only starts the next epoch
+    (its first batches, ``TrainFeed.start``), so the node's cores are nearly idle (the default run's evaluation took 31 s on one of two cores).
     """
     if device.type != "cpu":
         yield

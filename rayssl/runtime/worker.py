@@ -27,7 +27,7 @@ from rayssl.runtime.reports import RayReports
 from rayssl.storage import StorageError
 from rayssl.storage.checked import take_write_failures
 
-__all__ = ["train_loop_per_worker"]
+__all__ = ["restore", "start_epoch", "train_loop_per_worker"]
 
 
 def failed_uploads() -> None:
@@ -117,6 +117,28 @@ class Checkpoints:
             failed_uploads()
 
 
+def restore(engine: Engine, checkpoint, rank: int) -> None:
+    """Continue ``engine`` from the ``ray.train.Checkpoint`` Ray Train (or an in-process run) restored."""
+    with checkpoint.as_directory() as directory:
+        try:
+            note = engine.restore(directory)  # verifies the manifest first
+        except CheckpointError as exc:  # e.g. the newest upload failed, then a worker restarted
+            raise CheckpointError(f"Ray Train restored {checkpoint.path}: {exc}; start the run again with "
+                                  "--resume: it passes over incomplete checkpoints") from None
+    if rank == 0:
+        log(note)
+
+
+def start_epoch(feed: TrainFeed, stats, epoch: int, rank: int) -> int:
+    """Start ``epoch``'s pipeline now (``TrainFeed.start``), rank 0 announcing it first: its rows'
+    augmentations are seeded by it. Every rank calls it at the same point: a dataset shard
+    starts an epoch once all have asked. Returns ``epoch``."""
+    if rank == 0:
+        stats.set_epoch(epoch)
+    feed.start(epoch)
+    return epoch
+
+
 def train_loop_per_worker(payload: dict) -> None:
     """``payload``: ``config`` (``Config.to_dict()``), ``steps_per_epoch``, the run's ``stats``
     (``rayssl.data.stats.DataCounts``) and ``shuffled_at_source`` (``TrainData``'s)."""
@@ -130,43 +152,45 @@ def train_loop_per_worker(payload: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     # an in-process run: the driver's choice (Ray Train's local mode takes CUDA whenever it is there)
     device = torch.device(payload["device"]) if payload.get("device") else ray.train.torch.get_device()
-    engine = Engine(cfg, steps_per_epoch, device, world_size=world, rank=rank)
     reports = payload.get("reports") or RayReports()  # an in-process run's own (run.num_workers=0)
     checkpoint = reports.restored()
+    feed = TrainFeed(shard, cfg.data, device, batch_size=cfg.run.batch_size // world, seed=cfg.run.seed, rank=rank,
+                     local_shuffle=not payload.get("shuffled_at_source", False))
+    announced = None  # the epoch whose pipeline was started before its loop began
+    if checkpoint is None:  # a fresh start: epoch 0's pipeline starts while the engine is built
+        announced = start_epoch(feed, stats, 0, rank)
+    engine = Engine(cfg, steps_per_epoch, device, world_size=world, rank=rank)
+    feed.layout(engine.method.batch_columns, engine.channels_last)
     if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            try:
-                note = engine.restore(directory)  # verifies the manifest first
-            except CheckpointError as exc:  # e.g. the newest upload failed, then a worker restarted
-                raise CheckpointError(f"Ray Train restored {checkpoint.path}: {exc}; start the run again with "
-                                      "--resume: it passes over incomplete checkpoints") from None
-        if rank == 0:
-            log(note)
+        restore(engine, checkpoint, rank)
     engine.start()
     if rank == 0:  # restarts = starts - 1 - preemptions - resizes
         stats.count_worker_start(world)
         if cfg.run.elastic:
             log(f"{world} workers ({cfg.run.workers_text} allowed): {cfg.run.batch_size // world} images each "
                 f"per step, global batch {cfg.run.batch_size}")
-    feed = TrainFeed(shard, cfg.data, engine.device,
-                     batch_size=cfg.run.batch_size // world, seed=cfg.run.seed, rank=rank,
-                     columns=engine.method.batch_columns, channels_last=engine.channels_last,
-                     local_shuffle=not payload.get("shuffled_at_source", False))
     monitor = Monitor(engine, logs=rank == 0, extra_text=stats.skip_text)
     evaluate = evaluator_for(engine)  # the user's labelled images, the held-out scenes, or nothing
     probe = online_probe(engine) if rank == 0 else None  # eval.online_probe: a linear head beside training
     control = control_group()  # host-side (gloo) group for the per-step "have data" flags
     checkpoints = Checkpoints(engine, monitor, stats.count_preemption_notice if rank == 0 else lambda: None, reports)
 
+    counted: dict = {}  # rank 0: the data counts when the next epoch's pipeline started
     for epoch in range(engine.epoch, cfg.run.epochs):
         engine.epoch, skip = epoch, engine.epoch_step  # skip > 0: resumed from inside this epoch
-        if rank == 0:  # before asking for the epoch's data: its augmentations are seeded by the epoch
+        if rank == 0 and announced != epoch:  # before asking for the epoch's data: it seeds their augmentations
             stats.set_epoch(epoch)
         monitor.begin_epoch()
         # Every rank must take the same number of steps (collectives inside the step): all
         # stop as soon as one runs out of data, decided on the host one step ahead.
         for crops, columns in monitor.batches(lockstep(feed.epoch(epoch, skip), control,
                                                        limit=steps_per_epoch - skip)):
+            if engine.epoch_step + 1 == steps_per_epoch and epoch + 1 < cfg.run.epochs:
+                # The epoch's last batch: lockstep yields it once every rank has taken its own, so
+                # every row this epoch trains on is made. The next epoch's pipeline starts now and
+                # makes its first batch while this step, the checkpoint and the evaluation run.
+                counted = stats.get_or_empty() if rank == 0 else {}  # before the next epoch's rows add to them
+                announced = start_epoch(feed, stats, epoch + 1, rank)
             monitor.after_step(engine.train_step(crops, columns))
             if probe is not None:
                 probe.step()
@@ -185,10 +209,11 @@ def train_loop_per_worker(payload: dict) -> None:
                 report.update(probe.score() if probe is not None else {})
                 report.update(evaluate.at_epoch_end(epoch))  # due, started beside training, or finished
             monitor.add_time("eval_s", time.perf_counter() - t)
-            report["data"] = stats.get_or_empty()
+            report["data"] = counted if announced == epoch + 1 else stats.get_or_empty()
         if written:
             checkpoints.report(written, report)
         else:
             reports.report({**report, "time": dict(monitor.totals)})
         monitor.epoch_done(reason is not None)
         engine.epoch_step = 0
+    feed.close()  # the last epoch's pipeline shut down now, not when the garbage collector finds it
