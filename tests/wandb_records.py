@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 BLOCK = 32768
@@ -54,7 +55,29 @@ def offline_run(path: Path) -> dict:
     return out
 
 
-def offline_runs(wandb_dir: Path) -> list[dict]:
-    """Every offline run under ``<dir>/wandb`` (or ``wandb_dir`` itself), oldest first."""
+def _finished(path: Path, wait_s: float) -> None:
+    """Waits until the run file ends with its exit record, at most ``wait_s``.
+
+    ``run.finish()`` can return before W&B's service has written the run's records to the file
+    (seen on a loaded machine: a file without its history, or without its run record); the exit
+    record is written last, so once it is there the records before it are too. A file still
+    without it after ``wait_s`` is read as it is, and the test's assertions say what is missing."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            kinds = [r.WhichOneof("record_type") for r in _records(path)]
+        except Exception:  # a header or a record still being written
+            kinds = []
+        if kinds and kinds[-1] == "exit":
+            return
+        time.sleep(0.2)
+
+
+def offline_runs(wandb_dir: Path, wait_s: float = 60.0) -> list[dict]:
+    """Every offline run under ``<dir>/wandb`` (or ``wandb_dir`` itself), oldest first, each read
+    once its exit record is written (see ``_finished``)."""
     root = wandb_dir / "wandb" if (wandb_dir / "wandb").is_dir() else wandb_dir
-    return [offline_run(f) for f in sorted(root.glob("offline-run-*/run-*.wandb"))]
+    files = sorted(root.glob("offline-run-*/run-*.wandb"))
+    for f in files:
+        _finished(f, wait_s)
+    return [offline_run(f) for f in files]
