@@ -34,8 +34,12 @@ from tuning.runner import plan_trials
 from tuning.spaces import validate_space
 
 EPOCHS = 3
+# timm's 0.4 M-parameter test ResNet on 2 x 32 + 2 x 16 crops: this test is about storing,
+# keeping and resuming, and its 20 steps run at fp32 on one thread.
 SAME = ["--epochs", str(EPOCHS), "--checkpoint-every", "1", "--keep-checkpoints", "2",
-        "--set", "data.deterministic=true", "--set", "run.precision=fp32"]
+        "--set", "data.deterministic=true", "--set", "run.precision=fp32",
+        "--set", "model.backbone=timm:test_resnet", "--set", "model.small_stem=false",
+        "--set", "data.crop_counts=[2,2]"]
 
 
 def _run(capsys, out: Path, *extra: str) -> dict:

@@ -19,7 +19,9 @@ loopback), grown node by node, runs ``python -m rayssl.train`` three times:
   tests/test_resume_equivalence.py: a second full run here would cost the suite a minute.)
 
 The cluster runs in a subprocess with its own temp dir and is always stopped (see
-tests/test_cluster.py). (Resuming with ``--resume`` is the same code on one node or several;
+tests/test_cluster.py). Its simulated nodes share this machine's cores, so it runs with
+``OMP_NUM_THREADS=1``: Ray would give each worker of 2 CPUs 2 torch threads, 4 on 2 cores, and
+the steps ran 4-5 times slower (2026-12-06: the fixture took 192 s, 100 s with one thread). (Resuming with ``--resume`` is the same code on one node or several;
 the single-node tests cover it.)
 """
 
@@ -39,17 +41,21 @@ from conftest import tiny_args
 from rayssl.checkpoint import MANIFEST_FILE, load_rank_state, load_shared_state, verify_checkpoint_dir
 from test_cluster import RAY_CLI, run_cluster_session
 
-EPOCHS, STEPS_PER_EPOCH = 2, 128 // 32
-# The elastic run's epochs: a node joins after the first, and the resize check (every 2 s) sees it
-# well before the end of the third.
-ELASTIC_EPOCHS = 3
+# The elastic run: 128 scenes (4 steps an epoch at the global batch 32) for 3 epochs; a node joins
+# after the first, and the resize check (every 2 s) sees it well before the end of the third.
+ELASTIC_EPOCHS, ELASTIC_STEPS = 3, 128 // 32
+# The drained run: 256 scenes, 8 steps an epoch, so that on a fast day as on a slow one the drain
+# (after step 1) is noticed inside epoch 1 and its deadline comes before the run's last step.
+EPOCHS, IMAGES = 2, 256
+STEPS_PER_EPOCH = IMAGES // 32
+DEADLINE_S = 8
 
 
 def _run_args(out: Path) -> list[str]:
     return tiny_args(out, "--epochs", str(EPOCHS), "--checkpoint-every", str(EPOCHS), "--keep-checkpoints", "8",
                      "--cpus-per-worker", "2", "--shared-output", "--set", "data.deterministic=true",
                      "--set", "run.preemption_check_every_steps=1", "--set", "run.log_every_steps=1",
-                     "--max-failures", "0")
+                     "--max-failures", "0", "--set", f"data.scenes_num_images={IMAGES}")
 
 
 def _worker_nodes() -> set[str]:
@@ -118,15 +124,15 @@ def _session(root: str) -> None:
         return then
 
     def drain():
-        """A non-head node hosting a worker, with a deadline (15 s) that leaves the workers the next
-        step to notice it and checkpoint, and the run steps to go after it."""
+        """A non-head node hosting a worker, with a deadline (``DEADLINE_S``) that leaves the workers
+        the next step to notice it and checkpoint, and the run steps to go after it."""
         node = sorted(_worker_nodes() & {n.node_id for n in others})[0]
         subprocess.run([RAY_CLI, "drain-node", "--address", cluster.address, "--node-id", node,
                         "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot reclaim",
-                        "--deadline-remaining-seconds", "15"], check=True, capture_output=True)
+                        "--deadline-remaining-seconds", str(DEADLINE_S)], check=True, capture_output=True)
         return node
 
-    first_step = "epoch 1/2 step 1/4"
+    first_step = f"epoch 1/{EPOCHS} step 1/{STEPS_PER_EPOCH}"
     try:
         run("elastic", tiny_args(base / "elastic", "--num-workers", "1-2", "--epochs", str(ELASTIC_EPOCHS),
                                  "--checkpoint-every", "1", "--cpus-per-worker", "2", "--shared-output",
@@ -144,7 +150,7 @@ def _session(root: str) -> None:
 def runs(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("cluster")
     proc = run_cluster_session("test_spot_and_elastic", "_session", root,
-                               RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S="0.5")
+                               RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S="0.5", OMP_NUM_THREADS="1")
     out = {"root": root}
     for name in ("elastic", "refused", "preempted"):
         path = root / f"{name}.json"
@@ -167,7 +173,7 @@ def test_an_elastic_run_grows_onto_a_new_node_and_keeps_its_global_batch(runs):
     assert "resumed from checkpoint at epoch" in r["log"]
     assert s["workers"] == 2 and s["resizes"] >= 1 and s["restarts"] == 0 and s["preemptions"] == 0
     # The steps and images of its epochs at the global batch given, whatever the worker count.
-    assert s["epochs"] == ELASTIC_EPOCHS and s["steps"] == ELASTIC_EPOCHS * STEPS_PER_EPOCH
+    assert s["epochs"] == ELASTIC_EPOCHS and s["steps"] == ELASTIC_EPOCHS * ELASTIC_STEPS
     assert s["images_seen"] == ELASTIC_EPOCHS * 128
     assert load_shared_state(Path(s["checkpoint"]))["world_size"] == 2
 
