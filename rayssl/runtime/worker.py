@@ -129,13 +129,13 @@ def restore(engine: Engine, checkpoint, rank: int) -> None:
         log(note)
 
 
-def start_epoch(feed: TrainFeed, stats, epoch: int, rank: int) -> int:
-    """Start ``epoch``'s pipeline now (``TrainFeed.start``), rank 0 announcing it first: its rows'
-    augmentations are seeded by it. Every rank calls it at the same point: a dataset shard
-    starts an epoch once all have asked. Returns ``epoch``."""
+def start_epoch(feed: TrainFeed, stats, epoch: int, rank: int, skip: int = 0) -> int:
+    """Start ``epoch``'s pipeline now (``TrainFeed.start``; ``skip``: batches already trained on),
+    rank 0 announcing it first: its rows' augmentations are seeded by it. Every rank calls it at
+    the same point: a dataset shard starts an epoch once all have asked. Returns ``epoch``."""
     if rank == 0:
         stats.set_epoch(epoch)
-    feed.start(epoch)
+    feed.start(epoch, skip)
     return epoch
 
 
@@ -178,8 +178,8 @@ def train_loop_per_worker(payload: dict) -> None:
     counted: dict = {}  # rank 0: the data counts when the next epoch's pipeline started
     for epoch in range(engine.epoch, cfg.run.epochs):
         engine.epoch, skip = epoch, engine.epoch_step  # skip > 0: resumed from inside this epoch
-        if rank == 0 and announced != epoch:  # before asking for the epoch's data: it seeds their augmentations
-            stats.set_epoch(epoch)
+        if announced != epoch:  # not started during the step before (a resumed or restarted run)
+            announced = start_epoch(feed, stats, epoch, rank, skip)
         monitor.begin_epoch()
         # Every rank must take the same number of steps (collectives inside the step): all
         # stop as soon as one runs out of data, decided on the host one step ahead.
