@@ -7,6 +7,7 @@ moved, when a Ray release changes it (check the file against ``RAY_VERSION_WRITT
 from __future__ import annotations
 
 import inspect
+import os
 
 import pytest
 import ray
@@ -66,3 +67,24 @@ def test_the_per_report_log_line_comes_from_the_logger_that_is_quietened():
         assert not logger.isEnabledFor(logging.INFO) and logger.isEnabledFor(logging.WARNING)
     finally:
         logger.setLevel(level)
+
+
+def test_a_local_ray_is_started_with_a_faster_train_poll_and_the_users_setting_wins(monkeypatch):
+    """``local_environment``: Ray Train reads the variable it sets; a process started inside it
+    (as ray.init starts the local Ray's processes) has it; the environment is as it was after;
+    a value the user set is neither replaced nor removed."""
+    import subprocess
+    import sys
+
+    from ray.train.v2._internal.constants import HEALTH_CHECK_INTERVAL_S_ENV_VAR
+
+    assert internals.TRAIN_POLL_ENV == HEALTH_CHECK_INTERVAL_S_ENV_VAR
+    read = [sys.executable, "-c", f"import os; print(os.environ.get({internals.TRAIN_POLL_ENV!r}))"]
+    monkeypatch.delenv(internals.TRAIN_POLL_ENV, raising=False)
+    with internals.local_environment():
+        assert subprocess.run(read, capture_output=True, text=True).stdout.strip() == internals.LOCAL_TRAIN_POLL_S
+    assert internals.TRAIN_POLL_ENV not in os.environ
+    monkeypatch.setenv(internals.TRAIN_POLL_ENV, "3")
+    with internals.local_environment():
+        assert os.environ[internals.TRAIN_POLL_ENV] == "3"
+    assert os.environ[internals.TRAIN_POLL_ENV] == "3"

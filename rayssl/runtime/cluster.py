@@ -21,7 +21,7 @@ from typing import Iterator
 
 import ray
 
-from rayssl.runtime.internals import autoscaler_capacity, local_init_options
+from rayssl.runtime.internals import autoscaler_capacity, local_environment, local_init_options
 from rayssl.sections import ConfigError
 from rayssl.storage import is_remote
 
@@ -41,8 +41,9 @@ def ray_session(*, dashboard: bool = True, log_to_driver: bool = True) -> Iterat
         if os.environ.get("RAY_ADDRESS"):
             ray.init(log_to_driver=log_to_driver)  # joins the cluster named by RAY_ADDRESS
         else:
-            ray.init(num_cpus=os.cpu_count() or 1, log_to_driver=log_to_driver, include_dashboard=dashboard,
-                     **local_init_options())
+            with local_environment():  # the local Ray's processes take it when they start
+                ray.init(num_cpus=os.cpu_count() or 1, log_to_driver=log_to_driver, include_dashboard=dashboard,
+                         **local_init_options())
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
