@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import write_scene_pseudo_labels
+from conftest import TEST_BACKBONE, write_scene_pseudo_labels
 from rayssl.cli import train
 from rayssl.runtime.internals import SNAPSHOT_FILE
 from rayssl.checkpoint import MANIFEST_FILE, load_rank_state, load_shared_state, verify_checkpoint_dir
@@ -81,9 +81,7 @@ def _args(method: str, out: Path) -> list[str]:
             # The method's held-out metric (SwAV kNN, MLS linear probe) on a few scenes.
             "--set", "eval.num_train_images=100", "--set", "eval.num_test_images=50",
             "--set", "eval.random_baseline=false",
-            # timm's 0.4 M-parameter test ResNet (batch norm, as ResNet-18): the state a
-            # checkpoint carries is the method's, and the steps take a tenth of the time.
-            "--set", "model.backbone=timm:test_resnet", "--set", "model.small_stem=false", *METHOD_ARGS[method]]
+            *TEST_BACKBONE, *METHOD_ARGS[method]]  # the state a checkpoint carries is the method's
 
 
 def _summary(out: str) -> dict:

@@ -70,8 +70,7 @@ class TrainFeed:
         before: the rows it trains on were seeded by the epoch announced before."""
         if self._started is not None:
             raise ValueError(f"epoch {self._started[0]} was started and not read yet")
-        previous, self._reading = self._reading, None
-        self._started = (epoch, skip, started(_after(previous, self._opener(epoch, skip))))
+        self._started = (epoch, skip, started(self._open(epoch, skip)))
 
     def close(self) -> None:
         """Stop reading: the epoch read last is closed now (its pipeline shut down), not when the
@@ -79,6 +78,12 @@ class TrainFeed:
         reading, self._reading, self._started = self._reading, None, None
         if reading is not None:
             reading.close()
+
+    def _open(self, epoch: int, skip: int) -> Iterator:
+        """``epoch``'s rows after the first ``skip``, opened once the epoch read last is read to
+        its end (``_after``); that one is no longer this feed's to close."""
+        previous, self._reading = self._reading, None
+        return _after(previous, self._opener(epoch, skip))
 
     def _opener(self, epoch: int, skip: int) -> Callable[[], Iterator]:
         """Opens Ray Data's batches of ``epoch`` after the first ``skip``: on the device as torch
@@ -108,8 +113,7 @@ class TrainFeed:
         begun, self._started = self._started, None
         if begun is not None and begun[:2] != (epoch, skip):
             raise ValueError(f"epoch {begun[0]} (skip {begun[1]}) was started, epoch {epoch} (skip {skip}) asked for")
-        rows = begun[2] if begun is not None else _after(self._reading, self._opener(epoch, skip))
-        self._reading = rows
+        rows = self._reading = begun[2] if begun is not None else self._open(epoch, skip)
         if self.augment is not None:
             from rayssl.data.gpu_augment import device_crop_batch
 
