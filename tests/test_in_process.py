@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TEST_BACKBONE, tiny_args
+from conftest import tiny_args
 from rayssl.checkpoint import (MANIFEST_FILE, load_shared_state, verify_checkpoint_dir, write_rank_state,
                                write_shared_state)
 from rayssl.cli import train
@@ -34,11 +34,10 @@ from tuning.runner import plan_trials
 from tuning.spaces import validate_space
 
 EPOCHS = 3
-# The test backbone (conftest) on 2 x 32 + 2 x 16 crops: this test is about storing,
+# tiny_args' test backbone on 2 x 32 + 2 x 16 crops: this test is about storing,
 # keeping and resuming, and its 20 steps run at fp32 on one thread.
 SAME = ["--epochs", str(EPOCHS), "--checkpoint-every", "1", "--keep-checkpoints", "2",
-        "--set", "data.deterministic=true", "--set", "run.precision=fp32",
-        *TEST_BACKBONE, "--set", "data.crop_counts=[2,2]"]
+        "--set", "data.deterministic=true", "--set", "run.precision=fp32", "--set", "data.crop_counts=[2,2]"]
 
 
 def _run(capsys, out: Path, *extra: str) -> dict:

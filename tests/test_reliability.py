@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import scan_tree, tiny_args
+from conftest import RESNET18, scan_tree, tiny_args
 from rayssl.cli import train
 from rayssl.checkpoint import (
     MANIFEST_FILE,
@@ -127,7 +127,7 @@ def killed_run(ray_session, tmp_path_factory):
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             rc = train.main(tiny_args(out, "--epochs", str(EPOCHS), "--checkpoint-every", "1",
                                       "--keep-checkpoints", "3", "--max-failures", "1",
-                                      "--set", "run.log_every_steps=2", "--wandb", "rayssl-test"))
+                                      "--set", "run.log_every_steps=2", "--wandb", "rayssl-test", backbone=RESNET18))
     finally:
         killer.stop.set()
         killer.join(timeout=60)

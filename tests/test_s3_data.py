@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import TEST_BACKBONE, exit_code, make_tar, tiny_args
+from conftest import exit_code, make_tar, tiny_args
 from faultproxy import KINDS, every
 from rayssl import storage
 from rayssl.cli import train
@@ -65,9 +65,9 @@ def _error(capsys, argv) -> str:
 
 def _tiny(output, data, *extra):
     # 2 x 32 + 2 x 16 crops of 32 px images; no kNN evaluation: these tests are about data.
-    # A read that stalls is cut after 1 s (the proxy stalls for 1.5 s). The test backbone:
+    # A read that stalls is cut after 1 s (the proxy stalls for 1.5 s). tiny_args' test backbone:
     # checkpoints of 5 MB, not 100, go through the proxy.
-    return tiny_args(output, "--data", data, "--preset", "quick", "--epochs", "1", *TEST_BACKBONE,
+    return tiny_args(output, "--data", data, "--preset", "quick", "--epochs", "1",
                      "--set", "data.crop_sizes=[32,16]", "--set", "data.crop_counts=[2,2]",
                      "--set", "data.min_scale=[0.3,0.1]", "--set", "data.max_scale=[1.0,0.3]",
                      "--set", "swav.num_prototypes=16", "--set", "eval.num_test_images=0",

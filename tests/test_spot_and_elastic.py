@@ -37,7 +37,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_args
+from conftest import RESNET18, tiny_args
 from rayssl.checkpoint import MANIFEST_FILE, load_rank_state, load_shared_state, verify_checkpoint_dir
 from test_cluster import RAY_CLI, run_cluster_session
 
@@ -55,7 +55,7 @@ def _run_args(out: Path) -> list[str]:
     return tiny_args(out, "--epochs", str(EPOCHS), "--checkpoint-every", str(EPOCHS), "--keep-checkpoints", "8",
                      "--cpus-per-worker", "2", "--shared-output", "--set", "data.deterministic=true",
                      "--set", "run.preemption_check_every_steps=1", "--set", "run.log_every_steps=1",
-                     "--max-failures", "0", "--set", f"data.scenes_num_images={IMAGES}")
+                     "--max-failures", "0", "--set", f"data.scenes_num_images={IMAGES}", backbone=RESNET18)
 
 
 def _worker_nodes() -> set[str]:
@@ -136,7 +136,7 @@ def _session(root: str) -> None:
     try:
         run("elastic", tiny_args(base / "elastic", "--num-workers", "1-2", "--epochs", str(ELASTIC_EPOCHS),
                                  "--checkpoint-every", "1", "--cpus-per-worker", "2", "--shared-output",
-                                 "--set", "run.elastic_check_s=2", "--set", "run.log_every_steps=1"),
+                                 "--set", "run.elastic_check_s=2", "--set", "run.log_every_steps=1", backbone=RESNET18),
             when=lambda log: "epoch 1 done" in log, then=join_and_refresh)
         join()
         cluster.wait_for_nodes()
