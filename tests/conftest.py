@@ -6,10 +6,13 @@ import os
 
 import pytest
 
-# Ray Train's controller polls its workers every 2 s by default: a few seconds of every run's
-# start and end. Polling faster shortens each of the suite's ~20 runs; set before any Ray
-# starts (every Ray process, and the clusters the tests start in subprocesses, inherit it).
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+from rayssl.runtime.internals import TRAIN_POLL_ENV, local_init_options
+
+# Ray Train's controller polls its workers every 2 s by default (0.5 s in a local Ray rayssl
+# starts itself): seconds of every run's start and end. Polling faster shortens each of the
+# suite's ~40 runs; set before any Ray starts (every Ray process, and the clusters the tests
+# start in subprocesses, inherit it).
+os.environ.setdefault(TRAIN_POLL_ENV, "0.25")
 # W&B (--wandb) only ever runs offline here, and reports nothing about itself anywhere.
 os.environ.update({"WANDB_MODE": "offline", "WANDB_ERROR_REPORTING": "false", "WANDB_SILENT": "true"})
 
@@ -20,8 +23,8 @@ def ray_session(tmp_path_factory):
     import ray
 
     os.environ.pop("RAY_ADDRESS", None)
-    ray.init(num_cpus=max(2, os.cpu_count() or 2), _node_ip_address="127.0.0.1",
-             log_to_driver=True, include_dashboard=True)
+    ray.init(num_cpus=max(2, os.cpu_count() or 2), log_to_driver=True, include_dashboard=True,
+             **local_init_options())  # on loopback, as a local Ray rayssl starts
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
