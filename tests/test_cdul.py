@@ -137,6 +137,53 @@ def test_cdul_step_bce_and_label_update():
     assert store.updates == 1
 
 
+
+class _TorchRows:
+    """A dataset shard's ``iter_torch_batches`` over fixed uint8 crops and an index column, without
+    Ray; it records where each epoch's batches were asked to be placed."""
+
+    def __init__(self, n: int, keys: list[str]):
+        g = torch.Generator().manual_seed(0)
+        self.rows = {k: torch.randint(0, 256, (n, 16, 16, 3), dtype=torch.uint8, generator=g) for k in keys}
+        self.rows["index"] = torch.arange(100, 100 + n)
+        self.asked: list[tuple[str, bool]] = []
+
+    def iter_torch_batches(self, *, batch_size, drop_last, device, pin_memory=False, local_shuffle_buffer_size=None,
+                           local_shuffle_seed=None):
+        self.asked.append((str(device), pin_memory))
+        n = len(self.rows["index"])
+        for a in range(0, n - batch_size + 1, batch_size):
+            yield {k: v[a:a + batch_size].to(device) for k, v in self.rows.items()}
+
+
+def test_the_feed_leaves_the_index_on_the_host_and_moves_the_crops():
+    """On an accelerator ("meta" stands in for one here) CDUL's index column stays on the host,
+    where the label store is (a copy back at every step would wait for the device), while the
+    crops go to the device; a method without columns has Ray Data place the whole batch."""
+    from rayssl.config import Config
+    from rayssl.data.feed import TrainFeed
+    from rayssl.data.tensors import to_float_images
+
+    cfg = Config.from_dict({"data": {"crop_sizes": [16], "crop_counts": [2], "min_scale": [0.14], "max_scale": [1.0],
+                                     "shuffle_buffer": 0}})
+    keys = ["crop_0", "crop_1"]
+    meta = torch.device("meta")
+    src = _TorchRows(8, keys)
+    batches = list(TrainFeed(src, cfg.data, meta, batch_size=4, seed=5, columns=CDUL.batch_columns).epoch(0))
+    assert src.asked == [("cpu", False)]  # pinned only for a CUDA device
+    assert len(batches) == 2
+    for b, (crops, cols) in enumerate(batches):
+        assert [c.device.type for c in crops] == ["meta", "meta"] and crops[0].shape == (4, 3, 16, 16)
+        assert cols["index"].device.type == "cpu" and cols["index"].tolist() == list(range(100 + 4 * b, 104 + 4 * b))
+    # On the CPU the crops are the same numbers whichever way they came.
+    cpu = [crops for crops, _ in TrainFeed(src, cfg.data, torch.device("cpu"), batch_size=4, seed=5,
+                                           columns=CDUL.batch_columns).epoch(0)]
+    assert torch.equal(cpu[1][0], to_float_images(src.rows["crop_0"][4:8], channels_last=False))
+    plain = _TorchRows(8, keys)
+    assert all(c.device.type == "meta" for crops, _ in TrainFeed(plain, cfg.data, meta, batch_size=4, seed=5)
+               .epoch(0) for c in crops)
+    assert plain.asked == [("meta", False)]
+
 def test_bce_learns_soft_labels_on_a_fixed_batch():
     store = LabelStore(8, 3)
     soft = torch.tensor([[0.9, 0.1, 0.1], [0.1, 0.9, 0.9]] * 4)

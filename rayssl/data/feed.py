@@ -4,7 +4,7 @@
 the run's local shuffle, and yields ``(crops, columns)`` per batch: the normalised float crops
 (``data.augment_on=cpu``: cut by the Ray Data tasks and shipped as uint8; ``device``: decoded
 and multi-cropped here, ``rayssl.data.gpu_augment``) and the extra batch columns a method
-asked for (CDUL's image ``index``). No Ray import: ``source`` is anything with Ray Data's
+asked for (CDUL's image ``index``, left on the host). No Ray import: ``source`` is anything with Ray Data's
 ``iter_batches`` / ``iter_torch_batches``.
 """
 
@@ -93,13 +93,18 @@ class TrainFeed:
         buffer = self.buffer
         shuffle = {"local_shuffle_buffer_size": buffer or None,
                    "local_shuffle_seed": (self.seed * 100003 + epoch * 101 + self.rank) if buffer else None}
+        # A method's columns (CDUL's image index) are read on the host, where its label store is:
+        # Ray Data then hands the batch over in pinned host memory and ``epoch`` moves the crops
+        # alone, without a blocking copy back of the index at every step.
+        where = ({"device": "cpu", "pin_memory": device.type == "cuda"} if self._host_columns()
+                 else {"device": device})
 
         def rows() -> Iterator:
             if encoded:
                 return islice(source.iter_batches(batch_size=batch_size, drop_last=True, batch_format="numpy",
                                                   **shuffle), skip, None)
-            return islice(source.iter_torch_batches(batch_size=batch_size, drop_last=True, device=device,
-                                                    **shuffle), skip, None)
+            return islice(source.iter_torch_batches(batch_size=batch_size, drop_last=True, **where, **shuffle),
+                          skip, None)
 
         return rows
 
@@ -123,9 +128,13 @@ class TrainFeed:
                 if batch is not None:  # None: no image of the batch decoded
                     yield batch.pop("crops"), {k: batch[k] for k in self.columns}
             return
-        for batch in rows:
-            yield ([to_float_images(batch[k], channels_last=self.channels_last) for k in self.keys],
-                   {k: batch[k] for k in self.columns})
+        for batch in rows:  # (already on the device unless the columns stay on the host)
+            yield ([to_float_images(batch[k].to(self.device, non_blocking=True), channels_last=self.channels_last)
+                    for k in self.keys], {k: batch[k] for k in self.columns})
+
+    def _host_columns(self) -> bool:
+        """Whether the method's columns stay on the host while the crops go to the device."""
+        return bool(self.columns) and self.device.type != "cpu"
 
 
 def _after(previous: Iterator | None, open_rows: Callable[[], Iterator]) -> Iterator:

@@ -35,7 +35,7 @@ from rayssl.data.decode import decode_image
 from rayssl.data.multicrop import MultiCropSpec, sample_crop_params, sample_generators
 from rayssl.data.photometric import PhotometricParams, blur_kernel_size, draw_photometric
 from rayssl.data.ship import ShipToDevice, check_encoded  # noqa: F401 - re-exported
-from rayssl.data.tensors import pixel_scale
+from rayssl.data.tensors import pixel_scale, to_device_async
 
 __all__ = [
     "DeviceMultiCrop",
@@ -282,9 +282,7 @@ class DeviceMultiCrop:
         """
         flat = [np.ascontiguousarray(a).reshape(-1) for a in arrays]
         host = torch.from_numpy(np.concatenate(flat).astype(dtype, copy=False)) if flat else torch.empty(0)
-        if self.device.type == "cuda":
-            host = host.pin_memory()
-        dev = host.to(self.device, non_blocking=True)
+        dev = to_device_async(host, self.device)
         out, at = [], 0
         for a, f in zip(arrays, flat):
             out.append(dev[at:at + f.size].view(*a.shape))

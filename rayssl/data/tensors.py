@@ -15,7 +15,7 @@ import torch
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
-__all__ = ["MEAN", "STD", "pixel_scale", "to_float_images"]
+__all__ = ["MEAN", "STD", "pixel_scale", "to_device_async", "to_float_images"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -36,3 +36,11 @@ def to_float_images(x: torch.Tensor, channels_last: bool = True) -> torch.Tensor
     mean, std = pixel_scale(x.device)
     y = (x.permute(0, 3, 1, 2).float() - mean) / std
     return y.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def to_device_async(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device``; to a GPU through pinned memory, queued behind the device's
+    work instead of waiting for it (a copy from pageable memory synchronises the stream)."""
+    if device.type == "cuda":
+        x = x.pin_memory()
+    return x.to(device, non_blocking=True)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from rayssl import dist
 from rayssl.methods.base import Method, MethodConfig, register
+from rayssl.data.tensors import to_device_async
 from rayssl.modules.backbone import build_backbone
 from rayssl.modules.pretrained import load_into, read_weights
 from rayssl.sections import DataSection, ModelSection, RunSection, check
@@ -170,15 +171,19 @@ class CDUL(Method):
         if index is None:
             raise ValueError("cdul needs the image index of every sample (batch column 'index')")
         views = [c for c in crops if c.shape[-1] == crops[0].shape[-1]]  # the large crops
+        # The store is on the host, and so is the index the worker's feed hands over: reading the
+        # batch's labels and sending them to the device waits for nothing the device is doing.
         idx = index.reshape(-1).long().cpu()
-        target = self.store.get_soft(idx).to(views[0].device)
+        target = to_device_async(self.store.get_soft(idx), views[0].device)
         z = self.logits(torch.cat(views)).float()
         loss = F.binary_cross_entropy_with_logits(z, target.repeat(len(views), 1))
         metrics = {"loss": loss.detach()}
         if self.cfg.update_epoch(epoch):
+            # (An update epoch waits for the device once a step: every worker's new labels are
+            # gathered and written to the host store before the next batch reads it.)
             with torch.no_grad():
                 z_mean = z.detach().reshape(len(views), -1, z.shape[-1]).mean(0)
-                latent = self.store.get_latent(idx).to(z.device)
+                latent = to_device_async(self.store.get_latent(idx), z.device)
                 new = gradient_alignment_update(latent, z_mean, self.cfg.label_lr, self.cfg.label_sigma)
                 all_idx = dist.all_gather_cat(idx.to(z.device)).cpu()
                 all_new = dist.all_gather_cat(new).cpu()
