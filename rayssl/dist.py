@@ -58,11 +58,16 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
-def broadcast_(t: torch.Tensor, src: int = 0) -> torch.Tensor:
-    """Overwrite ``t`` on every rank with its value on rank ``src``, in place; returns ``t``."""
-    if is_distributed() and world_size() > 1:
-        dist.broadcast(t, src=src)
-    return t
+def all_to_all_rows(t: torch.Tensor, sent: list[int], received: list[int]) -> torch.Tensor:
+    """Exchange rows: ``t``'s rows go, in order, ``sent[r]`` of them to rank r; returns the rows
+    every rank sent this one, ``received[s]`` from rank s, in rank order. Carries no gradient.
+    Without a group (or with one rank) ``t`` itself is returned."""
+    if not is_distributed() or world_size() == 1:
+        return t
+    t = t.detach().contiguous()
+    out = t.new_empty((sum(received), *t.shape[1:]))
+    dist.all_to_all_single(out, t, received, sent)
+    return out
 
 
 # --------------------------------------------------------------------------- local process groups

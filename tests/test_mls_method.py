@@ -279,8 +279,8 @@ def _dist_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         recorded = []
         real_keys = model.keys
 
-        def recording_keys(x):
-            g, z = real_keys(x)
+        def recording_keys(x, step=0):
+            g, z = real_keys(x, step)
             recorded.append((g.clone(), z.clone()))
             return g, z
 
@@ -305,8 +305,7 @@ def _dist_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         with torch.no_grad():
             raw = model.momentum_backbone(x)
             g_direct, z_direct = F.normalize(raw, dim=1), F.normalize(model.momentum_projector(raw), dim=1)
-        torch.manual_seed(5)
-        shuffles = [(xs, perm) for xs, perm in (_shuffle_across_workers(x) for _ in range(6))]
+        shuffles = [_shuffle_across_workers(x, step) for step in (*range(6), 0)]
         out = {
             "queue": {k: v.clone() for k, v in model.queue.state_dict().items()},
             "rank_state": model.rank_state_dict(),
@@ -378,6 +377,9 @@ def test_shuffled_bn_keys_belong_to_their_own_samples(two_workers):
             assert torch.equal(r["shuffles"][i][0], x_all[mine])
             crossed |= bool(((mine // LOCAL_BATCH) != rank).any())
     assert crossed
+    # The permutation is the step's: the same again for the same step, another for the next.
+    perms = [s[1] for s in two_workers[0]["shuffles"]]
+    assert torch.equal(perms[0], perms[-1]) and not all(torch.equal(perms[0], p) for p in perms[1:-1])
 
 
 def test_distributed_rank_state_restores(two_workers):

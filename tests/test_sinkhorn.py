@@ -189,7 +189,7 @@ def test_dist_helpers_without_process_group():
     assert dist.all_reduce_sum_(t) is t and t.tolist() == [1.0, 2.0]
     assert dist.all_reduce_max_(t) is t and t.tolist() == [1.0, 2.0]
     assert dist.all_gather_cat(t) is t
-    assert dist.broadcast_(t, src=0) is t and t.tolist() == [1.0, 2.0]
+    assert dist.all_to_all_rows(t, [2], [2]) is t
 
 
 # --------------------------------------------------------------------------- two processes
@@ -248,7 +248,10 @@ def _dist_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         out["sum"] = dist.all_reduce_sum_(torch.tensor([rank + 1.0, 10.0]))
         out["max"] = dist.all_reduce_max_(torch.tensor([float(rank), -float(rank)]))
         out["gather"] = dist.all_gather_cat(torch.full((2, 3), float(rank)))
-        out["broadcast"] = dist.broadcast_(torch.tensor([rank + 5.0]), src=1)
+        # Rank 0 sends 1 row to itself and 2 to rank 1; rank 1 sends 3 to rank 0 and none to itself.
+        rows = torch.arange(3.0).reshape(3, 1) + 10 * rank
+        out["all_to_all"] = dist.all_to_all_rows(rows, [1, 2] if rank == 0 else [3, 0],
+                                                 [1, 3] if rank == 0 else [2, 0])
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         tdist.destroy_process_group()
@@ -302,4 +305,5 @@ def test_distributed_helpers(dist_results):
         assert res["sum"].tolist() == [3.0, 20.0]
         assert res["max"].tolist() == [1.0, 0.0]
         assert torch.equal(res["gather"], torch.tensor([[0.0] * 3] * 2 + [[1.0] * 3] * 2))
-        assert res["broadcast"].tolist() == [6.0]
+    assert dist_results[0]["all_to_all"].reshape(-1).tolist() == [0.0, 10.0, 11.0, 12.0]
+    assert dist_results[1]["all_to_all"].reshape(-1).tolist() == [1.0, 2.0]

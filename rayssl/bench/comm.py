@@ -54,8 +54,8 @@ def _bytes_of(x) -> int:
 def _record_collectives(log: list) -> None:
     """Wrap torch.distributed's collectives to log (kind, payload bytes, seconds) per call.
 
-    Payload = the tensor as all-reduced / broadcast, or the gathered result (world x input)
-    for an all-gather. Timed synchronously (gloo runs the collective in the call)."""
+    Payload = the tensor as all-reduced / broadcast, the gathered result (world x input) for an
+    all-gather, the rows received for an all-to-all. Timed synchronously (gloo runs the collective in the call)."""
     def wrap(name: str, payload_arg: int):
         orig = getattr(tdist, name)
 
@@ -72,6 +72,7 @@ def _record_collectives(log: list) -> None:
     wrap("all_reduce", 0)
     wrap("broadcast", 0)
     wrap("all_gather", 0)  # args[0] is the output list: world x input bytes
+    wrap("all_to_all_single", 0)  # args[0] is the output: what this rank received
 
 
 def _comm_worker(rank: int, world: int, port: int, cfg_dict: dict, steps: int, grad_numel: int, out_dir: str) -> None:

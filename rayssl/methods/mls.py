@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from rayssl import dist
+from rayssl.data.tensors import to_device_async
 from rayssl.losses import infonce_loss, mls_loss
 from rayssl.methods.base import Method, MethodConfig, register
 from rayssl.modules.backbone import build_backbone
@@ -219,18 +220,19 @@ class MLS(Method):
         return F.normalize(g.float(), dim=1), F.normalize(z.float(), dim=1)
 
     @torch.no_grad()
-    def keys(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def keys(self, x: torch.Tensor, step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Momentum encoder: x (B, 3, h, w) -> (g2 (B, d_g), z2 (B, d_z)), L2-normalised float32, no grad.
 
         Row b of the outputs always belongs to sample b of ``x``. With several workers and
         ``shuffle_bn``, the global batch is permuted across workers before the forward and
         put back after it (MoCo Sec. 3.3 "Shuffling BN"): each worker's BatchNorm then sees
         key statistics from a different subset of samples than its queries, so the model
-        cannot use BN statistics to spot the positive key. Collective when it shuffles.
+        cannot use BN statistics to spot the positive key (the permutation is ``step``'s).
+        Collective when it shuffles.
         """
         shuffle = self.cfg.shuffle_bn and dist.world_size() > 1
         if shuffle:
-            x, perm = _shuffle_across_workers(x)
+            x, perm = _shuffle_across_workers(x, step)
         g = self.momentum_backbone(x)
         z = self.momentum_projector(g)
         g, z = F.normalize(g.float(), dim=1), F.normalize(z.float(), dim=1)  # float32, like the queue
@@ -264,7 +266,7 @@ class MLS(Method):
             # weights the optimiser left at the end of the previous step.
             ema_update_(self.momentum_backbone, self.backbone, self.cfg.momentum)
             ema_update_(self.momentum_projector, self.projector, self.cfg.momentum)
-            g2, z2 = self.keys(x2)
+            g2, z2 = self.keys(x2, step)
 
         queue = self.queue
         # A copy, because the enqueue below writes the buffer in place while autograd still
@@ -326,25 +328,51 @@ class MLS(Method):
         return True
 
 
-def _shuffle_across_workers(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+# Seeds the permutation of MoCo's shuffled BN: drawn from a generator seeded by this and the step,
+# the same on every worker without a collective (the official code draws it on rank 0 and
+# broadcasts it) and without a device sync (its split sizes are read on the host).
+SHUFFLE_SEED = 0x5EED_B17
+
+
+def _shuffle_plan(perm: torch.Tensor, b: int, rank: int, world: int):
+    """How rows move for the permutation ``perm`` of the global batch (on the host): (the local rows
+    in sending order, rows sent to each worker, the receiving order, rows received from each)."""
+    n = world * b
+    place = torch.empty(n, dtype=torch.long)
+    place[perm] = torch.arange(n)  # place[g]: where global row g stands in perm
+    mine = place[rank * b:(rank + 1) * b]  # worker mine // b encodes my row, at mine % b of its share
+    owners = perm[rank * b:(rank + 1) * b] // b  # the worker that holds each row of my share
+    # Sent grouped by destination, each group in the order of the destination's share; received
+    # grouped by owner, each group in the order of this worker's share.
+    return (torch.argsort(mine), torch.bincount(mine // b, minlength=world).tolist(),
+            torch.argsort(owners * b + torch.arange(b)), torch.bincount(owners, minlength=world).tolist())
+
+
+def _shuffle_across_workers(x: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     """This worker's share of a random permutation of the global batch.
 
     x: (B, ...) local samples. Returns (x_shuffled (B, ...), perm (world * B,)): worker r
     gets global rows ``perm[r*B:(r+1)*B]``, where global row ``r*B + b`` is sample b of
-    worker r. The permutation is drawn on rank 0 and broadcast, so all agree.
+    worker r. Every worker draws the same ``perm`` (``SHUFFLE_SEED``, ``step``), and each row
+    travels once, straight to the worker that encodes it (one all-to-all): a worker sends and
+    receives B rows whatever the number of workers, where gathering the whole batch on every
+    worker (the official code) grows with it.
     """
     b, world, rank = x.shape[0], dist.world_size(), dist.rank()
-    x_all = dist.all_gather_cat(x)  # (world * B, ...)
-    perm = torch.randperm(world * b, device=x.device) if rank == 0 else torch.empty(
-        world * b, dtype=torch.long, device=x.device
-    )
-    dist.broadcast_(perm, src=0)
-    return x_all[perm[rank * b:(rank + 1) * b]], perm
+    perm = torch.randperm(world * b, generator=torch.Generator().manual_seed(SHUFFLE_SEED + step))
+    send_order, sent, recv_order, received = _shuffle_plan(perm, b, rank, world)
+    rows = dist.all_to_all_rows(x[to_device_async(send_order, x.device)], sent, received)
+    out = torch.empty_like(x)
+    out[to_device_async(recv_order, x.device)] = rows
+    return out, perm
 
 
 def _unshuffle_across_workers(y: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`_shuffle_across_workers` for per-sample outputs y (B, ...)."""
-    b, rank = y.shape[0], dist.rank()
-    y_all = dist.all_gather_cat(y)  # row j = output for global sample perm[j]
-    inverse = torch.argsort(perm)  # y_all[inverse[i]] = output for global sample i
-    return y_all[inverse[rank * b:(rank + 1) * b]]
+    """Inverse of :func:`_shuffle_across_workers` for per-sample outputs y (B, ...): each row
+    goes back to the worker that holds its sample, in that worker's order."""
+    b, world, rank = y.shape[0], dist.world_size(), dist.rank()
+    send_order, sent, recv_order, received = _shuffle_plan(perm, b, rank, world)
+    rows = dist.all_to_all_rows(y[to_device_async(recv_order, y.device)], received, sent)
+    out = torch.empty_like(y)
+    out[to_device_async(send_order, y.device)] = rows
+    return out
