@@ -26,8 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rayssl import dist
-from rayssl.methods.base import Method, MethodConfig, register
 from rayssl.data.tensors import to_device_async
+from rayssl.methods.base import Method, MethodConfig, register
 from rayssl.modules.backbone import build_backbone
 from rayssl.modules.pretrained import load_into, read_weights
 from rayssl.sections import DataSection, ModelSection, RunSection, check
