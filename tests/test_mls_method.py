@@ -16,7 +16,7 @@ from rayssl.config import Config, ConfigError, ModelSection
 from rayssl.dist import free_port, init_local_gloo
 from rayssl.methods import get_method
 from rayssl.methods import mls as mls_module
-from rayssl.methods.mls import MLS, MLSConfig, MoCoConfig, _shuffle_across_workers
+from rayssl.methods.mls import MLS, MLSConfig, MoCoConfig, _shuffle_across_workers, _shuffle_plan
 from rayssl.modules.momentum import ema_update_, momentum_copy
 
 TINY = dict(queue_size=16, k=3, temperature=0.2, momentum=0.9, projection_hidden_dim=32, projection_dim=8)
@@ -381,6 +381,36 @@ def test_shuffled_bn_keys_belong_to_their_own_samples(two_workers):
     perms = [s[1] for s in two_workers[0]["shuffles"]]
     assert torch.equal(perms[0], perms[-1]) and not all(torch.equal(perms[0], p) for p in perms[1:-1])
 
+
+
+@pytest.mark.parametrize("world,b", [(3, 4), (5, 3)])
+def test_the_shuffle_plan_sends_each_row_once_to_the_worker_that_encodes_it(world, b):
+    """The all-to-all of shuffled BN, played out in one process for more workers than the run
+    above: each worker's rows, sent in the plan's order and split sizes, land on the worker whose
+    share of the permutation names them, in that share's order; sent back with the sizes
+    swapped, they come home in their own order."""
+    n = world * b
+    x = torch.arange(n * 2, dtype=torch.float32).reshape(n, 2)  # global row g = sample g % b of worker g // b
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(world))
+    plans = [_shuffle_plan(perm, b, r, world) for r in range(world)]
+
+    def exchange(rows_of, sizes_sent):  # all_to_all_single, by hand: chunks by destination, received by source
+        chunks = [list(torch.split(rows_of[r], sizes_sent[r])) for r in range(world)]
+        return [torch.cat([chunks[s][r] for s in range(world)]) for r in range(world)]
+
+    received = exchange([x[r * b:(r + 1) * b][plans[r][0]] for r in range(world)], [p[1] for p in plans])
+    shuffled = []
+    for r, (_, _, recv_order, recv_counts) in enumerate(plans):
+        assert len(received[r]) == b == sum(recv_counts)  # every worker encodes b rows
+        out = torch.empty_like(received[r])
+        out[recv_order] = received[r]
+        assert torch.equal(out, x[perm[r * b:(r + 1) * b]])
+        shuffled.append(out)
+    back = exchange([shuffled[r][plans[r][2]] for r in range(world)], [p[3] for p in plans])
+    for r, (send_order, _, _, _) in enumerate(plans):
+        home = torch.empty_like(back[r])
+        home[send_order] = back[r]
+        assert torch.equal(home, x[r * b:(r + 1) * b])
 
 def test_distributed_rank_state_restores(two_workers):
     fresh = tiny()
