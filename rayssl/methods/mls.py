@@ -20,7 +20,7 @@ MoCo-v2's official recipe; the loss is not symmetrised over the two views.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Sequence
+from typing import ClassVar, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -232,12 +232,12 @@ class MLS(Method):
         """
         shuffle = self.cfg.shuffle_bn and dist.world_size() > 1
         if shuffle:
-            x, perm = _shuffle_across_workers(x, step)
+            x, _, back = _shuffle_across_workers(x, step)
         g = self.momentum_backbone(x)
         z = self.momentum_projector(g)
         g, z = F.normalize(g.float(), dim=1), F.normalize(z.float(), dim=1)  # float32, like the queue
         if shuffle:
-            both = _unshuffle_across_workers(torch.cat([g, z], dim=1), perm)
+            both = _unshuffle_across_workers(torch.cat([g, z], dim=1), back)
             g, z = both[:, : g.shape[1]], both[:, g.shape[1]:]
         return g, z
 
@@ -348,31 +348,41 @@ def _shuffle_plan(perm: torch.Tensor, b: int, rank: int, world: int):
             torch.argsort(owners * b + torch.arange(b)), torch.bincount(owners, minlength=world).tolist())
 
 
-def _shuffle_across_workers(x: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+class _Moves(NamedTuple):
+    """One direction of the shuffle's all-to-all: the rows taken in ``take`` order (on the device)
+    go out ``sent[r]`` to worker r; the rows that arrive, ``received[s]`` from worker s, are put
+    at ``put``."""
+    take: torch.Tensor
+    sent: list[int]
+    put: torch.Tensor
+    received: list[int]
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        rows = dist.all_to_all_rows(x[self.take], self.sent, self.received)
+        out = torch.empty_like(x)
+        out[self.put] = rows
+        return out
+
+
+def _shuffle_across_workers(x: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor, _Moves]:
     """This worker's share of a random permutation of the global batch.
 
-    x: (B, ...) local samples. Returns (x_shuffled (B, ...), perm (world * B,)): worker r
-    gets global rows ``perm[r*B:(r+1)*B]``, where global row ``r*B + b`` is sample b of
+    x: (B, ...) local samples. Returns (x_shuffled (B, ...), perm (world * B,), the moves back):
+    worker r gets global rows ``perm[r*B:(r+1)*B]``, where global row ``r*B + b`` is sample b of
     worker r. Every worker draws the same ``perm`` (``SHUFFLE_SEED``, ``step``), and each row
     travels once, straight to the worker that encodes it (one all-to-all): a worker sends and
     receives B rows whatever the number of workers, where gathering the whole batch on every
-    worker (the official code) grows with it.
+    worker (the official code) grows with it. The plan is made once, on the host, and its orders
+    sent to the device once; the way back (``_unshuffle_across_workers``) is the same moves reversed.
     """
     b, world, rank = x.shape[0], dist.world_size(), dist.rank()
     perm = torch.randperm(world * b, generator=torch.Generator().manual_seed(SHUFFLE_SEED + step))
     send_order, sent, recv_order, received = _shuffle_plan(perm, b, rank, world)
-    rows = dist.all_to_all_rows(x[to_device_async(send_order, x.device)], sent, received)
-    out = torch.empty_like(x)
-    out[to_device_async(recv_order, x.device)] = rows
-    return out, perm
+    send_order, recv_order = to_device_async(torch.stack([send_order, recv_order]), x.device)
+    return _Moves(send_order, sent, recv_order, received).apply(x), perm, _Moves(recv_order, received, send_order, sent)
 
 
-def _unshuffle_across_workers(y: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+def _unshuffle_across_workers(y: torch.Tensor, back: _Moves) -> torch.Tensor:
     """Inverse of :func:`_shuffle_across_workers` for per-sample outputs y (B, ...): each row
     goes back to the worker that holds its sample, in that worker's order."""
-    b, world, rank = y.shape[0], dist.world_size(), dist.rank()
-    send_order, sent, recv_order, received = _shuffle_plan(perm, b, rank, world)
-    rows = dist.all_to_all_rows(y[to_device_async(recv_order, y.device)], received, sent)
-    out = torch.empty_like(y)
-    out[to_device_async(send_order, y.device)] = rows
-    return out
+    return back.apply(y)
