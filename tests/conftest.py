@@ -85,22 +85,11 @@ def write_scene_pseudo_labels(out, classes: list[str], soft, rows=None, size: in
     its ``pseudolabels.json``. Returns ``out``."""
     from pathlib import Path
 
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
+    from rayssl.data.pseudo_labels import scenes_source, write_soft_labels
     from rayssl.data.scenes import split_seed
-    from rayssl.data.pseudo_labels import scenes_source, write_meta
 
-    out, n = Path(out), len(soft)
-    rows = np.arange(n) if rows is None else np.asarray(rows)
-    out.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table({"index": rows, "path": [""] * n,
-                             "soft_label": pa.array(list(soft[rows]), pa.list_(pa.float32()))}),
-                   out / "part-0.parquet")
-    write_meta(str(out), {"classes": list(classes), "num_rows": n,
-                          "source": scenes_source(split_seed(0, "train"), size, n)})
-    return out
+    write_soft_labels(str(out), classes, soft, scenes_source(split_seed(0, "train"), size, len(soft)), rows)
+    return Path(out)
 
 
 # ----------------------------------------------------------------------------- secrets

@@ -166,3 +166,62 @@ def test_the_step_and_communication_parts_run_where_ray_is_not_installed(tmp_pat
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     assert r["step"]["images_per_s"] > 0 and r["comm"] and "pipeline" not in r and "dataloader" not in r
+
+
+def test_the_steps_waits_for_the_device_are_counted_from_cudas_sync_warnings(monkeypatch):
+    """``count_syncs`` counts the warnings CUDA's sync debug mode gives at each synchronising call
+    (torch's own text), nothing else, and puts the mode back, also when the step raises. CUDA's
+    switch is faked here (no GPU); off CUDA nothing is counted and the step is not run."""
+    import warnings
+
+    import torch
+
+    from rayssl.bench.step import count_syncs
+
+    modes = [0]
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: modes[-1])
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda mode: modes.append(mode))
+
+    def step(syncs: int, fail: bool = False):
+        assert modes[-1] == "warn"
+        for _ in range(syncs):
+            warnings.warn("called a synchronizing CUDA operation", UserWarning)  # as torch words it
+        warnings.warn("an unrelated warning", UserWarning)
+        if fail:
+            raise RuntimeError("the step failed")
+
+    cuda = torch.device("cuda")
+    assert count_syncs(lambda: step(3), cuda) == 3 and count_syncs(lambda: step(0), cuda) == 0
+    assert modes[-1] == 0
+    with pytest.raises(RuntimeError, match="the step failed"):
+        count_syncs(lambda: step(2, fail=True), cuda)
+    assert modes[-1] == 0
+    ran = []
+    assert count_syncs(lambda: ran.append(1), torch.device("cpu")) is None and ran == []
+
+
+def test_a_method_with_batch_columns_is_benched_with_them_on_the_host(tmp_path):
+    """CDUL's bench step gets a batch of distinct image indices on the host (as the worker's feed
+    hands them over), and its label update moves exactly those images' labels."""
+    import numpy as np
+    import torch
+
+    from rayssl.bench.config import bench_config
+    from rayssl.bench.step import StepBench
+    from rayssl.data.pseudo_labels import scenes_source, write_soft_labels
+
+    rows, batch = 40, 8
+    soft = np.random.default_rng(1).uniform(0.1, 0.9, (rows, 5)).astype(np.float32)
+    labels = write_soft_labels(str(tmp_path / "labels"), list("abcde"), soft, scenes_source(0, 32, rows))
+    cfg = bench_config("cdul", "cpu", batch, ["data.crop_sizes=[32]", f"cdul.pseudo_labels={labels}",
+                                              "model.backbone=timm:test_resnet", "model.small_stem=false"])
+    sb = StepBench(cfg, torch.device("cpu"))
+    index = sb.columns["index"]
+    assert set(sb.columns) == {"index"} and index.device.type == "cpu" and index.dtype == torch.int64
+    assert len(index) == batch == len(set(index.tolist())) and 0 <= index.min() and index.max() < rows
+    before = sb.method.store.latent.clone()
+    sb.step()  # an update epoch (the bench steps far past CDUL's warm-up)
+    moved = torch.nonzero((sb.method.store.latent != before).any(1)).reshape(-1)
+    assert sorted(moved.tolist()) == sorted(index.tolist())
+    with pytest.raises(ValueError, match="needs a label table of as many rows"):
+        sb.method.example_columns(rows + 1, torch.Generator())

@@ -18,7 +18,8 @@ from rayssl.cli import gpu_check
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "experiments" / "gpu_check.sh"
 PARTS = ["step", "quality", "device_fed", "pipeline_cpu", "pipeline_device", "step_cudnn_heuristics", "step_mls",
-         "step_vit", "step_compile", "step_cudagraphs"]
+         "step_cdul", "step_vit", "step_compile", "step_cudagraphs"]
+STEPS = ("step", "step_cudnn_heuristics", "step_mls", "step_cdul", "step_vit", "step_compile", "step_cudagraphs")
 
 
 def test_the_dry_run_runs_every_part_and_writes_one_json(ray_session, tmp_path, capsys):
@@ -33,9 +34,10 @@ def test_the_dry_run_runs_every_part_and_writes_one_json(ray_session, tmp_path, 
         assert "error" not in part and "skipped" not in part, (name, part)
         assert part["part_s"] > 0
     p = r["parts"]
-    for name in ("step", "step_cudnn_heuristics", "step_mls", "step_vit", "step_compile", "step_cudagraphs"):
-        # the engine's step, timed with its plain-loop baseline
+    for name in STEPS:
+        # the engine's step, timed with its plain-loop baseline; its waits for the device counted on CUDA only
         assert p[name]["images_per_s"] > 0 and p[name]["plain_images_per_s"] > 0 and p[name]["batch_size"] == 8
+        assert p[name]["syncs_per_step"] is None and p[name]["syncs_per_step_first_epoch"] is None
     assert p["step_compile"]["compile"] is True and p["step"]["compile"] is False
     assert p["step"]["cudnn_benchmark"] is True and p["step_cudnn_heuristics"]["cudnn_benchmark"] is False
     assert p["step_vit"]["backbone"] == "timm:test_vit"
@@ -64,6 +66,9 @@ def test_the_dry_run_runs_every_part_and_writes_one_json(ray_session, tmp_path, 
     assert g["step_images_per_s"]["measured"] == max(p[k]["images_per_s"] for k in (
         "step", "step_cudnn_heuristics", "step_compile", "step_cudagraphs"))  # SwAV's step only
     assert p["step_mls"]["method"] == "mls" and p["step_mls"]["crops"] == ["2x32"] and p["step"]["method"] == "swav"
+    cdul = p["step_cdul"]  # on a table of random labels, its update term timed
+    assert cdul["method"] == "cdul" and cdul["crops"] == ["2x32"] and cdul["labels"] == "random (timing only)"
+    assert "gradient-alignment label updates" in cdul["loss_includes"] and cdul["classes"] == 80
     assert g["pipeline_over_step_device"]["measured"] == p["pipeline_device"]["pipeline"]["ratio"]
     assert g["pipeline_over_step_device"]["from"] == "pipeline_device"
     assert g["step_images_per_s"]["goal"] == GOALS["step_images_per_s"] and g["step_images_per_s"]["met"] is None
@@ -79,6 +84,8 @@ def test_the_full_check_measures_the_papers_recipe_on_one_gpu():
     mls = step_config(opts, method="mls")  # MLS's two views, not SwAV's multi-crop
     assert mls.run.method == "mls" and mls.model.backbone == "resnet50" and mls.run.precision == "bf16"
     assert list(mls.data.crop_sizes) == [224] and list(mls.data.crop_counts) == [2] and mls.run.batch_size == 64
+    cdul = step_config(opts, "cdul.pseudo_labels=/labels", method="cdul")  # CDUL's, likewise
+    assert cdul.model.backbone == "resnet50" and list(cdul.data.crop_sizes) == [224] and cdul.run.precision == "bf16"
     assert step_config(opts, "model.compile=true").model.compile is True
     assert step_config(opts, "model.backbone=timm:vit_small_patch16_224").model.backbone.endswith("vit_small_patch16_224")
 

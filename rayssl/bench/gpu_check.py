@@ -16,17 +16,23 @@ after every part (a check cut short keeps what it measured):
    heuristic algorithms instead of timed ones: what the setting buys), in a fresh process, since
    cuDNN reuses the algorithms it timed for the earlier parts whatever the setting;
 6. ``step_mls``: MLS's step, ResNet-50, its two 224 px views, queue full (BCE term timed);
-7. ``step_vit``: the step with ``timm:vit_small_patch16_224`` (needs timm);
-8. ``step_compile`` / ``step_cudagraphs``: the ResNet-50 step with ``torch.compile``, inductor
+7. ``step_cdul``: CDUL's step, ResNet-50, its two 224 px views, in a label-update epoch, on a
+   table of random soft labels (80 classes; timing only), the image index on the host as the
+   worker's feed hands it over;
+8. ``step_vit``: the step with ``timm:vit_small_patch16_224`` (needs timm);
+9. ``step_compile`` / ``step_cudagraphs``: the ResNet-50 step with ``torch.compile``, inductor
    and CUDA graphs.
+
+Every step part also counts the step's waits for the GPU (``syncs_per_step``, and in the
+method's first epoch ``syncs_per_step_first_epoch``; CUDA's sync debug mode).
 
 A part that would end past ``budget_s`` is skipped and says so, as is one whose package is
 missing. ``goals`` compares the figures with issue 26's: >= 1,000 img/s per H100-class GPU
 for the ResNet-50 step (aim 1,500) and pipeline/step >= 0.9 with ``augment_on=device`` (from
 ``pipeline_device``; without Ray, ``device_fed``'s ratio stands in for it and says so).
-``dry_run``: the same parts at tiny sizes on the CPU (ResNet-18, 2x32 + 2x16, batch 8, a
-few seconds of quality run on 32 px scenes cut 2x32 + 4x16, compile traced by the eager backend),
-to test the script.
+``dry_run``: the same parts at tiny sizes on the CPU (timm's 0.4 M-parameter test ResNet, 2x32 +
+2x16, batch 8, a few seconds of quality run on 32 px scenes cut 2x32 + 4x16, compile traced by
+the eager backend), to test the script.
 """
 
 from __future__ import annotations
@@ -38,12 +44,14 @@ import json
 import multiprocessing
 import os
 import platform
+import tempfile
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 from rayssl.bench.config import bench_config, bench_warmup
@@ -51,11 +59,18 @@ from rayssl.bench.device_fed import measure_device_fed
 from rayssl.bench.quality import quality_run
 from rayssl.bench.step import measure_step
 from rayssl.config import Config
+from rayssl.data.pseudo_labels import scenes_source, write_soft_labels
 from rayssl.outfile import write_bytes
 from rayssl.presets import layered_config
 
 __all__ = ["GOALS", "CheckOptions", "check_goals", "in_fresh_process", "measure_step_part", "run_gpu_check",
            "step_config"]
+
+# The dry run's backbone: timm's test ResNet (0.4 M parameters, batch norm), a fortieth of
+# ResNet-18's step on a CPU without AVX-512: the dry run tests the script, not the figures.
+TEST_RESNET = ("model.backbone=timm:test_resnet", "model.small_stem=false")
+# CDUL's step part: a table of random soft labels (timing only), COCO's 80 classes.
+CDUL_ROWS, CDUL_CLASSES = 4096, 80
 
 # The parts that time the goal's step (SwAV, ResNet-50, 2x224 + 6x96), in their variants.
 SWAV_RESNET50_STEPS = ("step", "step_cudnn_heuristics", "step_compile", "step_cudagraphs")
@@ -85,8 +100,7 @@ def _sizes(opts: CheckOptions) -> dict:
     if opts.dry_run:
         return {"preset": "cpu", "batch": 8, "steps": 1, "warmup": 1, "repeats": 1, "split": 1, "num_images": 24,
                 "scene_size": 40,
-                "sets": ("data.crop_sizes=[32,16]", "data.crop_counts=[2,2]", "swav.num_prototypes=32",
-                         "model.backbone=resnet18", "model.small_stem=true"),
+                "sets": ("data.crop_sizes=[32,16]", "data.crop_counts=[2,2]", "swav.num_prototypes=32", *TEST_RESNET),
                 "vit": ("model.backbone=timm:test_vit", "model.small_stem=false"), "compile_backend": "eager"}
     return {"preset": "gpu", "batch": opts.batch_size, "steps": 10, "warmup": None, "repeats": 3, "split": 3,
             "num_images": 0, "scene_size": 256, "sets": ("run.precision=bf16", "run.channels_last=true"),
@@ -99,12 +113,13 @@ def _quality_config(opts: CheckOptions) -> Config:
         return layered_config({})
     return layered_config({"data": {"scenes_num_images": 48, "scenes_image_size": 32, "crop_sizes": [32, 16]},
                            "run": {"batch_size": 16},
+                           "model": {"backbone": "timm:test_resnet", "small_stem": False},  # TEST_RESNET
                            "eval": {"num_train_images": 40, "num_test_images": 20},
                            "swav": {"num_prototypes": 16, "projection_hidden_dim": 32, "projection_dim": 16}})
 
 
 def step_config(opts: CheckOptions, *sets: str, method: str = "swav") -> Config:
-    """The config a step part measures (``sets``: the part's own ``--set``s). MLS/MoCo take their
+    """The config a step part measures (``sets``: the part's own ``--set``s). MLS/MoCo and CDUL take their
     paper preset's two views (2 x 224; the dry run's 2 x 32) instead of SwAV's multi-crop."""
     z = _sizes(opts)
     base = z["sets"]
@@ -152,6 +167,15 @@ def _parts(opts: CheckOptions, device: torch.device, result: dict) -> list[Part]
         return {**_describe(cfg), **measure_device_fed(cfg, device, z["steps"], bench_warmup(cfg, z["warmup"]),
                                                        z["repeats"], z["scene_size"])}
 
+    def cdul_step() -> dict:
+        rows = max(CDUL_ROWS, z["batch"])
+        soft = np.random.default_rng(0).random((rows, CDUL_CLASSES), dtype=np.float32)
+        with tempfile.TemporaryDirectory(prefix="rayssl-gpu-check-labels-") as labels:
+            write_soft_labels(labels, [f"class {i}" for i in range(CDUL_CLASSES)], soft,
+                              scenes_source(0, z["scene_size"], rows))
+            return {**step(f"cdul.pseudo_labels={labels}", method="cdul"), "labels": "random (timing only)",
+                    "label_rows": rows, "classes": CDUL_CLASSES}
+
     q_seconds = 3.0 if opts.dry_run else opts.quality_s
     return [
         Part("step", 60, lambda: step()),
@@ -164,6 +188,7 @@ def _parts(opts: CheckOptions, device: torch.device, result: dict) -> list[Part]
         Part("step_cudnn_heuristics", 50, lambda: in_fresh_process(measure_step_part, opts, str(device),
                                                                    ("run.cudnn_benchmark=false",))),
         Part("step_mls", 40, lambda: step(method="mls")),
+        Part("step_cdul", 40, cdul_step),
         Part("step_vit", 60, lambda: step(*z["vit"]), needs="timm"),
         Part("step_compile", 150, lambda: step("model.compile=true", f"model.compile_backend={z['compile_backend']}")),
         Part("step_cudagraphs", 120, lambda: step("model.compile=true", "model.compile_backend="

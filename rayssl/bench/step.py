@@ -11,6 +11,11 @@ plain PyTorch loop (``plain_step``: autocast forward, zero_grad, backward, optim
 schedule, no loss check, no scaler or clipping), timed in alternation with the engine's step so
 that a slow moment of the machine falls on both. ``step_over_plain`` near 1 says the engine adds
 nothing measurable to the step.
+
+On CUDA the step's waits for the device are counted too (``syncs_per_step``: CUDA's sync debug
+mode): a step that waits cannot be queued ahead of the GPU. A method's extra batch columns
+(CDUL's image index) come from ``Method.example_columns``, on the host as the worker's feed
+hands them over.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import resource
 import statistics
 import time
+import warnings
 from typing import Callable, Sequence
 
 import torch
@@ -25,7 +31,7 @@ import torch
 from rayssl.config import Config
 from rayssl.engine import Engine, checked_forward
 
-__all__ = ["StepBench", "measure_step", "peak_memory", "timed"]
+__all__ = ["StepBench", "count_syncs", "measure_step", "peak_memory", "timed"]
 
 # Past the queue's start epoch and the prototype freeze: every part of the step runs.
 FAR = 10**6
@@ -45,6 +51,23 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - t
 
 
+def count_syncs(fn: Callable[[], object], device: torch.device) -> int | None:
+    """How many times ``fn`` made the host wait for the device: CUDA's sync debug mode warns at
+    every call that synchronises (a ``.item()``, a copy to pageable memory, a data-dependent
+    shape...). None off CUDA, where nothing runs ahead of the host."""
+    if device.type != "cuda":
+        return None
+    before = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(before)
+    return sum("synchronizing CUDA operation" in str(w.message) for w in caught)
+
+
 class StepBench:
     """One worker's ``Engine`` on ``device`` (no Ray, no DDP) and a batch of synthetic crops."""
 
@@ -58,18 +81,20 @@ class StepBench:
         gen = torch.Generator(device="cpu").manual_seed(0)
         self.crops = [self._layout(torch.randn(b, 3, s, s, generator=gen).to(device))
                       for s, c in zip(cfg.data.crop_sizes, cfg.data.crop_counts) for _ in range(c)]
+        self.columns = self.method.example_columns(b, gen)  # on the host, as the feed hands them over
 
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.engine.channels_last else x
 
     def step(self, crops: Sequence[torch.Tensor] | None = None, columns: dict | None = None) -> dict:
         """The training step (the worker's), with the loss unchecked as on a GPU between log steps."""
-        return self.engine.train_step(crops if crops is not None else self.crops, columns, check_loss=False)
+        return self.engine.train_step(crops if crops is not None else self.crops,
+                                      self.columns if columns is None else columns, check_loss=False)
 
     def plain_step(self) -> None:
         """The same step as a hand-written loop would take it (the baseline; no engine)."""
         with self.engine.autocast():
-            loss, _ = self.method(self.crops, epoch=FAR, step=FAR)
+            loss, _ = self.method(self.crops, epoch=FAR, step=FAR, **self.columns)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.method.after_backward(FAR)
@@ -88,7 +113,7 @@ class StepBench:
 
     def _full_stage(self) -> None:
         loss, _ = checked_forward(self.method, self.crops, epoch=FAR, step=FAR, method_name=self.cfg.run.method,
-                                  autocast=self.engine.autocast, check_loss=False)
+                                  autocast=self.engine.autocast, check_loss=False, columns=self.columns)
         loss.backward()
 
     def split(self, steps: int) -> dict:
@@ -117,6 +142,11 @@ class StepBench:
         return {k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}
 
 
+def _syncs_per_step(sb: StepBench, device: torch.device, steps: int) -> float | None:
+    n = count_syncs(lambda: [sb.step() for _ in range(steps)], device)
+    return None if n is None else round(n / steps, 2)
+
+
 def peak_memory(device: torch.device) -> dict:
     if device.type == "cuda":
         return {"peak_memory_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1),
@@ -127,7 +157,8 @@ def peak_memory(device: torch.device) -> dict:
 
 def measure_step(cfg: Config, device: torch.device, steps: int, warmup: int, repeats: int, split_steps: int) -> dict:
     """images/s of the step (median of ``repeats`` runs of ``steps``) and of the plain loop's step,
-    the step's split and peak memory."""
+    the step's split, its waits for the device (``count_syncs``, on CUDA; in the method's steady
+    state and in its first epoch) and peak memory."""
     sb = StepBench(cfg, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -144,6 +175,10 @@ def measure_step(cfg: Config, device: torch.device, steps: int, warmup: int, rep
            "plain_images_per_s": round(plain_ips, 2), "plain_runs_images_per_s": [round(r, 2) for r in plain],
            "step_over_plain": round(ips / plain_ips, 3)}
     out.update(sb.split(split_steps))
+    out["syncs_per_step"] = _syncs_per_step(sb, device, steps)
+    sb.engine.epoch = 0  # the first epoch's step (SwAV's queue not yet in use, CDUL's labels not yet updated)
+    out["syncs_per_step_first_epoch"] = _syncs_per_step(sb, device, steps)
+    sb.engine.epoch = FAR
     out["loss_includes"] = sb.method.loss_includes()
     out.update(peak_memory(device))
     return out

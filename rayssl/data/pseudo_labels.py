@@ -12,14 +12,14 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rayssl.storage import exists, filesystem, pyarrow_filesystem, read_text, write_text
 
 META_FILE = "pseudolabels.json"
 
-__all__ = ["META_FILE", "read_meta", "read_pseudo_labels", "scenes_source", "write_meta"]
-
+__all__ = ["META_FILE", "read_meta", "read_pseudo_labels", "scenes_source", "write_meta", "write_soft_labels"]
 
 
 def scenes_source(seed: int, size: int, num_images: int) -> dict:
@@ -30,6 +30,23 @@ def scenes_source(seed: int, size: int, num_images: int) -> dict:
 def write_meta(uri: str, meta: dict, options=None) -> None:
     """Write the side file ``read_meta`` reads (whole or not at all)."""
     write_text(f"{uri.rstrip('/')}/{META_FILE}", json.dumps(meta, indent=1), options)
+
+
+def write_soft_labels(uri: str, classes: list[str], soft: np.ndarray, source: dict, rows=None,
+                      options=None) -> str:
+    """A labels table without a CLIP: one Parquet file of ``index, path, soft_label`` rows (image
+    ``rows[i]``, default 0..N-1, gets ``soft[rows[i]]``) and its side file, ``source`` naming the
+    images. For the benchmark's CDUL step and for tests; returns ``uri``."""
+    n = len(soft)
+    rows = np.arange(n) if rows is None else np.asarray(rows)
+    fs, root = filesystem(uri, options)
+    fs.makedirs(root, exist_ok=True)
+    table = pa.table({"index": rows, "path": [""] * n,
+                      "soft_label": pa.array(list(np.asarray(soft, np.float32)[rows]), pa.list_(pa.float32()))})
+    with fs.open(f"{root.rstrip('/')}/part-0.parquet", "wb") as f:
+        pq.write_table(table, f)
+    write_meta(uri, {"classes": list(classes), "num_rows": n, "source": source}, options)
+    return uri
 
 
 def read_meta(uri: str, options=None) -> dict:

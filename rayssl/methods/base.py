@@ -137,6 +137,11 @@ class Method(nn.Module):
     def after_backward(self, step: int) -> None:
         """Called between ``loss.backward()`` and the optimiser step (e.g. to drop a gradient)."""
 
+    def example_columns(self, batch_size: int, generator: torch.Generator) -> dict:
+        """A batch's ``batch_columns`` as the worker's feed hands them over (on the host), for the
+        benchmark's synthetic batches; {} for a method that names none."""
+        return {}
+
     def backbone_loaded(self) -> None:
         """Called after starting weights were loaded into ``backbone`` (``model.pretrained``):
         a copy of it (a momentum encoder) takes them too."""

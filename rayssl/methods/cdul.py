@@ -194,6 +194,14 @@ class CDUL(Method):
     def loss_includes(self) -> str:
         return "per-class BCE against the label store's soft labels, gradient-alignment label updates"
 
+    def example_columns(self, batch_size: int, generator: torch.Generator) -> dict:
+        """Distinct images of the label store, by index, on the host (as the feed hands them over)."""
+        rows = self.store.num_rows
+        if batch_size > rows:
+            raise ValueError(f"cdul: a batch of {batch_size} distinct images needs a label table of as many "
+                             f"rows, this one has {rows}")
+        return {"index": torch.randperm(rows, generator=generator)[:batch_size]}
+
     def backbone_inputs(self, crops: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         return [torch.cat([c for c in crops if c.shape[-1] == crops[0].shape[-1]])]
 
