@@ -13,7 +13,8 @@ TINY = ["--batch-size", "4", "--steps", "1", "--warmup", "1", "--repeats", "2", 
         "--comm-steps", "1", "--comm-batch", "2", "--num-images", "48", "--ingest-seconds", "0.5",
         "--set", "data.crop_sizes=[32,16]", "--set", "data.crop_counts=[2,2]",
         "--set", "swav.num_prototypes=16", "--set", "swav.projection_hidden_dim=32",
-        "--set", "swav.projection_dim=16", "--set", "swav.queue_length=8"]
+        "--set", "swav.projection_dim=16", "--set", "swav.queue_length=8",
+        "--set", "model.backbone=timm:test_resnet", "--set", "model.small_stem=false"]  # conftest.TEST_BACKBONE
 
 
 def _last_json(capsys) -> tuple[str, dict]:

@@ -27,7 +27,8 @@ def _config(method: str = "swav"):
                       "queue_start_epoch": 0, "freeze_prototypes_iters": 0},
              "mls": {"queue_size": 16, "k": 3, "projection_hidden_dim": 32, "projection_dim": 16}}[method]
     overrides = {"run": {"method": method, "batch_size": BATCH, "num_workers": 1, "epochs": 1},
-                 "data": {"scenes_image_size": SIZE}, "model": {"small_stem": True}, method: small}
+                 "data": {"scenes_image_size": SIZE}, method: small,
+                 "model": {"backbone": "timm:test_resnet", "small_stem": False}}  # conftest.TEST_BACKBONE
     groups = len(layered_config(overrides).data.crop_sizes)
     overrides["data"]["crop_sizes"] = [SIZE, 16][:groups]
     return layered_config(overrides)
@@ -91,7 +92,7 @@ def test_the_head_learns_and_its_score_is_the_independent_one(multilabel):
     probe = OnlineProbe(backbone, train, test, SIZE, "cpu", batch_size=16, lr=1e-2, seed=0)
     assert probe.metric == ("probe_map" if multilabel else "probe_top1")
     before = _full_loss(probe, train)
-    for _ in range(60):
+    for _ in range(200):  # the test ResNet's features: a head learns more slowly than on ResNet-18's
         probe.step()
     assert _full_loss(probe, train) < 0.9 * before
     # The score, recomputed from the backbone's features and the head's weights.

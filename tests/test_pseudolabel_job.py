@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import TEST_BACKBONE
 from rayssl.checkpoint import load_shared_state
 from rayssl.pseudolabel.labels import initial_labels
 from rayssl.data.pseudo_labels import read_pseudo_labels
@@ -86,7 +87,7 @@ def test_pseudolabel_job_then_cdul_training(ray_session, tiny_clip, scene_folder
     train = ["--method", "cdul", "--data", str(scene_folder), "--pseudo-labels", str(out), "--output", str(run),
              "--preset", "quick", "--num-workers", "2", "--batch-size", "16", "--epochs", "2",
              "--set", "data.crop_sizes=[32]", "--set", "data.crop_counts=[2]", "--set", "data.min_scale=[0.5]",
-             "--set", "data.max_scale=[1.0]", "--set", "model.small_stem=true",
+             "--set", "data.max_scale=[1.0]", *TEST_BACKBONE,
              "--set", "eval.num_train_images=20", "--set", "eval.num_test_images=40", "--set", "eval.knn_k=5",
              "--set", "cdul.label_warmup_epochs=1", "--set", "cdul.label_lr=2.0"]
     assert train_main(train) == 0

@@ -14,6 +14,7 @@ import json
 import pytest
 import s3fs
 
+from conftest import TEST_BACKBONE
 from rayssl.cli import eval as eval_cli
 from rayssl.cli import viz as viz_cli
 from rayssl.cli.label import main as label_main
@@ -47,7 +48,7 @@ def test_labels_training_trackers_eval_and_pictures_all_reach_the_named_store(
     assert train_main(["--method", "cdul", "--pseudo-labels", labels, "--output", run, "--preset", "quick",
                        "--num-workers", "2", "--batch-size", "16", "--epochs", "1",
                        "--set", "data.scenes_image_size=32", "--set", "data.crop_sizes=[32]",
-                       "--set", "model.small_stem=true", "--set", "eval.num_train_images=20",
+                       *TEST_BACKBONE, "--set", "eval.num_train_images=20",
                        "--set", "eval.num_test_images=20", "--set", "eval.knn_k=5", "--tensorboard", str(tb),
                        *endpoint]) == 0
     captured = capsys.readouterr()

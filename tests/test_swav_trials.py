@@ -37,7 +37,7 @@ def test_summary_is_the_mean_paired_gain_and_its_standard_error():
 
 def test_a_tiny_run_reports_its_own_random_init_and_a_curve(capsys):
     sets = ["run.epochs=1", "data.scenes_num_images=128", "data.scenes_image_size=32",
-            "data.crop_sizes=[32,16]", "model.small_stem=true"]
+            "data.crop_sizes=[32,16]", "model.backbone=timm:test_resnet", "model.small_stem=false"]
     assert trials.main(["--seeds", "3", "--eval-every", "1", "--eval-train", "60", "--eval-test", "30",
                         *sum((["--set", s] for s in sets), [])]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -46,7 +46,7 @@ def test_a_tiny_run_reports_its_own_random_init_and_a_curve(capsys):
     assert all(math.isfinite(p["loss"]) for p in run["curve"])
     # The baseline is the backbone the run started from: torch seed 3, built first.
     torch.manual_seed(3)
-    net, _ = build_backbone("resnet18", small_stem=True)
+    net, _ = build_backbone("timm:test_resnet", small_stem=False)
     expected = evaluate_on_scenes("knn_top1", net, scenes_eval_sets(3, 32, 60, 30), 32, "cpu")
     assert math.isclose(run["random_init"], round(expected, 4))
     assert out["summary"][0]["seeds"] == 1 and math.isnan(out["summary"][0]["se"])
