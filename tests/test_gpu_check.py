@@ -133,3 +133,26 @@ def test_an_existing_file_is_never_overwritten(tmp_path, capsys):
     out.write_text("a user's file")
     assert gpu_check.main(["--dry-run", "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err and out.read_text() == "a user's file"
+
+
+def test_a_part_whose_package_is_missing_is_skipped_and_the_others_still_run(tmp_path, monkeypatch):
+    """A GPU machine with torch alone: the check imports without pyarrow (CDUL's label table needs
+    it, its part says so and is skipped) and measures what it can."""
+    import sys
+
+    from rayssl.bench import gpu_check as gc
+
+    code = "import sys; sys.modules['pyarrow'] = None; import rayssl.bench.gpu_check"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    parts = {p.name: p for p in gc._parts(CheckOptions(out="unused.json", dry_run=True), torch.device("cpu"), {})}
+    assert parts["step_cdul"].needs == "pyarrow" and parts["pipeline_cpu"].needs == "ray"
+
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    ran = []
+    monkeypatch.setattr(gc, "_parts", lambda opts, device, result: [
+        gc.Part("labels", 1, lambda: ran.append("labels") or {}, needs="pyarrow"),
+        gc.Part("plain", 1, lambda: ran.append("plain") or {"figure": 1})])
+    r = gc.run_gpu_check(CheckOptions(out=str(tmp_path / "check.json"), device="cpu", dry_run=True))
+    assert r["parts"]["labels"] == {"skipped": "pyarrow is not installed"} and ran == ["plain"]
+    assert r["parts"]["plain"]["figure"] == 1 and json.loads((tmp_path / "check.json").read_text()) == r

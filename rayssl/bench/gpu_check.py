@@ -59,7 +59,6 @@ from rayssl.bench.device_fed import measure_device_fed
 from rayssl.bench.quality import quality_run
 from rayssl.bench.step import measure_step
 from rayssl.config import Config
-from rayssl.data.pseudo_labels import scenes_source, write_soft_labels
 from rayssl.outfile import write_bytes
 from rayssl.presets import layered_config
 
@@ -92,7 +91,7 @@ class Part:
     name: str
     estimate_s: float  # what it may take on a GPU, to decide whether it still fits
     run: Callable[[], dict]
-    needs: str = ""  # a package it needs ("ray", "timm"); skipped without it
+    needs: str = ""  # a package it needs ("ray", "timm", "pyarrow"); skipped without it
 
 
 def _sizes(opts: CheckOptions) -> dict:
@@ -168,6 +167,8 @@ def _parts(opts: CheckOptions, device: torch.device, result: dict) -> list[Part]
                                                        z["repeats"], z["scene_size"])}
 
     def cdul_step() -> dict:
+        from rayssl.data.pseudo_labels import scenes_source, write_soft_labels  # the label table: pyarrow
+
         rows = max(CDUL_ROWS, z["batch"])
         soft = np.random.default_rng(0).random((rows, CDUL_CLASSES), dtype=np.float32)
         with tempfile.TemporaryDirectory(prefix="rayssl-gpu-check-labels-") as labels:
@@ -188,7 +189,7 @@ def _parts(opts: CheckOptions, device: torch.device, result: dict) -> list[Part]
         Part("step_cudnn_heuristics", 50, lambda: in_fresh_process(measure_step_part, opts, str(device),
                                                                    ("run.cudnn_benchmark=false",))),
         Part("step_mls", 40, lambda: step(method="mls")),
-        Part("step_cdul", 40, cdul_step),
+        Part("step_cdul", 40, cdul_step, needs="pyarrow"),
         Part("step_vit", 60, lambda: step(*z["vit"]), needs="timm"),
         Part("step_compile", 150, lambda: step("model.compile=true", f"model.compile_backend={z['compile_backend']}")),
         Part("step_cudagraphs", 120, lambda: step("model.compile=true", "model.compile_backend="
