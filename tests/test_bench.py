@@ -209,11 +209,14 @@ def test_a_method_with_batch_columns_is_benched_with_them_on_the_host(tmp_path):
 
     from rayssl.bench.config import bench_config
     from rayssl.bench.step import StepBench
-    from rayssl.data.pseudo_labels import scenes_source, write_soft_labels
+    from rayssl.data.pseudo_labels import read_meta, scenes_source, write_soft_labels
 
     rows, batch = 40, 8
     soft = np.random.default_rng(1).uniform(0.1, 0.9, (rows, 5)).astype(np.float32)
     labels = write_soft_labels(str(tmp_path / "labels"), list("abcde"), soft, scenes_source(0, 32, rows))
+    with pytest.raises(FileExistsError, match="already holds pseudo-labels"):  # a table there is kept
+        write_soft_labels(labels, ["x"], soft[:1], scenes_source(0, 32, 1))
+    assert read_meta(labels)["classes"] == list("abcde")
     cfg = bench_config("cdul", "cpu", batch, ["data.crop_sizes=[32]", f"cdul.pseudo_labels={labels}",
                                               "model.backbone=timm:test_resnet", "model.small_stem=false"])
     sb = StepBench(cfg, torch.device("cpu"))

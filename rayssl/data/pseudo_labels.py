@@ -36,7 +36,10 @@ def write_soft_labels(uri: str, classes: list[str], soft: np.ndarray, source: di
                       options=None) -> str:
     """A labels table without a CLIP: one Parquet file of ``index, path, soft_label`` rows (image
     ``rows[i]``, default 0..N-1, gets ``soft[rows[i]]``) and its side file, ``source`` naming the
-    images. For the benchmark's CDUL step and for tests; returns ``uri``."""
+    images. For the benchmark's CDUL step and for tests; returns ``uri``. A table already there
+    is refused, never overwritten."""
+    if exists(f"{uri.rstrip('/')}/{META_FILE}", options):
+        raise FileExistsError(f"{uri} already holds pseudo-labels ({META_FILE}); write them elsewhere")
     n = len(soft)
     rows = np.arange(n) if rows is None else np.asarray(rows)
     fs, root = filesystem(uri, options)
