@@ -229,3 +229,27 @@ def test_a_method_with_batch_columns_is_benched_with_them_on_the_host(tmp_path):
     assert sorted(moved.tolist()) == sorted(index.tolist())
     with pytest.raises(ValueError, match="needs a label table of as many rows"):
         sb.method.example_columns(rows + 1, torch.Generator())
+
+
+def test_bench_measures_cduls_step_and_label_gathers_and_says_why_its_pipeline_is_not_benched(tmp_path, capsys):
+    """CDUL trains on the images its labels table lists, by index: the bench times its step and its
+    label-update all-gathers, and says why its pipeline parts (the bench's own shards) do not apply."""
+    import numpy as np
+
+    from rayssl.data.pseudo_labels import scenes_source, write_soft_labels
+
+    soft = np.random.default_rng(2).random((64, 4), dtype=np.float32)
+    labels = write_soft_labels(str(tmp_path / "labels"), list("abcd"), soft, scenes_source(0, 32, 64))
+    assert bench.main(["--method", "cdul", "--batch-size", "4", "--steps", "1", "--warmup", "1", "--repeats", "1",
+                       "--split-steps", "1", "--comm-steps", "1", "--comm-batch", "2",
+                       "--set", f"cdul.pseudo_labels={labels}", "--set", "data.crop_sizes=[32]",
+                       "--set", "model.backbone=timm:test_resnet", "--set", "model.small_stem=false"]) == 0
+    text, r = _last_json(capsys)
+    assert r["method"] == "cdul" and r["step"]["images_per_s"] > 0 and r["step"]["plain_images_per_s"] > 0
+    for part in ("pipeline", "dataloader"):
+        assert set(r[part]) == {"skipped"} and f"trains on the images {labels} lists" in r[part]["skipped"]
+    assert "pipeline  skipped: --method cdul" in text and "pipeline_over_dataloader" not in r
+    # Each update gathers every worker's indices (int64) and new latent labels (4 classes, float32).
+    gathers = r["comm"]["per_step"]["label_updates_all_gather"]
+    assert gathers["calls"] == 2 and gathers["bytes"] == 2 * (2 * 8 + 2 * 4 * 4)
+    assert r["comm"]["method_bytes_per_step"] == gathers["bytes"]

@@ -30,6 +30,7 @@ _COMM_KINDS = {
     "enqueue": "queue_keys_all_gather",
     "_shuffle_across_workers": "shuffled_bn",
     "_unshuffle_across_workers": "shuffled_bn",
+    "_share_label_updates": "label_updates_all_gather",
 }
 
 
@@ -82,16 +83,17 @@ def _comm_worker(rank: int, world: int, port: int, cfg_dict: dict, steps: int, g
         cfg = Config.from_dict(cfg_dict)
         torch.manual_seed(cfg.run.seed)
         method = get_method(cfg.run.method).model_cls(cfg.method, cfg.model, num_crops=sum(cfg.data.crop_counts),
-                                                      world_size=world)
+                                                      world_size=world, options=cfg.data.s3.signed())
         b = cfg.run.batch_size // world
         crops = [torch.randn(b, 3, s, s) for s, c in zip(cfg.data.crop_sizes, cfg.data.crop_counts) for _ in range(c)]
+        columns = method.example_columns(b, torch.Generator().manual_seed(rank))  # (CDUL: this worker's images)
         log: list = []
         _record_collectives(log)
         for i in range(steps + 1):
             if i == 1:
                 log.clear()  # the first step is a warm-up
             with torch.no_grad():
-                method(crops, epoch=10**6, step=10**6)
+                method(crops, epoch=10**6, step=10**6, **columns)
         calls = list(log)
         grad = torch.zeros(grad_numel)
         tdist.barrier()

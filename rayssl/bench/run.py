@@ -95,7 +95,14 @@ def run_bench(opts: BenchOptions) -> dict:
     if "step" in opts.parts:
         result["step"] = measure_step(cfg, device, opts.steps, warmup, opts.repeats, opts.split_steps)
         step_ips = result["step"]["images_per_s"]
-    if "pipeline" in opts.parts or "dataloader" in opts.parts:
+    fed = [part for part in ("pipeline", "dataloader") if part in opts.parts]
+    table = cfg.method.indexed_data()
+    if fed and table:  # (CDUL) a run reads the images its table lists, by index, not the bench's shards
+        why = (f"skipped: --method {cfg.run.method} trains on the images {table} lists, each with its index, and "
+               "these parts feed the step from the bench's own JPEG shards; a run's summary gives its pipeline's "
+               "images/s and waits for data (python -m rayssl.train)")
+        result.update({part: {"skipped": why} for part in fed})
+    elif fed:
         from rayssl.runtime.cluster import ray_session
 
         with ray_session(dashboard=False, log_to_driver=False):
@@ -168,7 +175,9 @@ def format_table(r: dict) -> str:
                                                             if "sinkhorn_ms" in s else ""),
                   f"    peak memory {s['peak_memory_mb']:.0f} MiB ({s['peak_memory_kind']})"]
     p = r.get("pipeline")
-    if p:
+    if p and "skipped" in p:
+        lines.append(f"  pipeline  {p['skipped']}")
+    elif p:
         ratio = f"{p['ratio']:.2f}" if p.get("ratio") is not None else "n/a"
         lines.append(f"  pipeline  {p['images_per_s']:>10.1f} img/s   (ratio pipeline/step {ratio}, "
                      f"augment_on={p['augment_on']}, ray cpus {p.get('ray_cpus')}"

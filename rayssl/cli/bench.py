@@ -1,6 +1,6 @@
 """``rayssl bench`` / ``python -m rayssl.bench``: throughput of the step, the pipeline and the collectives.
 
-    python -m rayssl.bench [--method swav|mls|moco] [--preset cpu|gpu] [--device auto|cpu|cuda]
+    python -m rayssl.bench [--method swav|mls|moco|cdul] [--preset cpu|gpu] [--device auto|cpu|cuda]
         [--batch-size B] [--steps N] [--warmup N] [--repeats N] [--augment-on cpu|device]
         [--data URI] [--s3-endpoint URL] [--skip step|pipeline|dataloader|comm ...] [--only PART] [--set section.key=value ...]
 
@@ -18,6 +18,10 @@ Prints a readable table and, as the last stdout line, one JSON object:
 * ``comm``: bytes and time per step of the collectives the method adds, in
   ``--comm-workers`` gloo processes, next to the gradient all-reduce;
 * ``--only ingest --data URI``: decoded + augmented samples/s out of the pipeline alone.
+
+``--method cdul`` needs ``--set cdul.pseudo_labels=URI``; its step and comm parts take images of
+that table by index, and its pipeline parts are skipped (CDUL trains on the images its table
+lists, not on the bench's shards; a run's summary gives that pipeline's figures).
 """
 
 from __future__ import annotations

@@ -185,11 +185,13 @@ class CDUL(Method):
                 z_mean = z.detach().reshape(len(views), -1, z.shape[-1]).mean(0)
                 latent = to_device_async(self.store.get_latent(idx), z.device)
                 new = gradient_alignment_update(latent, z_mean, self.cfg.label_lr, self.cfg.label_sigma)
-                all_idx = dist.all_gather_cat(idx.to(z.device)).cpu()
-                all_new = dist.all_gather_cat(new).cpu()
-                self.store.set_latent(all_idx, all_new)
+                self._share_label_updates(idx.to(z.device), new)
                 metrics["label_change"] = (torch.sigmoid(new) - torch.sigmoid(latent)).abs().mean()
         return loss, metrics
+
+    def _share_label_updates(self, idx: torch.Tensor, new: torch.Tensor) -> None:
+        """Every worker's new latent labels, written to this replica of the store."""
+        self.store.set_latent(dist.all_gather_cat(idx).cpu(), dist.all_gather_cat(new).cpu())
 
     def loss_includes(self) -> str:
         return "per-class BCE against the label store's soft labels, gradient-alignment label updates"
