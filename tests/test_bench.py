@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from conftest import TEST_BACKBONE
 from rayssl.cli import bench
 from rayssl.modules.precision import cpu_has_bf16_matmul
 
@@ -13,8 +14,7 @@ TINY = ["--batch-size", "4", "--steps", "1", "--warmup", "1", "--repeats", "2", 
         "--comm-steps", "1", "--comm-batch", "2", "--num-images", "48", "--ingest-seconds", "0.5",
         "--set", "data.crop_sizes=[32,16]", "--set", "data.crop_counts=[2,2]",
         "--set", "swav.num_prototypes=16", "--set", "swav.projection_hidden_dim=32",
-        "--set", "swav.projection_dim=16", "--set", "swav.queue_length=8",
-        "--set", "model.backbone=timm:test_resnet", "--set", "model.small_stem=false"]  # conftest.TEST_BACKBONE
+        "--set", "swav.projection_dim=16", "--set", "swav.queue_length=8", *TEST_BACKBONE]
 
 
 def _last_json(capsys) -> tuple[str, dict]:
@@ -218,7 +218,7 @@ def test_a_method_with_batch_columns_is_benched_with_them_on_the_host(tmp_path):
         write_soft_labels(labels, ["x"], soft[:1], scenes_source(0, 32, 1))
     assert read_meta(labels)["classes"] == list("abcde")
     cfg = bench_config("cdul", "cpu", batch, ["data.crop_sizes=[32]", f"cdul.pseudo_labels={labels}",
-                                              "model.backbone=timm:test_resnet", "model.small_stem=false"])
+                                              *TEST_BACKBONE[1::2]])
     sb = StepBench(cfg, torch.device("cpu"))
     index = sb.columns["index"]
     assert set(sb.columns) == {"index"} and index.device.type == "cpu" and index.dtype == torch.int64
@@ -242,8 +242,7 @@ def test_bench_measures_cduls_step_and_label_gathers_and_says_why_its_pipeline_i
     labels = write_soft_labels(str(tmp_path / "labels"), list("abcd"), soft, scenes_source(0, 32, 64))
     assert bench.main(["--method", "cdul", "--batch-size", "4", "--steps", "1", "--warmup", "1", "--repeats", "1",
                        "--split-steps", "1", "--comm-steps", "1", "--comm-batch", "2",
-                       "--set", f"cdul.pseudo_labels={labels}", "--set", "data.crop_sizes=[32]",
-                       "--set", "model.backbone=timm:test_resnet", "--set", "model.small_stem=false"]) == 0
+                       "--set", f"cdul.pseudo_labels={labels}", "--set", "data.crop_sizes=[32]", *TEST_BACKBONE]) == 0
     text, r = _last_json(capsys)
     assert r["method"] == "cdul" and r["step"]["images_per_s"] > 0 and r["step"]["plain_images_per_s"] > 0
     for part in ("pipeline", "dataloader"):

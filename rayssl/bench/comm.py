@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 from rayssl.bench.config import fitted
 from rayssl.config import Config, deep_merge
 from rayssl.dist import free_port, init_local_gloo
-from rayssl.methods import get_method
+from rayssl.engine import new_method
 
 __all__ = ["measure_comm"]
 
@@ -81,9 +81,7 @@ def _comm_worker(rank: int, world: int, port: int, cfg_dict: dict, steps: int, g
     init_local_gloo(rank, world, port)
     try:
         cfg = Config.from_dict(cfg_dict)
-        torch.manual_seed(cfg.run.seed)
-        method = get_method(cfg.run.method).model_cls(cfg.method, cfg.model, num_crops=sum(cfg.data.crop_counts),
-                                                      world_size=world, options=cfg.data.s3.signed())
+        method = new_method(cfg, world)  # as constructed: no weights loaded, nothing compiled
         b = cfg.run.batch_size // world
         crops = [torch.randn(b, 3, s, s) for s, c in zip(cfg.data.crop_sizes, cfg.data.crop_counts) for _ in range(c)]
         columns = method.example_columns(b, torch.Generator().manual_seed(rank))  # (CDUL: this worker's images)

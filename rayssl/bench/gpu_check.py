@@ -58,7 +58,7 @@ from rayssl.bench.config import bench_config, bench_warmup
 from rayssl.bench.device_fed import measure_device_fed
 from rayssl.bench.quality import quality_run
 from rayssl.bench.step import measure_step
-from rayssl.config import Config
+from rayssl.config import Config, deep_merge, parse_assignment
 from rayssl.outfile import write_bytes
 from rayssl.presets import layered_config
 
@@ -110,11 +110,13 @@ def _quality_config(opts: CheckOptions) -> Config:
     """``python -m rayssl.train``'s config (dry run: tiny scenes and heads)."""
     if not opts.dry_run:
         return layered_config({})
-    return layered_config({"data": {"scenes_num_images": 48, "scenes_image_size": 32, "crop_sizes": [32, 16]},
-                           "run": {"batch_size": 16},
-                           "model": {"backbone": "timm:test_resnet", "small_stem": False},  # TEST_RESNET
-                           "eval": {"num_train_images": 40, "num_test_images": 20},
-                           "swav": {"num_prototypes": 16, "projection_hidden_dim": 32, "projection_dim": 16}})
+    raw = {"data": {"scenes_num_images": 48, "scenes_image_size": 32, "crop_sizes": [32, 16]},
+           "run": {"batch_size": 16},
+           "eval": {"num_train_images": 40, "num_test_images": 20},
+           "swav": {"num_prototypes": 16, "projection_hidden_dim": 32, "projection_dim": 16}}
+    for s in TEST_RESNET:
+        raw = deep_merge(raw, parse_assignment(s))
+    return layered_config(raw)
 
 
 def step_config(opts: CheckOptions, *sets: str, method: str = "swav") -> Config:

@@ -10,9 +10,9 @@ from rayssl.engine.datawait import DataWait
 from rayssl.engine.evaluate import EpochEvaluator
 from rayssl.engine.lockstep import control_group, lockstep
 from rayssl.engine.monitor import CollapseWatch, Monitor, log
-from rayssl.engine.step import (Engine, autocast_for, build_method, checked_forward,
+from rayssl.engine.step import (Engine, autocast_for, build_method, checked_forward, new_method,
                                 resolve_precision, set_cudnn_benchmark, training_precision, uses_channels_last)
 
 __all__ = ["CollapseWatch", "DataWait", "Engine", "EpochEvaluator", "Monitor", "autocast_for", "build_method",
-           "checked_forward", "control_group", "lockstep", "log", "resolve_precision", "set_cudnn_benchmark",
+           "checked_forward", "control_group", "lockstep", "log", "new_method", "resolve_precision", "set_cudnn_benchmark",
            "training_precision", "uses_channels_last"]

@@ -37,8 +37,8 @@ from rayssl.modules.precision import bf16_unsafe_convs, resolve_precision
 from rayssl.modules.pretrained import load_into, read_weights
 from rayssl.optim import Schedule, build_optimizer
 
-__all__ = ["Engine", "autocast_for", "build_method", "checked_forward", "resolve_precision", "set_cudnn_benchmark",
-           "training_precision", "uses_channels_last"]
+__all__ = ["Engine", "autocast_for", "build_method", "checked_forward", "new_method", "resolve_precision",
+           "set_cudnn_benchmark", "training_precision", "uses_channels_last"]
 
 
 def training_precision(cfg: Config, device: torch.device, backbone: torch.nn.Module | None = None) -> str:
@@ -67,13 +67,19 @@ def set_cudnn_benchmark(cfg: Config, device: torch.device) -> None:
         torch.backends.cudnn.benchmark = cfg.run.cudnn_benchmark
 
 
+def new_method(cfg: Config, world_size: int = 1) -> Method:
+    """The run's method module as constructed, on the host, initialised from ``run.seed`` (the same
+    on every rank); ``build_method`` then loads, places and compiles it."""
+    torch.manual_seed(cfg.run.seed)  # identical init on every rank (DDP also broadcasts)
+    # options: the run's store, for what a method reads itself (CDUL's label table)
+    return get_method(cfg.run.method).model_cls(cfg.method, cfg.model, num_crops=sum(cfg.data.crop_counts),
+                                                world_size=world_size, options=cfg.data.s3.signed())
+
+
 def build_method(cfg: Config, device: torch.device, world_size: int = 1) -> tuple[Method, str]:
     """The run's method module on ``device``, initialised from ``run.seed`` (the same on every rank),
     and the precision it trains in (``training_precision``, decided once, on this backbone)."""
-    torch.manual_seed(cfg.run.seed)  # identical init on every rank (DDP also broadcasts)
-    # options: the run's store, for what a method reads itself (CDUL's label table)
-    method = get_method(cfg.run.method).model_cls(cfg.method, cfg.model, num_crops=sum(cfg.data.crop_counts),
-                                                  world_size=world_size, options=cfg.data.s3.signed())
+    method = new_method(cfg, world_size)
     if cfg.model.pretrained:
         state, _ = read_weights(cfg.model.pretrained, cfg.model.backbone, cfg.data.s3.signed())
         load_into(method.backbone, state, cfg.model.backbone, cfg.model.pretrained)
