@@ -40,14 +40,16 @@ def folders(tmp_path_factory):
 def test_a_run_scores_the_users_split_as_rayssl_eval_scores_its_checkpoint(ray_session, folders, tmp_path, capsys):
     """Two epochs, evaluated after each: epoch 1's evaluation ran in a Ray task while epoch 2
     trained (its score came with epoch 2's report, into epoch 1's row), epoch 2's on rank 0 at the
-    end; each equals ``rayssl eval`` on that epoch's checkpoint."""
+    end; each equals ``rayssl eval`` on that epoch's checkpoint. The run trains in-process
+    (``--num-workers 0``): the evaluation is the subject, and rank 0 runs the same training
+    function there as on a Ray Train worker, without the 20 s of starting a worker group here."""
     train, split = folders
     out = tmp_path / "run"
     rc = train_cli.main(tiny_args(out, "--data", str(train), "--preset", "quick", "--epochs", "2",
                                   "--eval-data", str(split), "--set", "eval.every_epochs=1",
                                   "--set", "eval.random_baseline=true", "--set", "run.checkpoint_every_epochs=1",
                                   "--set", "eval.where=beside",
-                                  "--set", "eval.online_probe=true"))
+                                  "--set", "eval.online_probe=true", "--num-workers", "0"))
     captured = capsys.readouterr()
     assert rc == 0, captured.err[-3000:]
     s = _last_json(captured.out)

@@ -460,7 +460,8 @@ def test_recurring_nan_is_not_retried(ray_session, tmp_path):
 
     out, failures = tmp_path / "nan", tmp_path / "failures.txt"
     args = train.build_parser().parse_args(
-        tiny_args(out, "--epochs", "1", "--max-failures", "2", "--set", "optim.base_lr=1e30"))
+        tiny_args(out, "--epochs", "1", "--max-failures", "2", "--set", "optim.base_lr=1e30",
+                  "--num-workers", "1"))  # the failure policy's, not the workers': one is enough
     cfg = train.prepare_output(train.resolve_config(args), args)
     with pytest.raises(Exception) as exc:
         run_training(cfg, callbacks=[_FailureLog(failures)])

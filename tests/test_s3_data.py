@@ -5,7 +5,11 @@ credentials are fake values set for the whole session (``aws_test_env``). End-to
 runs are tiny (<= 96 images of 32 px, batch 32, 1 epoch, quick preset), and every one of them
 reaches the store through a proxy that fails every third object request in one of six ways
 (503, 500, a dropped connection, a cut body, a stall before or inside the body:
-``tests/faultproxy.py``): their counts are a clean run's, plus the retries.
+``tests/faultproxy.py``): their counts are a clean run's, plus the retries. The runs whose
+subject is the data (an uncurated bucket, WebDataset shards) train in-process (``--num-workers
+0``): their images still stream through Ray Data's tasks, which read the store with the run's
+options; Ray Train workers reading and writing the store are the Parquet run's below and
+tests/test_storage_travels.py's.
 """
 
 from __future__ import annotations
@@ -308,7 +312,7 @@ def test_bucket_of_uncurated_images_trains_and_counts_exactly(ray_session, s3_en
     proxy = _faulty_store(fault_proxy)
     assert train.main(_tiny(tmp_path / "run", f"s3://{prefix}", "--s3-endpoint", proxy.url,
                             "--eval-data", f"s3://{bucket}/labelled", "--eval-labels", f"s3://{bucket}/labelled.csv",
-                            "--set", "eval.knn_k=5")) == 0
+                            "--set", "eval.knn_k=5", "--num-workers", "0")) == 0
     s = _summary(capsys)
     assert s["eval_data"] == f"s3://{bucket}/labelled" and 0 <= s["knn_top1"] <= 1
     (row,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
@@ -353,7 +357,7 @@ def test_webdataset_shards_on_s3_train(ray_session, s3_endpoint, bucket, tmp_pat
     capsys.readouterr()
     data = f"{out}/train-{{000000..000002}}.tar"
     proxy = _faulty_store(fault_proxy)
-    assert train.main(_tiny(tmp_path / "run", data, "--s3-endpoint", proxy.url)) == 0
+    assert train.main(_tiny(tmp_path / "run", data, "--s3-endpoint", proxy.url, "--num-workers", "0")) == 0
     s = _summary(capsys)
     # Shards stream by range reads: a fault mid-shard is retried at its offset, no image lost.
     assert s["steps"] == 3 and s["data"].pop("retried") > 0 and s["data"] == {"seen": 96}

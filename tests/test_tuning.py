@@ -138,7 +138,11 @@ def _sweep_args(out: str, space_dir: Path, endpoint: str, data: str, eval_data: 
             "--s3-endpoint", endpoint,
             *tiny_args(out, "--epochs", "2", "--checkpoint-every", "1", "--data", data, "--preset", "quick",
                        "--eval-data", eval_data,
-                       "--set", "eval.knn_k=5")]
+                       "--set", "eval.knn_k=5",
+                       # One worker a trial: this test is about Tune's resume (Ray Train inside a trial
+                       # on 2 workers is the runs' of tests/test_resume_equivalence.py): a worker
+                       # process fewer to start for each of the three trial starts.
+                       "--num-workers", "1")]
 
 
 def _user_data_on_s3(fs, local: Path) -> tuple[str, str]:
