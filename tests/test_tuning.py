@@ -139,9 +139,9 @@ def _sweep_args(out: str, space_dir: Path, endpoint: str, data: str, eval_data: 
             *tiny_args(out, "--epochs", "2", "--checkpoint-every", "1", "--data", data, "--preset", "quick",
                        "--eval-data", eval_data,
                        "--set", "eval.knn_k=5",
-                       # One worker a trial: this test is about Tune's resume (Ray Train inside a trial
-                       # on 2 workers is the runs' of tests/test_resume_equivalence.py): a worker
-                       # process fewer to start for each of the three trial starts.
+                       # One worker a trial: this test is about Tune's resume, not the worker count
+                       # (2 workers' state across a resume: tests/test_resume_equivalence.py): a
+                       # worker process fewer to start at each of the three trial starts.
                        "--num-workers", "1")]
 
 
