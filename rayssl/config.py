@@ -33,6 +33,13 @@ from rayssl.sections import (  # noqa: F401 - the configuration's public names, 
 )
 
 
+def apply_assignments(raw: dict, assignments) -> dict:
+    """``raw`` with each ``section.key=value`` of ``assignments`` layered on, in order (``--set``)."""
+    for text in assignments:
+        raw = deep_merge(raw, parse_assignment(text))
+    return raw
+
+
 @dataclass
 class Config:
     """The whole run: shared sections plus the section of the chosen method."""

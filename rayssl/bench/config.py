@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from rayssl.config import SECTIONS, Config, build_section, deep_merge, parse_assignment
+from rayssl.config import SECTIONS, Config, apply_assignments, build_section, deep_merge
 from rayssl.methods import get_method
 from rayssl.presets import resolve_preset
 
@@ -37,9 +37,7 @@ def bench_config(method: str = "swav", preset: str = "cpu", batch_size: int | No
     raw = deep_merge(raw, {"run": {"method": method, "num_workers": 1, "batch_size": b},
                            "data": {"augment_on": augment_on, "source": source}})
     raw = fitted(raw, method, b, 1)
-    for s in sets:
-        raw = deep_merge(raw, parse_assignment(s))
-    return Config.from_dict(raw)
+    return Config.from_dict(apply_assignments(raw, sets))
 
 
 def bench_warmup(cfg: Config, given: int | None = None) -> int:
@@ -52,6 +50,4 @@ def ingest_config(data: dict, preset: str = "quick", batch_size: int = 32, sets:
     """The training pipeline's config for the ingest measurement (``data``: the data keys given)."""
     raw = {k: v for k, v in resolve_preset(preset, data["source"]).items() if k in SECTIONS}
     raw = deep_merge(raw, {"data": data, "run": {"method": "swav", "num_workers": 1, "batch_size": batch_size}})
-    for s in sets:
-        raw = deep_merge(raw, parse_assignment(s))
-    return Config.from_dict(raw)
+    return Config.from_dict(apply_assignments(raw, sets))

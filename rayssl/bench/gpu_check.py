@@ -58,7 +58,7 @@ from rayssl.bench.config import bench_config, bench_warmup
 from rayssl.bench.device_fed import measure_device_fed
 from rayssl.bench.quality import quality_run
 from rayssl.bench.step import measure_step
-from rayssl.config import Config, deep_merge, parse_assignment
+from rayssl.config import Config, apply_assignments
 from rayssl.outfile import write_bytes
 from rayssl.presets import layered_config
 
@@ -114,9 +114,7 @@ def _quality_config(opts: CheckOptions) -> Config:
            "run": {"batch_size": 16},
            "eval": {"num_train_images": 40, "num_test_images": 20},
            "swav": {"num_prototypes": 16, "projection_hidden_dim": 32, "projection_dim": 16}}
-    for s in TEST_RESNET:
-        raw = deep_merge(raw, parse_assignment(s))
-    return layered_config(raw)
+    return layered_config(apply_assignments(raw, TEST_RESNET))
 
 
 def step_config(opts: CheckOptions, *sets: str, method: str = "swav") -> Config:

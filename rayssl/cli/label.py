@@ -15,7 +15,7 @@ import os
 from typing import Sequence
 
 from rayssl.cli.common import UserError, add_gpu_flag, add_s3_flags, gpu_choice, run_command, s3_options
-from rayssl.data.pseudo_labels import META_FILE
+from rayssl.data.pseudo_labels import meta_path
 from rayssl.data.scenes import SHAPES
 from rayssl.data.sources import resolve_source
 from rayssl.pseudolabel.clip import check_clip_args
@@ -100,7 +100,7 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
         class_prompts(classes, args.template)
         check_clip_args(args.clip_model, args.clip_pretrained)  # ClipLoadError is a ValueError: exit code 2
         out = args.out.rstrip("/")
-        if exists(f"{out}/{META_FILE}", options.signed()) or exists(f"{out}/summary.json", options.signed()):
+        if exists(meta_path(out), options.signed()) or exists(f"{out}/summary.json", options.signed()):
             raise UserError(f"--out: {args.out} already holds pseudo-labels; choose another --out (nothing was overwritten)")
         source = None
         if args.data != "scenes":

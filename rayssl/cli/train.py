@@ -19,7 +19,7 @@ from typing import Sequence
 import yaml
 
 from rayssl.cli.common import add_gpu_flag, add_s3_flags, gpu_choice, run_command
-from rayssl.config import Config, ConfigError, deep_merge, load_yaml, parse_assignment
+from rayssl.config import Config, ConfigError, apply_assignments, deep_merge, load_yaml
 from rayssl.data.pipeline import resolve_data_source
 from rayssl.data.sources import DataError, Source
 from rayssl.eval.evaluate import EvalError, open_run_sources, run_metric
@@ -167,9 +167,7 @@ def flag_overrides(args: argparse.Namespace) -> dict:
             value, out.setdefault("run", {})["max_workers"] = value if isinstance(value, tuple) else (value, None)
         section, name = key.split(".")
         out.setdefault(section, {})[name] = value
-    for assignment in args.set:
-        out = deep_merge(out, parse_assignment(assignment))
-    return out
+    return apply_assignments(out, args.set)
 
 
 def name_flag(msg: str) -> str:

@@ -19,7 +19,13 @@ from rayssl.storage import exists, filesystem, pyarrow_filesystem, read_text, wr
 
 META_FILE = "pseudolabels.json"
 
-__all__ = ["META_FILE", "read_meta", "read_pseudo_labels", "scenes_source", "write_meta", "write_soft_labels"]
+__all__ = ["META_FILE", "meta_path", "read_meta", "read_pseudo_labels", "scenes_source", "write_meta",
+           "write_soft_labels"]
+
+
+def meta_path(uri: str) -> str:
+    """The side file of the labels table at ``uri``: where one is, nothing may be written over it."""
+    return f"{uri.rstrip('/')}/{META_FILE}"
 
 
 def scenes_source(seed: int, size: int, num_images: int) -> dict:
@@ -29,7 +35,7 @@ def scenes_source(seed: int, size: int, num_images: int) -> dict:
 
 def write_meta(uri: str, meta: dict, options=None) -> None:
     """Write the side file ``read_meta`` reads (whole or not at all)."""
-    write_text(f"{uri.rstrip('/')}/{META_FILE}", json.dumps(meta, indent=1), options)
+    write_text(meta_path(uri), json.dumps(meta, indent=1), options)
 
 
 def write_soft_labels(uri: str, classes: list[str], soft: np.ndarray, source: dict, rows=None,
@@ -38,7 +44,7 @@ def write_soft_labels(uri: str, classes: list[str], soft: np.ndarray, source: di
     ``rows[i]``, default 0..N-1, gets ``soft[rows[i]]``) and its side file, ``source`` naming the
     images. For the benchmark's CDUL step and for tests; returns ``uri``. A table already there
     is refused, never overwritten."""
-    if exists(f"{uri.rstrip('/')}/{META_FILE}", options):
+    if exists(meta_path(uri), options):
         raise FileExistsError(f"{uri} already holds pseudo-labels ({META_FILE}); write them elsewhere")
     n = len(soft)
     rows = np.arange(n) if rows is None else np.asarray(rows)
@@ -54,7 +60,7 @@ def write_soft_labels(uri: str, classes: list[str], soft: np.ndarray, source: di
 
 def read_meta(uri: str, options=None) -> dict:
     """The side file the labelling job writes next to its Parquet files."""
-    path = f"{uri.rstrip('/')}/{META_FILE}"
+    path = meta_path(uri)
     if not exists(path, options):
         raise FileNotFoundError(f"--pseudo-labels: {uri} holds no {META_FILE}; make it with "
                                 "`python -m rayssl.pseudolabel --out URI ...`")
