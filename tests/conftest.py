@@ -49,8 +49,58 @@ def tiny_clip(tmp_path_factory):
 TEST_BACKBONE = ("--set", "model.backbone=timm:test_resnet", "--set", "model.small_stem=false")
 # ResNet-18 with the small-image stem, the default run's backbone: for the runs whose assertions
 # race their own steps (a worker killed inside epoch 2, a node that joins or is drained while the
-# run trains), which need steps of about a second even on a fast CPU.
+# run trains), which need steps of about a second even on a fast CPU. See ``race_backbone``.
 RESNET18 = ("--set", "model.backbone=resnet18", "--set", "model.small_stem=true")
+# The quick preset's crops (2 x 32 + 4 x 16 px), and the smaller ones the racing runs take on a
+# CPU where ResNet-18's step at them is far over a second (2 x 16 + 4 x 8 px).
+RACE_CROPS, SLOW_CPU_RACE_CROPS = (32, 16), (16, 8)
+# ResNet-18's forward and backward of one worker's 16 images at RACE_CROPS above which a CPU takes
+# SLOW_CPU_RACE_CROPS (2026-12-06, one thread: 3.0-3.5 s on the 2-core AMD EPYC in fp32, where
+# the 2-worker runs stepped in 3.7-5.4 s; 1.0-1.2 s there at SLOW_CPU_RACE_CROPS).
+SLOW_CPU_STEP_S = 1.6
+
+
+def race_step_s(crops: tuple[int, int] = RACE_CROPS, batch: int = 4) -> float:
+    """Seconds of ResNet-18's (small stem) forward and backward of 16 images at ``crops`` (2 + 4
+    crops an image) on one thread, in the precision a run picks on this CPU: the median of 3
+    steps of ``batch`` images after a warm-up, scaled to 16 (about 3 s on the AMD EPYC)."""
+    import statistics
+    import time
+
+    import torch
+
+    from rayssl.modules.backbone import build_backbone
+    from rayssl.modules.precision import resolve_precision
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a worker's share of the 2 cores
+    try:
+        net, _ = build_backbone("resnet18", small_stem=True)
+        bf16 = resolve_precision("auto", torch.device("cpu")) == "bf16"
+        gen = torch.Generator().manual_seed(0)
+        times = []
+        for _ in range(4):
+            t0 = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = sum(net(torch.randn(batch * n, 3, s, s, generator=gen)).float().sum()
+                           for s, n in zip(crops, (2, 4)))
+            loss.backward()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times[1:]) * 16 / batch
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def race_backbone() -> tuple[str, ...]:
+    """``tiny_args``' backbone for the runs that race their own steps: ResNet-18 (``RESNET18``) at
+    the quick preset's crops, or at ``SLOW_CPU_RACE_CROPS`` where its step is over
+    ``SLOW_CPU_STEP_S`` here. Their races need steps of about a second; on the AMD EPYC the
+    preset's crops made them 3-4 times that, about 2 minutes of the suite."""
+    step_s = race_step_s()
+    crops = SLOW_CPU_RACE_CROPS if step_s > SLOW_CPU_STEP_S else RACE_CROPS
+    print(f"\n[conftest] ResNet-18 step at {RACE_CROPS} px: {step_s:.2f} s -> racing runs crop {crops} px")
+    return (*RESNET18, "--set", f"data.crop_sizes=[{crops[0]},{crops[1]}]")
 
 
 def tiny_args(output, *extra: str, backbone: tuple[str, ...] = TEST_BACKBONE) -> list[str]:

@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import RESNET18, scan_tree, tiny_args
+from conftest import scan_tree, tiny_args
 from rayssl.cli import train
 from rayssl.checkpoint import (
     MANIFEST_FILE,
@@ -115,7 +115,7 @@ class _Killer(threading.Thread):
 
 
 @pytest.fixture(scope="module")
-def killed_run(ray_session, tmp_path_factory):
+def killed_run(ray_session, race_backbone, tmp_path_factory):
     """A 3-epoch 2-worker run (checkpoint every epoch, all 3 kept) with one worker SIGKILLed
     after the first checkpoint. Returns the run directory, summary, stderr and the kill."""
     out = tmp_path_factory.mktemp("fault") / "run"
@@ -127,7 +127,7 @@ def killed_run(ray_session, tmp_path_factory):
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             rc = train.main(tiny_args(out, "--epochs", str(EPOCHS), "--checkpoint-every", "1",
                                       "--keep-checkpoints", "3", "--max-failures", "1",
-                                      "--set", "run.log_every_steps=2", "--wandb", "rayssl-test", backbone=RESNET18))
+                                      "--set", "run.log_every_steps=2", "--wandb", "rayssl-test", backbone=race_backbone))
     finally:
         killer.stop.set()
         killer.join(timeout=60)

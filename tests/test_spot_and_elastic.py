@@ -38,7 +38,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import RESNET18, tiny_args
+from conftest import tiny_args
 from rayssl.checkpoint import MANIFEST_FILE, load_rank_state, load_shared_state, verify_checkpoint_dir
 from test_cluster import RAY_CLI, run_cluster_session
 
@@ -52,11 +52,11 @@ STEPS_PER_EPOCH = IMAGES // 32
 DEADLINE_S = 8  # the drain's deadline at least; see drain_deadline
 
 
-def _run_args(out: Path) -> list[str]:
+def _run_args(out: Path, backbone: tuple[str, ...]) -> list[str]:
     return tiny_args(out, "--epochs", str(EPOCHS), "--checkpoint-every", str(EPOCHS), "--keep-checkpoints", "8",
                      "--cpus-per-worker", "2", "--shared-output", "--set", "data.deterministic=true",
                      "--set", "run.preemption_check_every_steps=1", "--set", "run.log_every_steps=1",
-                     "--max-failures", "0", "--set", f"data.scenes_num_images={IMAGES}", backbone=RESNET18)
+                     "--max-failures", "0", "--set", f"data.scenes_num_images={IMAGES}", backbone=backbone)
 
 
 def drain_deadline(elastic_log: str) -> tuple[int, float | None]:
@@ -81,9 +81,10 @@ def _worker_nodes() -> set[str]:
             if a.get("ActorClassName", "").endswith("RayTrainWorker") and a.get("State") == "ALIVE"}
 
 
-def _session(root: str) -> None:
-    """Runs in a subprocess: the cluster and the three runs; each run's result in ROOT/NAME.json,
-    its whole log in ROOT/NAME.stderr.txt."""
+def _session(root: str, *backbone: str) -> None:
+    """Runs in a subprocess: the cluster and the three runs (the racing ones on ``backbone``, the
+    ``race_backbone`` fixture's); each run's result in ROOT/NAME.json, its whole log in
+    ROOT/NAME.stderr.txt."""
     import contextlib
     import io
 
@@ -153,20 +154,20 @@ def _session(root: str) -> None:
     try:
         run("elastic", tiny_args(base / "elastic", "--num-workers", "1-2", "--epochs", str(ELASTIC_EPOCHS),
                                  "--checkpoint-every", "1", "--cpus-per-worker", "2", "--shared-output",
-                                 "--set", "run.elastic_check_s=2", "--set", "run.log_every_steps=1", backbone=RESNET18),
+                                 "--set", "run.elastic_check_s=2", "--set", "run.log_every_steps=1", backbone=backbone),
             when=lambda log: "epoch 1 done" in log, then=join_and_refresh)
         join()
         cluster.wait_for_nodes()
         run("refused", tiny_args(base / "local-run", "--cpus-per-worker", "2", "--epochs", "1"))
-        run("preempted", _run_args(base / "preempted"), when=lambda log: first_step in log, then=drain)
+        run("preempted", _run_args(base / "preempted", backbone), when=lambda log: first_step in log, then=drain)
     finally:
         cluster.shutdown()
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict:
+def runs(race_backbone, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("cluster")
-    proc = run_cluster_session("test_spot_and_elastic", "_session", root,
+    proc = run_cluster_session("test_spot_and_elastic", "_session", root, *race_backbone,
                                RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S="0.5", OMP_NUM_THREADS="1")
     out = {"root": root}
     for name in ("elastic", "refused", "preempted"):
