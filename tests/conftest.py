@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from rayssl.bench.gpu_check import TEST_RESNET
 from rayssl.runtime.internals import TRAIN_POLL_ENV, local_init_options
 
 # Ray Train's controller polls its workers every 2 s by default (0.5 s in a local Ray rayssl
@@ -46,7 +47,10 @@ def tiny_clip(tmp_path_factory):
 # that test what a run stores, resumes or reads rather than what ResNet-18 learns. Its steps take
 # a fortieth of the time on a CPU without AVX-512 (60 ms against 2.4 s at 16 images) and its
 # checkpoints 5 MB, not 100.
-TEST_BACKBONE = ("--set", "model.backbone=timm:test_resnet", "--set", "model.small_stem=false")
+# The assignments are the GPU check's dry-run backbone (rayssl.bench.gpu_check.TEST_RESNET), for
+# the tests that layer --set strings themselves; TEST_BACKBONE is them as command-line pairs.
+TEST_BACKBONE_SETS = TEST_RESNET
+TEST_BACKBONE = tuple(arg for assignment in TEST_BACKBONE_SETS for arg in ("--set", assignment))
 # ResNet-18 with the small-image stem, the default run's backbone: for the runs whose assertions
 # race their own steps (a worker killed inside epoch 2, a node that joins or is drained while the
 # run trains), which need steps of about a second even on a fast CPU. See ``race_backbone``.

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import TEST_BACKBONE
+from conftest import TEST_BACKBONE, TEST_BACKBONE_SETS
 from rayssl.cli import bench
 from rayssl.modules.precision import cpu_has_bf16_matmul
 
@@ -218,7 +218,7 @@ def test_a_method_with_batch_columns_is_benched_with_them_on_the_host(tmp_path):
         write_soft_labels(labels, ["x"], soft[:1], scenes_source(0, 32, 1))
     assert read_meta(labels)["classes"] == list("abcde")
     cfg = bench_config("cdul", "cpu", batch, ["data.crop_sizes=[32]", f"cdul.pseudo_labels={labels}",
-                                              *TEST_BACKBONE[1::2]])
+                                              *TEST_BACKBONE_SETS])
     sb = StepBench(cfg, torch.device("cpu"))
     index = sb.columns["index"]
     assert set(sb.columns) == {"index"} and index.device.type == "cpu" and index.dtype == torch.int64

@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from conftest import TEST_BACKBONE
+from conftest import TEST_BACKBONE_SETS
 from experiments_loader import load_experiment
 from rayssl.eval.features import evaluate_on_scenes, scenes_eval_sets
 from rayssl.modules.backbone import build_backbone
@@ -38,7 +38,7 @@ def test_summary_is_the_mean_paired_gain_and_its_standard_error():
 
 def test_a_tiny_run_reports_its_own_random_init_and_a_curve(capsys):
     sets = ["run.epochs=1", "data.scenes_num_images=128", "data.scenes_image_size=32",
-            "data.crop_sizes=[32,16]", *TEST_BACKBONE[1::2]]
+            "data.crop_sizes=[32,16]", *TEST_BACKBONE_SETS]
     assert trials.main(["--seeds", "3", "--eval-every", "1", "--eval-train", "60", "--eval-test", "30",
                         *sum((["--set", s] for s in sets), [])]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
