@@ -58,37 +58,34 @@ RESNET18 = ("--set", "model.backbone=resnet18", "--set", "model.small_stem=true"
 # The quick preset's crops (2 x 32 + 4 x 16 px), and the smaller ones the racing runs take on a
 # CPU where ResNet-18's step at them is far over a second (2 x 16 + 4 x 8 px).
 RACE_CROPS, SLOW_CPU_RACE_CROPS = (32, 16), (16, 8)
-# ResNet-18's forward and backward of one worker's 16 images at RACE_CROPS above which a CPU takes
-# SLOW_CPU_RACE_CROPS (2026-12-06, one thread: 3.0-3.5 s on the 2-core AMD EPYC in fp32, where
-# the 2-worker runs stepped in 3.7-5.4 s; 1.0-1.2 s there at SLOW_CPU_RACE_CROPS).
+# The step of one worker's 16 images on ResNet-18 at RACE_CROPS above which a CPU takes
+# SLOW_CPU_RACE_CROPS (2026-12-06, one thread: 3.8-4.2 s on the 2-core AMD EPYC in fp32, where
+# the 2-worker runs stepped in 3.7-5.4 s; 1.75 s there at SLOW_CPU_RACE_CROPS).
 SLOW_CPU_STEP_S = 1.6
 
 
-def race_step_s(crops: tuple[int, int] = RACE_CROPS, batch: int = 4) -> float:
-    """Seconds of ResNet-18's (small stem) forward and backward of 16 images at ``crops`` (2 + 4
-    crops an image) on one thread, in the precision a run picks on this CPU: the median of 3
-    steps of ``batch`` images after a warm-up, scaled to 16 (about 3 s on the AMD EPYC)."""
+def race_step_s(crops: tuple[int, int] = RACE_CROPS, batch: int = 8) -> float:
+    """Seconds of one worker's SwAV step of 16 images on ResNet-18 (the bench's own step on
+    synthetic crops: ``rayssl.bench.step.StepBench``, the quick preset's recipe at ``crops``, in
+    the precision a run picks here) on one thread: the mean of 2 steps of ``batch`` images
+    after a warm-up, scaled to 16 (about 4 s on the AMD EPYC)."""
     import statistics
     import time
 
     import torch
 
-    from rayssl.modules.backbone import build_backbone
-    from rayssl.modules.precision import resolve_precision
+    from rayssl.bench.config import bench_config
+    from rayssl.bench.step import StepBench
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a worker's share of the 2 cores
     try:
-        net, _ = build_backbone("resnet18", small_stem=True)
-        bf16 = resolve_precision("auto", torch.device("cpu")) == "bf16"
-        gen = torch.Generator().manual_seed(0)
+        sb = StepBench(bench_config("swav", "cpu", batch, [f"data.crop_sizes=[{crops[0]},{crops[1]}]"]),
+                       torch.device("cpu"))
         times = []
-        for _ in range(4):
+        for _ in range(3):
             t0 = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                loss = sum(net(torch.randn(batch * n, 3, s, s, generator=gen)).float().sum()
-                           for s, n in zip(crops, (2, 4)))
-            loss.backward()
+            sb.step()
             times.append(time.perf_counter() - t0)
         return statistics.median(times[1:]) * 16 / batch
     finally:
