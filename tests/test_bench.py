@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -53,6 +54,9 @@ def test_bench_reports_step_pipeline_and_comm_with_device_augmentation(ray_sessi
     assert dl["images_per_s"] > 0 and len(dl["runs_images_per_s"]) == 2 and dl["num_workers"] >= 1
     assert abs(r["pipeline_over_dataloader"] - p["images_per_s"] / dl["images_per_s"]) <= 0.01 * r["pipeline_over_dataloader"]
     assert dl["data"] == p["data"] and not dl["pin_memory"]
+    # Its ingest alone too, one worker per core; no ratio to Ray Data's here, which ships bytes.
+    assert dl["ingest_alone_images_per_s"] > 0 and dl["ingest_num_workers"] == os.cpu_count()
+    assert "ingest_pipeline_over_dataloader" not in r
 
     c = r["comm"]
     assert c["workers"] == 2 and c["per_worker_batch"] == 2
@@ -65,6 +69,34 @@ def test_bench_reports_step_pipeline_and_comm_with_device_augmentation(ray_sessi
     assert c["gradient_allreduce_bytes"] > 1_000_000 and 0 < c["method_over_gradient_bytes"] < 1e-3
     for line in ("step", "pipeline", "dataloader", "comm", "sinkhorn_marginals"):
         assert line in text  # the readable table precedes the JSON
+
+
+def test_ingest_alone_reports_the_pipeline_and_the_dataloader_on_the_same_files(ray_session, tmp_path, capsys):
+    """``--only ingest``: the samples/s out of Ray Data's pipeline and out of the DataLoader
+    baseline alone, on the same shards and crops, and their ratio; a source the DataLoader does
+    not read (Parquet) is named in its place."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from rayssl.bench.config import ingest_config
+    from rayssl.bench.dataloader import measure_dataloader_ingest
+    from rayssl.bench.pipeline import write_jpeg_shards
+
+    shards = write_jpeg_shards(str(tmp_path / "shards"), 64, 48)
+    assert bench.main(["--only", "ingest", "--data", shards, "--ingest-seconds", "0.5", "--batch-size", "8",
+                       "--set", "data.crop_sizes=[32,16]", "--set", "data.crop_counts=[2,2]"]) == 0
+    text, r = _last_json(capsys)
+    i, dl = r["ingest"], r["dataloader_ingest"]
+    assert i["kind"] == "webdataset" and i["images_listed"] == 64 and i["crops"] == ["2x32", "2x16"]
+    assert i["samples_per_s"] > 0 and dl["samples_per_s"] > 0 and dl["samples"] > 0
+    assert dl["num_workers"] == os.cpu_count() and dl["seconds"] >= 0.5
+    assert r["pipeline_over_dataloader"] == pytest.approx(i["samples_per_s"] / dl["samples_per_s"], rel=0.01)
+    assert "ingest " in text and f"dataloader  {dl['samples_per_s']:.1f} samples/s" in text
+
+    pq.write_table(pa.table({"image": [b"not read"]}), str(tmp_path / "images.parquet"))
+    cfg = ingest_config({"source": str(tmp_path / "images.parquet")}, "quick", 8)
+    assert measure_dataloader_ingest(cfg, 0.1) == {
+        "skipped": "the DataLoader baseline reads tar shards or image files, not parquet"}
 
 
 def test_bench_measures_the_queue_all_gather_of_moco(capsys):

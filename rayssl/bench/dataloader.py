@@ -8,6 +8,10 @@ would pick; spawned, since this process may hold Ray), with pinned memory on CUD
 process cuts the workers' chunks into batches of the run's batch size and runs the step
 (``StepBench.step``, the engine's ``train_step``). Epoch after epoch, so a measurement longer
 than the data wraps around as the pipeline's does. No shuffle buffer (the pipeline has one).
+
+``measure_dataloader_ingest`` drains the same DataLoader without a step: the decoded and cropped
+images/s it hands over, beside Ray Data's ingest alone (``rayssl.bench.pipeline.measure_ingest``).
+With no step to share the cores, it takes one worker per core, as Ray Data's tasks take every CPU.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from rayssl.data.multicrop import crop_spec
 from rayssl.data.pipeline import fetch_decode_and_crop, min_image_side, resolve_data_source, tar_shards_to_crops
 from rayssl.data.tensors import to_float_images
 
-__all__ = ["measure_dataloader"]
+__all__ = ["measure_dataloader", "measure_dataloader_ingest", "reads"]
 
 
 class _Crops(IterableDataset):
@@ -65,20 +69,33 @@ def _batches(loader: DataLoader, batch_size: int, keys: list[str]):
     return cut_batches(_epochs(loader), batch_size, keys)
 
 
+def reads(cfg: Config) -> str | None:
+    """Why the baseline cannot read ``cfg.data.source`` (None: it can)."""
+    kind = resolve_data_source(cfg.data).kind
+    if kind in ("webdataset", "images"):
+        return None
+    return f"the DataLoader baseline reads tar shards or image files, not {kind}"
+
+
+def _loader(cfg: Config, pin_memory: bool, num_workers: int) -> DataLoader:
+    """A DataLoader of crop chunks (up to a batch each) of ``cfg.data.source``, as Ray Data's tasks crop them."""
+    source = resolve_data_source(cfg.data)
+    dataset = _Crops(source, crop_spec(cfg.data), min_image_side(cfg.data), cfg.run.seed, chunk=cfg.run.batch_size)
+    return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                      persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None,
+                      multiprocessing_context="spawn" if num_workers > 0 else None)
+
+
 def measure_dataloader(cfg: Config, device: torch.device, steps: int, warmup: int, repeats: int,
                        num_workers: int | None = None) -> dict:
     """Images/s of the step fed by a DataLoader over ``cfg.data.source``; median over repeats."""
-    source = resolve_data_source(cfg.data)
-    if source.kind not in ("webdataset", "images"):
-        return {"skipped": f"the DataLoader baseline reads tar shards or image files, not {source.kind}"}
+    why = reads(cfg)
+    if why:
+        return {"skipped": why}
     workers = num_workers if num_workers is not None else max(1, (os.cpu_count() or 2) - 1)
     sb = StepBench(cfg, device)
-    spec = crop_spec(cfg.data)
     keys = [f"crop_{j}" for j in range(sum(cfg.data.crop_counts))]
-    dataset = _Crops(source, spec, min_image_side(cfg.data), cfg.run.seed, chunk=cfg.run.batch_size)
-    loader = DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
-                        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
-                        multiprocessing_context="spawn" if workers > 0 else None)
+    loader = _loader(cfg, device.type == "cuda", workers)
     batches = _batches(loader, cfg.run.batch_size, keys)
 
     def step():
@@ -101,3 +118,25 @@ def measure_dataloader(cfg: Config, device: torch.device, steps: int, warmup: in
     ips = statistics.median(runs)
     return {"images_per_s": round(ips, 2), "runs_images_per_s": [round(r, 2) for r in runs],
             "num_workers": workers, "pin_memory": device.type == "cuda", "warmup_s": round(first, 2)}
+
+
+def measure_dataloader_ingest(cfg: Config, seconds: float, num_workers: int | None = None) -> dict:
+    """Decoded + cropped images/s the DataLoader hands over, no step: chunks drained for
+    ``seconds`` after the first (which pays the workers' start and is not counted)."""
+    why = reads(cfg)
+    if why:
+        return {"skipped": why}
+    workers = num_workers if num_workers is not None else max(1, os.cpu_count() or 1)
+    loader = _loader(cfg, False, workers)
+    chunks = _epochs(loader)
+    t_start = time.perf_counter()
+    next(chunks)
+    first = time.perf_counter()
+    images = 0
+    while time.perf_counter() - first < seconds:
+        images += len(next(chunks)["crop_0"])
+    measured = time.perf_counter() - first
+    chunks.close()
+    del loader
+    return {"samples_per_s": round(images / measured, 1), "samples": images, "seconds": round(measured, 2),
+            "time_to_first_batch_s": round(first - t_start, 2), "num_workers": workers}

@@ -154,6 +154,7 @@ def _parts(opts: CheckOptions, device: torch.device, result: dict) -> list[Part]
         r = run_bench(BenchOptions(method="swav", preset=z["preset"], device=str(device), batch_size=z["batch"],
                                    steps=z["steps"], warmup=z["warmup"], repeats=z["repeats"], augment_on=augment_on,
                                    num_images=z["num_images"], ingest_seconds=0.0 if opts.dry_run else 5.0,
+                                   dataloader_ingest=False,  # Ray Data's ingest alone only: the budget
                                    parts=parts, sets=z["sets"]))
         step_ips = (result["parts"].get("step") or {}).get("images_per_s")
         out = {k: r[k] for k in ("pipeline", "dataloader", "pipeline_over_dataloader") if k in r}

@@ -52,6 +52,7 @@ class BenchOptions:
     data_options: dict = field(default_factory=dict)  # data.s3_endpoint / data.s3_anonymous given
     num_images: int = 0  # images in the bench's own shards (0: enough)
     ingest_seconds: float = 5.0
+    dataloader_ingest: bool = True  # with ingest_seconds > 0: the DataLoader's ingest alone too
     consumers: int = 1  # ingest: parallel consumers (streaming_split), like workers
     comm_workers: int = 2
     comm_batch: int = 8
@@ -110,6 +111,10 @@ def run_bench(opts: BenchOptions) -> dict:
         p, dl = result.get("pipeline", {}), result.get("dataloader", {})
         if "images_per_s" in p and "images_per_s" in dl:
             result["pipeline_over_dataloader"] = round(p["images_per_s"] / dl["images_per_s"], 3)
+        if p.get("augment_on") == "cpu" and p.get("ingest_alone_images_per_s") and dl.get("ingest_alone_images_per_s"):
+            # (with augment_on=device Ray Data's ingest ships bytes, the DataLoader's crops: no ratio)
+            result["ingest_pipeline_over_dataloader"] = round(
+                p["ingest_alone_images_per_s"] / dl["ingest_alone_images_per_s"], 3)
     if "comm" in opts.parts:
         grad_numel = sum(p.numel() for p in build_method(cfg, torch.device("cpu"))[0].parameters() if p.requires_grad)
         result["comm"] = measure_comm(cfg, opts.comm_workers, opts.comm_batch, opts.comm_steps, grad_numel)
@@ -118,7 +123,7 @@ def run_bench(opts: BenchOptions) -> dict:
 
 def _fed(opts: BenchOptions, cfg: Config, preset: str, device: torch.device, step_ips, warmup: int) -> dict:
     """The step fed by the Ray Data pipeline and/or by a plain DataLoader, from the same files."""
-    from rayssl.bench.dataloader import measure_dataloader
+    from rayssl.bench.dataloader import measure_dataloader, measure_dataloader_ingest
     from rayssl.bench.pipeline import measure_pipeline, write_jpeg_shards
     from rayssl.runtime.cluster import capacity
 
@@ -139,28 +144,45 @@ def _fed(opts: BenchOptions, cfg: Config, preset: str, device: torch.device, ste
             dl = measure_dataloader(pcfg, device, opts.steps, warmup, opts.repeats)
             if step_ips and "images_per_s" in dl:
                 dl["ratio"] = round(dl["images_per_s"] / step_ips, 3)
+            if "images_per_s" in dl and opts.ingest_seconds > 0 and opts.dataloader_ingest:
+                ing = measure_dataloader_ingest(pcfg, opts.ingest_seconds)
+                dl.update(ingest_alone_images_per_s=ing["samples_per_s"], ingest_num_workers=ing["num_workers"])
             out["dataloader"] = {**dl, "data": what}
     return out
 
 
 def _ingest_only(opts: BenchOptions, preset: str) -> dict:
-    """Decoded + augmented samples/s out of the pipeline on ``opts.data``, no training."""
+    """Decoded + augmented samples/s out of the pipeline on ``opts.data``, no training; and out
+    of the DataLoader baseline on the same files (one worker per core), where it reads them."""
+    from rayssl.bench.dataloader import measure_dataloader_ingest
     from rayssl.bench.pipeline import measure_ingest
     from rayssl.runtime.cluster import ray_session
 
     cfg = ingest_config({"source": opts.data, **opts.data_options}, BENCH_PRESETS[preset]["preset"],
                         opts.batch_size or 32, opts.sets)
     with ray_session(dashboard=False, log_to_driver=False):
-        return {"bench": "rayssl.bench", "preset": preset,
-                "ingest": measure_ingest(cfg, opts.ingest_seconds, opts.consumers, cfg.run.batch_size)}
+        out = {"bench": "rayssl.bench", "preset": preset,
+               "ingest": measure_ingest(cfg, opts.ingest_seconds, opts.consumers, cfg.run.batch_size)}
+    if opts.dataloader_ingest:
+        out["dataloader_ingest"] = dl = measure_dataloader_ingest(cfg, opts.ingest_seconds)
+        if cfg.data.augment_on == "cpu" and dl.get("samples_per_s") and out["ingest"]["samples_per_s"]:
+            out["pipeline_over_dataloader"] = round(out["ingest"]["samples_per_s"] / dl["samples_per_s"], 3)
+    return out
 
 
 def format_table(r: dict) -> str:
     if "ingest" in r and "method" not in r:
-        i = r["ingest"]
-        return (f"rayssl.bench  ingest {i['data']} ({i['kind']}): {i['samples_per_s']:.1f} samples/s over "
+        i, dl = r["ingest"], r.get("dataloader_ingest")
+        line = (f"rayssl.bench  ingest {i['data']} ({i['kind']}): {i['samples_per_s']:.1f} samples/s over "
                 f"{i['seconds']} s, first batch after {i['time_to_first_batch_s']} s, {i['consumers']} consumer(s), "
                 f"crops {'+'.join(i['crops'])}")
+        if dl and "skipped" in dl:
+            line += f"\n  dataloader  {dl['skipped']}"
+        elif dl:
+            line += (f"\n  dataloader  {dl['samples_per_s']:.1f} samples/s over {dl['seconds']} s "
+                     f"({dl['num_workers']} workers, the same files and crops; pipeline/dataloader "
+                     + (f"{r['pipeline_over_dataloader']:.2f})" if "pipeline_over_dataloader" in r else "n/a)"))
+        return line
     lines = [f"rayssl.bench  method={r['method']} preset={r['preset']} device={r['device_name']} dtype={r['dtype']}",
              f"  backbone={r['backbone']} crops={'+'.join(r['crops'])} batch={r['batch_size']} workers={r['workers']} "
              f"cpus={r['cpus']} repeats={r['repeats']}"]
@@ -189,7 +211,11 @@ def format_table(r: dict) -> str:
         lines.append(f"  dataloader{dl['images_per_s']:>10.1f} img/s   (the step fed by a torch DataLoader, "
                      f"{dl['num_workers']} workers, same files and crops; ratio dataloader/step {ratio}"
                      + (f"; pipeline/dataloader {r['pipeline_over_dataloader']:.2f}" if "pipeline_over_dataloader" in r
-                        else "") + ")")
+                        else "")
+                     + (f"; ingest alone {dl['ingest_alone_images_per_s']} img/s on {dl['ingest_num_workers']} workers"
+                        if "ingest_alone_images_per_s" in dl else "")
+                     + (f", pipeline/dataloader {r['ingest_pipeline_over_dataloader']:.2f}"
+                        if "ingest_pipeline_over_dataloader" in r else "") + ")")
     elif dl:
         lines.append(f"  dataloader  {dl['skipped']}")
     c = r.get("comm")

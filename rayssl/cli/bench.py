@@ -17,7 +17,8 @@ Prints a readable table and, as the last stdout line, one JSON object:
   ``pipeline_over_dataloader`` compares the two;
 * ``comm``: bytes and time per step of the collectives the method adds, in
   ``--comm-workers`` gloo processes, next to the gradient all-reduce;
-* ``--only ingest --data URI``: decoded + augmented samples/s out of the pipeline alone.
+* ``--only ingest --data URI``: decoded + augmented samples/s out of the pipeline alone, and out
+  of the DataLoader baseline alone (one worker per core) where it reads the source.
 
 ``--method cdul`` needs ``--set cdul.pseudo_labels=URI``; its step and comm parts take images of
 that table by index, and its pipeline parts are skipped (CDUL trains on the images its table
@@ -57,14 +58,15 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                                               "local JPEG shards written by the bench")
     add_s3_flags(p)
     p.add_argument("--num-images", type=int, default=0, help="images in the bench's own shards (default: enough)")
-    p.add_argument("--ingest-seconds", type=float, default=5.0, help="ingest-alone measurement (0: skip)")
+    p.add_argument("--ingest-seconds", type=float, default=5.0,
+                   help="seconds of the pipeline's and the DataLoader's ingest alone, no step (0: skip)")
     p.add_argument("--consumers", type=int, default=1, help="--only ingest: parallel consumers, like workers")
     p.add_argument("--comm-workers", type=int, default=2, help="processes for the communication measurement")
     p.add_argument("--comm-batch", type=int, default=8, help="per-worker batch of the communication measurement")
     p.add_argument("--comm-steps", type=int, default=3, help="measured steps of the communication measurement")
     p.add_argument("--skip", action="append", default=[], choices=["step", "pipeline", "dataloader", "comm"])
     p.add_argument("--only", choices=PARTS, default=None, help="measure one part only (ingest: the pipeline "
-                                                                "alone on --data)")
+                                                                "and the DataLoader alone on --data)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     return p
 
