@@ -78,6 +78,7 @@ def test_ingest_alone_reports_the_pipeline_and_the_dataloader_on_the_same_files(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from conftest import make_tar
     from rayssl.bench.config import ingest_config
     from rayssl.bench.dataloader import measure_dataloader_ingest
     from rayssl.bench.pipeline import write_jpeg_shards
@@ -97,6 +98,12 @@ def test_ingest_alone_reports_the_pipeline_and_the_dataloader_on_the_same_files(
     cfg = ingest_config({"source": str(tmp_path / "images.parquet")}, "quick", 8)
     assert measure_dataloader_ingest(cfg, 0.1) == {
         "skipped": "the DataLoader baseline reads tar shards or image files, not parquet"}
+    # Shards with no usable image: said in the JSON, as the pipeline's ingest says its errors.
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "train-000000.tar").write_bytes(make_tar([("0.jpg", b"\xff\xd8\xff not a JPEG")]))
+    cfg = ingest_config({"source": str(tmp_path / "bad")}, "quick", 8)
+    assert measure_dataloader_ingest(cfg, 0.1, num_workers=0) == {
+        "error": "RuntimeError: the DataLoader produced no images", "num_workers": 0}
 
 
 def test_bench_measures_the_queue_all_gather_of_moco(capsys):

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from rayssl.bench.quality import cut_batches
-from rayssl.bench.step import StepBench, timed
+from rayssl.bench.step import StepBench, error_line, timed
 from rayssl.config import Config
 from rayssl.data.multicrop import crop_spec
 from rayssl.data.pipeline import fetch_decode_and_crop, min_image_side, resolve_data_source, tar_shards_to_crops
@@ -129,14 +129,18 @@ def measure_dataloader_ingest(cfg: Config, seconds: float, num_workers: int | No
     workers = num_workers if num_workers is not None else max(1, os.cpu_count() or 1)
     loader = _loader(cfg, False, workers)
     chunks = _epochs(loader)
-    t_start = time.perf_counter()
-    next(chunks)
-    first = time.perf_counter()
-    images = 0
-    while time.perf_counter() - first < seconds:
-        images += len(next(chunks)["crop_0"])
-    measured = time.perf_counter() - first
-    chunks.close()
-    del loader
+    try:
+        t_start = time.perf_counter()
+        next(chunks)
+        first = time.perf_counter()
+        images = 0
+        while time.perf_counter() - first < seconds:
+            images += len(next(chunks)["crop_0"])
+        measured = time.perf_counter() - first
+    except Exception as exc:  # noqa: BLE001 - reported in the JSON, as the pipeline's ingest reports its own
+        return {"error": error_line(exc), "num_workers": workers}
+    finally:
+        chunks.close()
+        del loader
     return {"samples_per_s": round(images / measured, 1), "samples": images, "seconds": round(measured, 2),
             "time_to_first_batch_s": round(first - t_start, 2), "num_workers": workers}

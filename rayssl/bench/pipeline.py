@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from rayssl.bench.step import StepBench, timed
+from rayssl.bench.step import StepBench, error_line, timed
 from rayssl.config import Config
 from rayssl.data.feed import TrainFeed
 from rayssl.data.multicrop import crop_spec
@@ -110,7 +110,7 @@ def measure_ingest(cfg: Config, seconds: float, consumers: int = 1, batch_size: 
                 if got == 0:
                     return  # nothing usable at all
         except Exception as exc:  # noqa: BLE001 - reported in the JSON
-            state["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+            state["error"] = error_line(exc)
             stop.set()
 
     if consumers > 1:

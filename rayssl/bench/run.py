@@ -146,7 +146,9 @@ def _fed(opts: BenchOptions, cfg: Config, preset: str, device: torch.device, ste
                 dl["ratio"] = round(dl["images_per_s"] / step_ips, 3)
             if "images_per_s" in dl and opts.ingest_seconds > 0 and opts.dataloader_ingest:
                 ing = measure_dataloader_ingest(pcfg, opts.ingest_seconds)
-                dl.update(ingest_alone_images_per_s=ing["samples_per_s"], ingest_num_workers=ing["num_workers"])
+                dl.update(ingest_alone_images_per_s=ing.get("samples_per_s"), ingest_num_workers=ing["num_workers"])
+                if "error" in ing:
+                    dl["ingest_error"] = ing["error"]
             out["dataloader"] = {**dl, "data": what}
     return out
 
@@ -176,8 +178,8 @@ def format_table(r: dict) -> str:
         line = (f"rayssl.bench  ingest {i['data']} ({i['kind']}): {i['samples_per_s']:.1f} samples/s over "
                 f"{i['seconds']} s, first batch after {i['time_to_first_batch_s']} s, {i['consumers']} consumer(s), "
                 f"crops {'+'.join(i['crops'])}")
-        if dl and "skipped" in dl:
-            line += f"\n  dataloader  {dl['skipped']}"
+        if dl and ("skipped" in dl or "error" in dl):
+            line += f"\n  dataloader  {dl.get('skipped') or dl['error']}"
         elif dl:
             line += (f"\n  dataloader  {dl['samples_per_s']:.1f} samples/s over {dl['seconds']} s "
                      f"({dl['num_workers']} workers, the same files and crops; pipeline/dataloader "
@@ -213,7 +215,8 @@ def format_table(r: dict) -> str:
                      + (f"; pipeline/dataloader {r['pipeline_over_dataloader']:.2f}" if "pipeline_over_dataloader" in r
                         else "")
                      + (f"; ingest alone {dl['ingest_alone_images_per_s']} img/s on {dl['ingest_num_workers']} workers"
-                        if "ingest_alone_images_per_s" in dl else "")
+                        if dl.get("ingest_alone_images_per_s") is not None else "")
+                     + (f"; ingest alone failed: {dl['ingest_error']}" if "ingest_error" in dl else "")
                      + (f", pipeline/dataloader {r['ingest_pipeline_over_dataloader']:.2f}"
                         if "ingest_pipeline_over_dataloader" in r else "") + ")")
     elif dl:

@@ -31,7 +31,7 @@ import torch
 from rayssl.config import Config
 from rayssl.engine import Engine, checked_forward
 
-__all__ = ["StepBench", "count_syncs", "measure_step", "peak_memory", "timed"]
+__all__ = ["StepBench", "count_syncs", "error_line", "measure_step", "peak_memory", "timed"]
 
 # Past the queue's start epoch and the prototype freeze: every part of the step runs.
 FAR = 10**6
@@ -40,6 +40,12 @@ FAR = 10**6
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def error_line(exc: BaseException) -> str:
+    """An exception as one line for a benchmark's JSON: its type and its message's last line."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[-1] if text else ''}"
 
 
 def timed(fn: Callable[[], object], device: torch.device) -> float:
