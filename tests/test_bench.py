@@ -56,6 +56,7 @@ def test_bench_reports_step_pipeline_and_comm_with_device_augmentation(ray_sessi
     assert dl["data"] == p["data"] and not dl["pin_memory"]
     # Its ingest alone too, one worker per core; no ratio to Ray Data's here, which ships bytes.
     assert dl["ingest_alone_images_per_s"] > 0 and dl["ingest_num_workers"] == os.cpu_count()
+    assert dl["ingest_alone_epochs"] >= 0 and p["ingest_alone_epochs"] >= 0  # each epoch's start is in the figure
     assert "ingest_pipeline_over_dataloader" not in r
 
     c = r["comm"]
@@ -92,7 +93,12 @@ def test_ingest_alone_reports_the_pipeline_and_the_dataloader_on_the_same_files(
     assert i["samples_per_s"] > 0 and dl["samples_per_s"] > 0 and dl["samples"] > 0
     assert dl["num_workers"] == os.cpu_count() and dl["seconds"] >= 0.5
     assert r["pipeline_over_dataloader"] == pytest.approx(i["samples_per_s"] / dl["samples_per_s"], rel=0.01)
-    assert "ingest " in text and f"dataloader  {dl['samples_per_s']:.1f} samples/s" in text
+    # Each feed counts the epochs it read to the end (their starts are in its figure): the images it
+    # handed over, the first batch of 8 included, are those epochs' and at most one more's.
+    for feed in (i, dl):
+        assert feed["epochs_completed"] * 64 <= feed["samples"] + 8 <= (feed["epochs_completed"] + 1) * 64, feed
+    assert f"({i['epochs_completed']} whole epoch{'' if i['epochs_completed'] == 1 else 's'} of 64 images)" in text
+    assert f"dataloader  {dl['samples_per_s']:.1f} samples/s over {dl['seconds']} s ({dl['epochs_completed']} whole ep" in text
 
     pq.write_table(pa.table({"image": [b"not read"]}), str(tmp_path / "images.parquet"))
     cfg = ingest_config({"source": str(tmp_path / "images.parquet")}, "quick", 8)

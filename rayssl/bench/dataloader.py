@@ -53,8 +53,9 @@ class _Crops(IterableDataset):
                 yield out
 
 
-def _epochs(loader: DataLoader):
-    """The loader's chunks, epoch after epoch (a batch may span two); an epoch without any stops it."""
+def _epochs(loader: DataLoader, finished: list | None = None):
+    """The loader's chunks, epoch after epoch (a batch may span two); an epoch without any stops it.
+    Each epoch read to its end is appended to ``finished`` (if given)."""
     while True:
         got = 0
         for chunk in loader:
@@ -62,6 +63,8 @@ def _epochs(loader: DataLoader):
             yield chunk
         if not got:
             raise RuntimeError("the DataLoader produced no images")
+        if finished is not None:
+            finished.append(got)
 
 
 def _batches(loader: DataLoader, batch_size: int, keys: list[str]):
@@ -128,7 +131,8 @@ def measure_dataloader_ingest(cfg: Config, seconds: float, num_workers: int | No
         return {"skipped": why}
     workers = num_workers if num_workers is not None else max(1, os.cpu_count() or 1)
     loader = _loader(cfg, False, workers)
-    chunks = _epochs(loader)
+    finished: list[int] = []
+    chunks = _epochs(loader, finished)
     try:
         t_start = time.perf_counter()
         next(chunks)
@@ -143,4 +147,5 @@ def measure_dataloader_ingest(cfg: Config, seconds: float, num_workers: int | No
         chunks.close()
         del loader
     return {"samples_per_s": round(images / measured, 1), "samples": images, "seconds": round(measured, 2),
-            "time_to_first_batch_s": round(first - t_start, 2), "num_workers": workers}
+            "time_to_first_batch_s": round(first - t_start, 2), "epochs_completed": len(finished),
+            "num_workers": workers}

@@ -78,6 +78,7 @@ def measure_pipeline(cfg: Config, device: torch.device, steps: int, warmup: int,
     if ingest_seconds > 0:
         ing = measure_ingest(cfg, ingest_seconds, consumers=1, batch_size=cfg.run.batch_size)
         out["ingest_alone_images_per_s"] = ing["samples_per_s"]
+        out["ingest_alone_epochs"] = ing["epochs_completed"]  # each epoch's start is in the figure
         if "error" in ing:
             out["ingest_error"] = ing["error"]
     return out

@@ -146,7 +146,8 @@ def _fed(opts: BenchOptions, cfg: Config, preset: str, device: torch.device, ste
                 dl["ratio"] = round(dl["images_per_s"] / step_ips, 3)
             if "images_per_s" in dl and opts.ingest_seconds > 0 and opts.dataloader_ingest:
                 ing = measure_dataloader_ingest(pcfg, opts.ingest_seconds)
-                dl.update(ingest_alone_images_per_s=ing.get("samples_per_s"), ingest_num_workers=ing["num_workers"])
+                dl.update(ingest_alone_images_per_s=ing.get("samples_per_s"),
+                          ingest_alone_epochs=ing.get("epochs_completed"), ingest_num_workers=ing["num_workers"])
                 if "error" in ing:
                     dl["ingest_error"] = ing["error"]
             out["dataloader"] = {**dl, "data": what}
@@ -172,18 +173,23 @@ def _ingest_only(opts: BenchOptions, preset: str) -> dict:
     return out
 
 
+def _whole(epochs: int | None) -> str:
+    return f"{epochs} whole epoch{'' if epochs == 1 else 's'}"
+
+
 def format_table(r: dict) -> str:
     if "ingest" in r and "method" not in r:
         i, dl = r["ingest"], r.get("dataloader_ingest")
         line = (f"rayssl.bench  ingest {i['data']} ({i['kind']}): {i['samples_per_s']:.1f} samples/s over "
-                f"{i['seconds']} s, first batch after {i['time_to_first_batch_s']} s, {i['consumers']} consumer(s), "
-                f"crops {'+'.join(i['crops'])}")
+                f"{i['seconds']} s ({_whole(i['epochs_completed'])} of {i['images_listed']} images), first batch "
+                f"after {i['time_to_first_batch_s']} s, {i['consumers']} consumer(s), crops {'+'.join(i['crops'])}")
         if dl and ("skipped" in dl or "error" in dl):
             line += f"\n  dataloader  {dl.get('skipped') or dl['error']}"
         elif dl:
+            ratio = f"{r['pipeline_over_dataloader']:.2f}" if "pipeline_over_dataloader" in r else "n/a"
             line += (f"\n  dataloader  {dl['samples_per_s']:.1f} samples/s over {dl['seconds']} s "
-                     f"({dl['num_workers']} workers, the same files and crops; pipeline/dataloader "
-                     + (f"{r['pipeline_over_dataloader']:.2f})" if "pipeline_over_dataloader" in r else "n/a)"))
+                     f"({_whole(dl['epochs_completed'])}), first batch after {dl['time_to_first_batch_s']} s; "
+                     f"{dl['num_workers']} workers, the same files and crops; pipeline/dataloader {ratio}")
         return line
     lines = [f"rayssl.bench  method={r['method']} preset={r['preset']} device={r['device_name']} dtype={r['dtype']}",
              f"  backbone={r['backbone']} crops={'+'.join(r['crops'])} batch={r['batch_size']} workers={r['workers']} "
@@ -205,8 +211,8 @@ def format_table(r: dict) -> str:
         ratio = f"{p['ratio']:.2f}" if p.get("ratio") is not None else "n/a"
         lines.append(f"  pipeline  {p['images_per_s']:>10.1f} img/s   (ratio pipeline/step {ratio}, "
                      f"augment_on={p['augment_on']}, ray cpus {p.get('ray_cpus')}"
-                     + (f", ingest alone {p['ingest_alone_images_per_s']} img/s" if "ingest_alone_images_per_s" in p
-                        else "") + ")")
+                     + (f", ingest alone {p['ingest_alone_images_per_s']} img/s, {_whole(p['ingest_alone_epochs'])}"
+                        if "ingest_alone_images_per_s" in p else "") + ")")
     dl = r.get("dataloader")
     if dl and "images_per_s" in dl:
         ratio = f"{dl['ratio']:.2f}" if dl.get("ratio") is not None else "n/a"
@@ -214,7 +220,8 @@ def format_table(r: dict) -> str:
                      f"{dl['num_workers']} workers, same files and crops; ratio dataloader/step {ratio}"
                      + (f"; pipeline/dataloader {r['pipeline_over_dataloader']:.2f}" if "pipeline_over_dataloader" in r
                         else "")
-                     + (f"; ingest alone {dl['ingest_alone_images_per_s']} img/s on {dl['ingest_num_workers']} workers"
+                     + (f"; ingest alone {dl['ingest_alone_images_per_s']} img/s on {dl['ingest_num_workers']} "
+                        f"workers, {_whole(dl['ingest_alone_epochs'])}"
                         if dl.get("ingest_alone_images_per_s") is not None else "")
                      + (f"; ingest alone failed: {dl['ingest_error']}" if "ingest_error" in dl else "")
                      + (f", pipeline/dataloader {r['ingest_pipeline_over_dataloader']:.2f}"
