@@ -293,6 +293,8 @@ def test_bench_measures_cduls_step_and_label_gathers_and_says_why_its_pipeline_i
     for part in ("pipeline", "dataloader"):
         assert set(r[part]) == {"skipped"} and f"trains on the images {labels} lists" in r[part]["skipped"]
     assert "pipeline  skipped: --method cdul" in text and "pipeline_over_dataloader" not in r
+    table = text.strip().rsplit("\n", 1)[0]  # the readable lines, before the JSON
+    assert "dataloader  skipped: as the pipeline" in table and table.count(f"trains on the images {labels}") == 1
     # Each update gathers every worker's indices (int64) and new latent labels (4 classes, float32).
     gathers = r["comm"]["per_step"]["label_updates_all_gather"]
     assert gathers["calls"] == 2 and gathers["bytes"] == 2 * (2 * 8 + 2 * 4 * 4)

@@ -227,7 +227,8 @@ def format_table(r: dict) -> str:
                      + (f", pipeline/dataloader {r['ingest_pipeline_over_dataloader']:.2f}"
                         if "ingest_pipeline_over_dataloader" in r else "") + ")")
     elif dl:
-        lines.append(f"  dataloader  {dl['skipped']}")
+        same = p is not None and p.get("skipped") == dl["skipped"]
+        lines.append(f"  dataloader  {'skipped: as the pipeline' if same else dl['skipped']}")
     c = r.get("comm")
     if c:
         lines.append(f"  comm      {c['workers']} workers x batch {c['per_worker_batch']} ({c['backend']}):")
