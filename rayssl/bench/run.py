@@ -169,7 +169,7 @@ def _ingest_only(opts: BenchOptions, preset: str) -> dict:
     if opts.dataloader_ingest:
         out["dataloader_ingest"] = dl = measure_dataloader_ingest(cfg, opts.ingest_seconds)
         if cfg.data.augment_on == "cpu" and dl.get("samples_per_s") and out["ingest"]["samples_per_s"]:
-            out["pipeline_over_dataloader"] = round(out["ingest"]["samples_per_s"] / dl["samples_per_s"], 3)
+            out["ingest_pipeline_over_dataloader"] = round(out["ingest"]["samples_per_s"] / dl["samples_per_s"], 3)
     return out
 
 
@@ -186,7 +186,8 @@ def format_table(r: dict) -> str:
         if dl and ("skipped" in dl or "error" in dl):
             line += f"\n  dataloader  {dl.get('skipped') or dl['error']}"
         elif dl:
-            ratio = f"{r['pipeline_over_dataloader']:.2f}" if "pipeline_over_dataloader" in r else "n/a"
+            ratio = (f"{r['ingest_pipeline_over_dataloader']:.2f}" if "ingest_pipeline_over_dataloader" in r
+                     else "n/a")
             line += (f"\n  dataloader  {dl['samples_per_s']:.1f} samples/s over {dl['seconds']} s "
                      f"({_whole(dl['epochs_completed'])}), first batch after {dl['time_to_first_batch_s']} s; "
                      f"{dl['num_workers']} workers, the same files and crops; pipeline/dataloader {ratio}")
