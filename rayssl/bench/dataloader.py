@@ -28,6 +28,7 @@ from rayssl.bench.step import StepBench, error_line, timed
 from rayssl.config import Config
 from rayssl.data.multicrop import crop_spec
 from rayssl.data.pipeline import fetch_decode_and_crop, min_image_side, resolve_data_source, tar_shards_to_crops
+from rayssl.data.sources import Source
 from rayssl.data.tensors import to_float_images
 
 __all__ = ["measure_dataloader", "measure_dataloader_ingest", "reads"]
@@ -72,17 +73,15 @@ def _batches(loader: DataLoader, batch_size: int, keys: list[str]):
     return cut_batches(_epochs(loader), batch_size, keys)
 
 
-def reads(cfg: Config) -> str | None:
-    """Why the baseline cannot read ``cfg.data.source`` (None: it can)."""
-    kind = resolve_data_source(cfg.data).kind
-    if kind in ("webdataset", "images"):
+def reads(source: Source) -> str | None:
+    """Why the baseline cannot read ``source`` (a resolved data source; None: it can)."""
+    if source.kind in ("webdataset", "images"):
         return None
-    return f"the DataLoader baseline reads tar shards or image files, not {kind}"
+    return f"the DataLoader baseline reads tar shards or image files, not {source.kind}"
 
 
-def _loader(cfg: Config, pin_memory: bool, num_workers: int) -> DataLoader:
-    """A DataLoader of crop chunks (up to a batch each) of ``cfg.data.source``, as Ray Data's tasks crop them."""
-    source = resolve_data_source(cfg.data)
+def _loader(cfg: Config, source: Source, pin_memory: bool, num_workers: int) -> DataLoader:
+    """A DataLoader of crop chunks (up to a batch each) of ``source``, as Ray Data's tasks crop them."""
     dataset = _Crops(source, crop_spec(cfg.data), min_image_side(cfg.data), cfg.run.seed, chunk=cfg.run.batch_size)
     return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                       persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None,
@@ -92,13 +91,14 @@ def _loader(cfg: Config, pin_memory: bool, num_workers: int) -> DataLoader:
 def measure_dataloader(cfg: Config, device: torch.device, steps: int, warmup: int, repeats: int,
                        num_workers: int | None = None) -> dict:
     """Images/s of the step fed by a DataLoader over ``cfg.data.source``; median over repeats."""
-    why = reads(cfg)
+    source = resolve_data_source(cfg.data)  # listed once: a bucket's listing can take a while
+    why = reads(source)
     if why:
         return {"skipped": why}
     workers = num_workers if num_workers is not None else max(1, (os.cpu_count() or 2) - 1)
     sb = StepBench(cfg, device)
     keys = [f"crop_{j}" for j in range(sum(cfg.data.crop_counts))]
-    loader = _loader(cfg, device.type == "cuda", workers)
+    loader = _loader(cfg, source, device.type == "cuda", workers)
     batches = _batches(loader, cfg.run.batch_size, keys)
 
     def step():
@@ -126,11 +126,12 @@ def measure_dataloader(cfg: Config, device: torch.device, steps: int, warmup: in
 def measure_dataloader_ingest(cfg: Config, seconds: float, num_workers: int | None = None) -> dict:
     """Decoded + cropped images/s the DataLoader hands over, no step: chunks drained for
     ``seconds`` after the first (which pays the workers' start and is not counted)."""
-    why = reads(cfg)
+    source = resolve_data_source(cfg.data)
+    why = reads(source)
     if why:
         return {"skipped": why}
     workers = num_workers if num_workers is not None else max(1, os.cpu_count() or 1)
-    loader = _loader(cfg, False, workers)
+    loader = _loader(cfg, source, False, workers)
     finished: list[int] = []
     chunks = _epochs(loader, finished)
     try:
