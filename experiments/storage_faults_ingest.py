@@ -48,8 +48,10 @@ def rate_plan(rate: float, kinds=KINDS):
 
 
 def ingest(endpoint: str, seconds: float, timeout_s: float) -> dict:
-    cmd = [sys.executable, "-m", "rayssl.bench", "--only", "ingest", "--data", f"s3://{BUCKET}/scenes",
-           "--s3-endpoint", endpoint, "--ingest-seconds", str(seconds), "--set", f"data.s3_timeout_s={timeout_s}"]
+    # Ray Data alone: the DataLoader baseline's reads would add to the faults the proxy injects.
+    cmd = [sys.executable, "-m", "rayssl.bench", "--only", "ingest", "--skip", "dataloader",
+           "--data", f"s3://{BUCKET}/scenes", "--s3-endpoint", endpoint, "--ingest-seconds", str(seconds),
+           "--set", f"data.s3_timeout_s={timeout_s}"]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     if out.returncode:
         raise SystemExit(out.stderr[-3000:])

@@ -134,6 +134,13 @@ def test_bench_measures_the_queue_all_gather_of_moco(capsys):
 def test_bench_refuses_bad_arguments_with_one_line(capsys):
     assert bench.main(["--steps", "0"]) == 2
     assert "--steps must be >= 1" in capsys.readouterr().err
+    assert bench.main(["--only", "step", "--skip", "comm"]) == 2
+    assert "--only and --skip: give one of them" in capsys.readouterr().err
+    # The one pair allowed: the ingest of Ray Data alone, without the DataLoader's.
+    parse = bench.build_parser().parse_args
+    alone = bench.options_from(parse(["--only", "ingest", "--skip", "dataloader", "--data", "d"]))
+    both = bench.options_from(parse(["--only", "ingest", "--data", "d"]))
+    assert alone.parts == both.parts == ("ingest",) and not alone.dataloader_ingest and both.dataloader_ingest
     assert bench.main(["--set", "swav.epsilon=-1", "--skip", "pipeline", "--skip", "comm"]) == 2
     assert "swav.epsilon" in capsys.readouterr().err
 

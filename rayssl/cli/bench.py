@@ -18,7 +18,8 @@ Prints a readable table and, as the last stdout line, one JSON object:
 * ``comm``: bytes and time per step of the collectives the method adds, in
   ``--comm-workers`` gloo processes, next to the gradient all-reduce;
 * ``--only ingest --data URI``: decoded + augmented samples/s out of the pipeline alone, and out
-  of the DataLoader baseline alone (one worker per core) where it reads the source.
+  of the DataLoader baseline alone (one worker per core) where it reads the source
+  (``--skip dataloader``: the pipeline alone).
 
 ``--method cdul`` needs ``--set cdul.pseudo_labels=URI``; its step and comm parts take images of
 that table by index, and its pipeline parts are skipped (CDUL trains on the images its table
@@ -77,8 +78,9 @@ def options_from(args: argparse.Namespace) -> BenchOptions:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1")
     if args.device != "auto" and args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {args.device}: no CUDA device is available")
-    if args.only and args.skip:
-        raise UserError("--only and --skip: give one of them")
+    ingest_without_dataloader = args.only == "ingest" and args.skip == ["dataloader"]
+    if args.only and args.skip and not ingest_without_dataloader:
+        raise UserError("--only and --skip: give one of them (or --only ingest --skip dataloader: Ray Data alone)")
     if args.only == "ingest" and not args.data:
         raise UserError("--only ingest: needs --data (the pipeline's source)")
     parts = (args.only,) if args.only else tuple(p for p in ("step", "pipeline", "dataloader", "comm")
@@ -87,7 +89,8 @@ def options_from(args: argparse.Namespace) -> BenchOptions:
         method=args.method, preset=args.preset, device=args.device, batch_size=args.batch_size, steps=args.steps,
         warmup=args.warmup, repeats=args.repeats, split_steps=args.split_steps, augment_on=args.augment_on,
         data=args.data, data_options=s3_data_overrides(args), num_images=args.num_images,
-        ingest_seconds=args.ingest_seconds, consumers=args.consumers, comm_workers=args.comm_workers,
+        ingest_seconds=args.ingest_seconds, dataloader_ingest=not ingest_without_dataloader,
+        consumers=args.consumers, comm_workers=args.comm_workers,
         comm_batch=args.comm_batch, comm_steps=args.comm_steps, parts=parts, sets=tuple(args.set))
 
 
