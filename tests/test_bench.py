@@ -23,8 +23,25 @@ def _last_json(capsys) -> tuple[str, dict]:
     return out, json.loads(out.strip().splitlines()[-1])
 
 
-def test_bench_reports_step_pipeline_and_comm_with_device_augmentation(ray_session, capsys):
+@pytest.fixture
+def listings(monkeypatch) -> list[str]:
+    """The URIs the bench lists (a bucket's listing can take minutes: each part must not list it again)."""
+    import rayssl.data.pipeline as pipeline
+
+    listed: list[str] = []
+    resolve = pipeline.resolve_source
+
+    def counted(uri, *args, **kwargs):
+        listed.append(uri)
+        return resolve(uri, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "resolve_source", counted)
+    return listed
+
+
+def test_bench_reports_step_pipeline_and_comm_with_device_augmentation(ray_session, capsys, listings):
     assert bench.main([*TINY, "--augment-on", "device"]) == 0
+    assert len(listings) == 1  # the bench's shards, listed once for the pipeline and the DataLoader parts
     text, r = _last_json(capsys)
     for key in ("method", "preset", "device", "device_name", "dtype", "batch_size", "workers", "cpus", "backbone",
                 "crops", "repeats", "num_prototypes", "queue_length"):
@@ -72,7 +89,8 @@ def test_bench_reports_step_pipeline_and_comm_with_device_augmentation(ray_sessi
         assert line in text  # the readable table precedes the JSON
 
 
-def test_ingest_alone_reports_the_pipeline_and_the_dataloader_on_the_same_files(ray_session, tmp_path, capsys):
+def test_ingest_alone_reports_the_pipeline_and_the_dataloader_on_the_same_files(ray_session, tmp_path, capsys,
+                                                                                 listings):
     """``--only ingest``: the samples/s out of Ray Data's pipeline and out of the DataLoader
     baseline alone, on the same shards and crops, and their ratio; a source the DataLoader does
     not read (Parquet) is named in its place."""
@@ -87,6 +105,7 @@ def test_ingest_alone_reports_the_pipeline_and_the_dataloader_on_the_same_files(
     shards = write_jpeg_shards(str(tmp_path / "shards"), 64, 48)
     assert bench.main(["--only", "ingest", "--data", shards, "--ingest-seconds", "0.5", "--batch-size", "8",
                        "--set", "data.crop_sizes=[32,16]", "--set", "data.crop_counts=[2,2]"]) == 0
+    assert listings == [shards]  # checked before Ray starts, and that listing read by both feeds
     text, r = _last_json(capsys)
     i, dl = r["ingest"], r["dataloader_ingest"]
     assert i["kind"] == "webdataset" and i["images_listed"] == 64 and i["crops"] == ["2x32", "2x16"]

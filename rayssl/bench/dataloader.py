@@ -89,9 +89,10 @@ def _loader(cfg: Config, source: Source, pin_memory: bool, num_workers: int) -> 
 
 
 def measure_dataloader(cfg: Config, device: torch.device, steps: int, warmup: int, repeats: int,
-                       num_workers: int | None = None) -> dict:
-    """Images/s of the step fed by a DataLoader over ``cfg.data.source``; median over repeats."""
-    source = resolve_data_source(cfg.data)  # listed once: a bucket's listing can take a while
+                       num_workers: int | None = None, source: Source | None = None) -> dict:
+    """Images/s of the step fed by a DataLoader over ``cfg.data.source`` (``source``: its listing,
+    where the caller has it: a bucket's listing can take minutes); median over repeats."""
+    source = source or resolve_data_source(cfg.data)
     why = reads(source)
     if why:
         return {"skipped": why}
@@ -123,10 +124,12 @@ def measure_dataloader(cfg: Config, device: torch.device, steps: int, warmup: in
             "num_workers": workers, "pin_memory": device.type == "cuda", "warmup_s": round(first, 2)}
 
 
-def measure_dataloader_ingest(cfg: Config, seconds: float, num_workers: int | None = None) -> dict:
+def measure_dataloader_ingest(cfg: Config, seconds: float, num_workers: int | None = None,
+                              source: Source | None = None) -> dict:
     """Decoded + cropped images/s the DataLoader hands over, no step: chunks drained for
-    ``seconds`` after the first (which pays the workers' start and is not counted)."""
-    source = resolve_data_source(cfg.data)
+    ``seconds`` after the first (which pays the workers' start and is not counted). ``source``
+    as for ``measure_dataloader``."""
+    source = source or resolve_data_source(cfg.data)
     why = reads(source)
     if why:
         return {"skipped": why}

@@ -24,6 +24,7 @@ from rayssl.data.feed import TrainFeed
 from rayssl.data.multicrop import crop_spec
 from rayssl.data.pipeline import build_train_data
 from rayssl.data.shards import write_shards
+from rayssl.data.sources import Source
 from rayssl.runtime.cluster import capacity
 
 __all__ = ["measure_ingest", "measure_pipeline", "write_jpeg_shards"]
@@ -51,10 +52,11 @@ def _epochs(feed: TrainFeed, stats, source: str):
 
 
 def measure_pipeline(cfg: Config, device: torch.device, steps: int, warmup: int, repeats: int,
-                     step_ips: float | None, ingest_seconds: float) -> dict:
-    """The step fed by the pipeline (one consumer = one worker); median over repeats."""
+                     step_ips: float | None, ingest_seconds: float, source: Source | None = None) -> dict:
+    """The step fed by the pipeline (one consumer = one worker); median over repeats. ``source``:
+    the listing of ``cfg.data.source`` where the caller has it (a bucket's listing can take minutes)."""
     sb = StepBench(cfg, device)
-    data = build_train_data(cfg.data, cfg.run.seed)
+    data = build_train_data(cfg.data, cfg.run.seed, source=source)
     feed = TrainFeed(data.dataset, cfg.data, device, batch_size=cfg.run.batch_size, seed=cfg.run.seed,
                      columns=sb.method.batch_columns, channels_last=sb.engine.channels_last)
     batches = _epochs(feed, data.stats, cfg.data.source)
@@ -76,7 +78,7 @@ def measure_pipeline(cfg: Config, device: torch.device, steps: int, warmup: int,
            "augment_on": cfg.data.augment_on, "data": cfg.data.source, "images_listed": data.num_images,
            "warmup_s": round(first, 2), "data_counts": data.stats.get(timeout=30)}
     if ingest_seconds > 0:
-        ing = measure_ingest(cfg, ingest_seconds, consumers=1, batch_size=cfg.run.batch_size)
+        ing = measure_ingest(cfg, ingest_seconds, consumers=1, batch_size=cfg.run.batch_size, source=data.source)
         out["ingest_alone_images_per_s"] = ing["samples_per_s"]
         out["ingest_alone_epochs"] = ing["epochs_completed"]  # each epoch's start is in the figure
         if "error" in ing:
@@ -84,9 +86,11 @@ def measure_pipeline(cfg: Config, device: torch.device, steps: int, warmup: int,
     return out
 
 
-def measure_ingest(cfg: Config, seconds: float, consumers: int = 1, batch_size: int = 32) -> dict:
-    """Drain the training pipeline for ``seconds`` (after the first batch); returns the figures."""
-    data = build_train_data(cfg.data, cfg.run.seed)
+def measure_ingest(cfg: Config, seconds: float, consumers: int = 1, batch_size: int = 32,
+                   source: Source | None = None) -> dict:
+    """Drain the training pipeline for ``seconds`` (after the first batch); returns the figures.
+    ``source`` as for ``measure_pipeline``."""
+    data = build_train_data(cfg.data, cfg.run.seed, source=source)
     lock = threading.Lock()
     state = {"samples": 0, "first": None, "epochs": 0, "error": None}
     t_start = time.perf_counter()

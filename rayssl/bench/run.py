@@ -17,6 +17,7 @@ import os
 import platform
 import tempfile
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -25,6 +26,9 @@ from rayssl.bench.config import BENCH_PRESETS, bench_config, bench_warmup, inges
 from rayssl.bench.step import measure_step
 from rayssl.config import Config, deep_merge
 from rayssl.engine import autocast_for, build_method, training_precision, uses_channels_last
+
+if TYPE_CHECKING:
+    from rayssl.data.sources import Source
 
 # The pipeline, DataLoader and ingest parts (Ray Data, and the data functions its tasks run) are
 # imported where they are measured: the step and communication parts run where Ray is not
@@ -73,11 +77,23 @@ def device_info(device: torch.device) -> str:
             f"{torch.get_num_threads()} torch threads)")
 
 
-def run_bench(opts: BenchOptions) -> dict:
+def bench_preset(opts: BenchOptions) -> str:
+    return opts.preset or ("gpu" if opts.torch_device().type == "cuda" else "cpu")
+
+
+def ingest_only_config(opts: BenchOptions) -> Config:
+    """The pipeline's config that ``--only ingest`` measures (the command checks its source early)."""
+    return ingest_config({"source": opts.data, **opts.data_options}, BENCH_PRESETS[bench_preset(opts)]["preset"],
+                         opts.batch_size or 32, opts.sets)
+
+
+def run_bench(opts: BenchOptions, source: Source | None = None) -> dict:
+    """The bench's figures. ``source``: the listing of ``opts.data`` where the caller already has it
+    (the command checks the source before Ray starts), so that a bucket is listed once, not per part."""
     device = opts.torch_device()
-    preset = opts.preset or ("gpu" if device.type == "cuda" else "cpu")
+    preset = bench_preset(opts)
     if opts.parts == ("ingest",):
-        return _ingest_only(opts, preset)
+        return _ingest_only(opts, preset, source)
     cfg = bench_config(opts.method, preset, opts.batch_size, opts.sets, opts.augment_on)
     warmup = bench_warmup(cfg, opts.warmup)
     precision = training_precision(cfg, device)
@@ -107,7 +123,7 @@ def run_bench(opts: BenchOptions) -> dict:
         from rayssl.runtime.cluster import ray_session
 
         with ray_session(dashboard=False, log_to_driver=False):
-            result.update(_fed(opts, cfg, preset, device, step_ips, warmup))
+            result.update(_fed(opts, cfg, preset, device, step_ips, warmup, source))
         p, dl = result.get("pipeline", {}), result.get("dataloader", {})
         if "images_per_s" in p and "images_per_s" in dl:
             result["pipeline_over_dataloader"] = round(p["images_per_s"] / dl["images_per_s"], 3)
@@ -121,31 +137,39 @@ def run_bench(opts: BenchOptions) -> dict:
     return result
 
 
-def _fed(opts: BenchOptions, cfg: Config, preset: str, device: torch.device, step_ips, warmup: int) -> dict:
-    """The step fed by the Ray Data pipeline and/or by a plain DataLoader, from the same files."""
+def _fed(opts: BenchOptions, cfg: Config, preset: str, device: torch.device, step_ips, warmup: int,
+         source: Source | None) -> dict:
+    """The step fed by the Ray Data pipeline and/or by a plain DataLoader, from the same files,
+    listed once for all the parts."""
     from rayssl.bench.dataloader import measure_dataloader, measure_dataloader_ingest
     from rayssl.bench.pipeline import measure_pipeline, write_jpeg_shards
+    from rayssl.data.pipeline import resolve_data_source
     from rayssl.runtime.cluster import capacity
 
     out: dict = {}
     with tempfile.TemporaryDirectory(prefix="rayssl-bench-") as d:
-        source = opts.data
-        if not source:
+        uri = opts.data
+        if not uri:
             n = opts.num_images or cfg.run.batch_size * (warmup + opts.steps * opts.repeats + 2)
-            source = write_jpeg_shards(os.path.join(d, "shards"), n, BENCH_PRESETS[preset]["scene_size"],
-                                       seed=cfg.run.seed)
-        pcfg = Config.from_dict(deep_merge(cfg.to_dict(), {"data": {"source": source, **opts.data_options}}))
-        what = source if opts.data else f"local WebDataset shards of JPEG scenes ({BENCH_PRESETS[preset]['scene_size']} px)"
+            uri = write_jpeg_shards(os.path.join(d, "shards"), n, BENCH_PRESETS[preset]["scene_size"],
+                                    seed=cfg.run.seed)
+            source = None  # (a caller's listing is of opts.data)
+        pcfg = Config.from_dict(deep_merge(cfg.to_dict(), {"data": {"source": uri, **opts.data_options}}))
+        if source is None and not pcfg.data.builtin_scenes:
+            source = resolve_data_source(pcfg.data)
+        scenes = BENCH_PRESETS[preset]["scene_size"]
+        what = uri if opts.data else f"local WebDataset shards of JPEG scenes ({scenes} px)"
         if "pipeline" in opts.parts:
-            p = measure_pipeline(pcfg, device, opts.steps, warmup, opts.repeats, step_ips, opts.ingest_seconds)
+            p = measure_pipeline(pcfg, device, opts.steps, warmup, opts.repeats, step_ips, opts.ingest_seconds,
+                                 source=source)
             p["ray_cpus"] = capacity()[0].get("CPU", 0)
             out["pipeline"] = {**p, "data": what}
         if "dataloader" in opts.parts:
-            dl = measure_dataloader(pcfg, device, opts.steps, warmup, opts.repeats)
+            dl = measure_dataloader(pcfg, device, opts.steps, warmup, opts.repeats, source=source)
             if step_ips and "images_per_s" in dl:
                 dl["ratio"] = round(dl["images_per_s"] / step_ips, 3)
             if "images_per_s" in dl and opts.ingest_seconds > 0 and opts.dataloader_ingest:
-                ing = measure_dataloader_ingest(pcfg, opts.ingest_seconds)
+                ing = measure_dataloader_ingest(pcfg, opts.ingest_seconds, source=source)
                 dl.update(ingest_alone_images_per_s=ing.get("samples_per_s"),
                           ingest_alone_epochs=ing.get("epochs_completed"), ingest_num_workers=ing["num_workers"])
                 if "error" in ing:
@@ -154,20 +178,23 @@ def _fed(opts: BenchOptions, cfg: Config, preset: str, device: torch.device, ste
     return out
 
 
-def _ingest_only(opts: BenchOptions, preset: str) -> dict:
+def _ingest_only(opts: BenchOptions, preset: str, source: Source | None) -> dict:
     """Decoded + augmented samples/s out of the pipeline on ``opts.data``, no training; and out
-    of the DataLoader baseline on the same files (one worker per core), where it reads them."""
+    of the DataLoader baseline on the same files (one worker per core), where it reads them.
+    Both read one listing of ``opts.data`` (``source``, or listed here)."""
     from rayssl.bench.dataloader import measure_dataloader_ingest
     from rayssl.bench.pipeline import measure_ingest
+    from rayssl.data.pipeline import resolve_data_source
     from rayssl.runtime.cluster import ray_session
 
-    cfg = ingest_config({"source": opts.data, **opts.data_options}, BENCH_PRESETS[preset]["preset"],
-                        opts.batch_size or 32, opts.sets)
+    cfg = ingest_only_config(opts)
+    if source is None and not cfg.data.builtin_scenes:
+        source = resolve_data_source(cfg.data)
     with ray_session(dashboard=False, log_to_driver=False):
         out = {"bench": "rayssl.bench", "preset": preset,
-               "ingest": measure_ingest(cfg, opts.ingest_seconds, opts.consumers, cfg.run.batch_size)}
+               "ingest": measure_ingest(cfg, opts.ingest_seconds, opts.consumers, cfg.run.batch_size, source=source)}
     if opts.dataloader_ingest:
-        out["dataloader_ingest"] = dl = measure_dataloader_ingest(cfg, opts.ingest_seconds)
+        out["dataloader_ingest"] = dl = measure_dataloader_ingest(cfg, opts.ingest_seconds, source=source)
         if cfg.data.augment_on == "cpu" and dl.get("samples_per_s") and out["ingest"]["samples_per_s"]:
             out["ingest_pipeline_over_dataloader"] = round(out["ingest"]["samples_per_s"] / dl["samples_per_s"], 3)
     return out

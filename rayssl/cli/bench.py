@@ -29,13 +29,16 @@ lists, not on the bench's shards; a run's summary gives that pipeline's figures)
 from __future__ import annotations
 
 import argparse
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from rayssl.bench.run import PARTS, BenchOptions, format_table, run_bench
+from rayssl.bench.run import PARTS, BenchOptions, format_table, ingest_only_config, run_bench
 from rayssl.cli.common import UserError, add_s3_flags, run_command, s3_data_overrides
 from rayssl.methods import method_names
+
+if TYPE_CHECKING:
+    from rayssl.data.sources import Source
 
 PROG = "python -m rayssl.bench"
 
@@ -97,23 +100,23 @@ def options_from(args: argparse.Namespace) -> BenchOptions:
 def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
     args = build_parser(prog).parse_args(argv)
 
-    def prepare() -> BenchOptions:
+    def prepare() -> tuple[BenchOptions, Source | None]:
         opts = options_from(args)
-        if opts.parts == ("ingest",):  # check the source before Ray starts
-            from rayssl.bench.config import ingest_config
+        source = None
+        if opts.parts == ("ingest",):  # check the source before Ray starts; the bench reads this listing
             from rayssl.data.pipeline import resolve_data_source
 
-            cfg = ingest_config({"source": opts.data, **opts.data_options}, sets=opts.sets)
+            cfg = ingest_only_config(opts)
             if not cfg.data.builtin_scenes:
-                resolve_data_source(cfg.data)
+                source = resolve_data_source(cfg.data)
         else:
             from rayssl.bench.config import bench_config
 
             bench_config(opts.method, opts.preset or "cpu", opts.batch_size, opts.sets, opts.augment_on)
-        return opts
+        return opts, source
 
-    def execute(opts: BenchOptions) -> dict:
-        result = run_bench(opts)
+    def execute(prepared: tuple[BenchOptions, Source | None]) -> dict:
+        result = run_bench(*prepared)
         print(format_table(result))
         return result
 
