@@ -92,6 +92,23 @@ def race_step_s(crops: tuple[int, int] = RACE_CROPS, batch: int = 8) -> float:
         torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def listings(monkeypatch) -> list[str]:
+    """The data URIs listed in this process from here on: a command lists the user's source once
+    (a bucket's listing can take minutes), and each part it runs reads that listing."""
+    import rayssl.data.pipeline as pipeline
+
+    listed: list[str] = []
+    resolve = pipeline.resolve_source
+
+    def counted(uri, *args, **kwargs):
+        listed.append(uri)
+        return resolve(uri, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "resolve_source", counted)
+    return listed
+
+
 @pytest.fixture(scope="session")
 def race_backbone() -> tuple[str, ...]:
     """``tiny_args``' backbone for the runs that race their own steps: ResNet-18 (``RESNET18``) at

@@ -23,22 +23,6 @@ def _last_json(capsys) -> tuple[str, dict]:
     return out, json.loads(out.strip().splitlines()[-1])
 
 
-@pytest.fixture
-def listings(monkeypatch) -> list[str]:
-    """The URIs the bench lists (a bucket's listing can take minutes: each part must not list it again)."""
-    import rayssl.data.pipeline as pipeline
-
-    listed: list[str] = []
-    resolve = pipeline.resolve_source
-
-    def counted(uri, *args, **kwargs):
-        listed.append(uri)
-        return resolve(uri, *args, **kwargs)
-
-    monkeypatch.setattr(pipeline, "resolve_source", counted)
-    return listed
-
-
 def test_bench_reports_step_pipeline_and_comm_with_device_augmentation(ray_session, capsys, listings):
     assert bench.main([*TINY, "--augment-on", "device"]) == 0
     assert len(listings) == 1  # the bench's shards, listed once for the pipeline and the DataLoader parts

@@ -59,7 +59,8 @@ def _latest_checkpoint(run) -> str:
     return str(sorted(p for p in run.iterdir() if p.is_dir() and p.name.startswith("checkpoint_"))[-1])
 
 
-def test_pseudolabel_job_then_cdul_training(ray_session, tiny_clip, scene_folder, folder_labels, tmp_path, capsys):
+def test_pseudolabel_job_then_cdul_training(ray_session, tiny_clip, scene_folder, folder_labels, tmp_path, capsys,
+                                            listings):
     from rayssl.cli.label import main as label_main
     from rayssl.cli.train import main as train_main
 
@@ -90,7 +91,9 @@ def test_pseudolabel_job_then_cdul_training(ray_session, tiny_clip, scene_folder
              "--set", "data.max_scale=[1.0]", *TEST_BACKBONE,
              "--set", "eval.num_train_images=20", "--set", "eval.num_test_images=40", "--set", "eval.knn_k=5",
              "--set", "cdul.label_warmup_epochs=1", "--set", "cdul.label_lr=2.0"]
+    listings.clear()
     assert train_main(train) == 0
+    assert listings == [str(scene_folder)]  # checked before Ray starts; the training rows come from the table
     captured = capsys.readouterr()
     result = _last_json(captured.out)
     assert result["method"] == "cdul" and result["steps"] == 4

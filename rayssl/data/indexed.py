@@ -22,7 +22,7 @@ from rayssl.data.multicrop import crop_spec, multicrop_batch
 from rayssl.data.pipeline import TrainData, epoch_block_order, min_image_side, resolve_data_source
 from rayssl.data.pseudo_labels import read_meta, read_pseudo_labels
 from rayssl.data.scenes import generate_batch
-from rayssl.data.sources import DataError
+from rayssl.data.sources import DataError, Source
 from rayssl.data.stats import DataCounts, augment_generators, report
 from rayssl.sections import DataSection
 from rayssl.storage.retrying import fetch_objects
@@ -76,8 +76,10 @@ def indexed_files_to_crops(batch: dict, *, fs, spec, min_side: int, stats=None, 
 
 
 def build_indexed_train_data(d: DataSection, seed: int, pseudo_labels: str,
-                             stats: DataCounts | None = None) -> TrainData:
-    """The images ``pseudo_labels`` (a labelling job's output) lists, each row with its index."""
+                             stats: DataCounts | None = None, source: Source | None = None) -> TrainData:
+    """The images ``pseudo_labels`` (a labelling job's output) lists, each row with its index.
+    ``source``: ``d.source`` resolved, where the caller has it (a bucket's listing can take minutes;
+    the rows come from the table, and the source gives the filesystem they are read through)."""
     options = d.s3.signed()  # the run's own label table
     meta = read_meta(pseudo_labels, options)
     src = meta["source"]
@@ -100,7 +102,7 @@ def build_indexed_train_data(d: DataSection, seed: int, pseudo_labels: str,
     else:
         if d.builtin_scenes or d.source.rstrip("/") != str(src["uri"]).rstrip("/"):
             raise DataError(f"--pseudo-labels: {pseudo_labels} labels {src['uri']}, but --data is {d.source}")
-        source = resolve_data_source(d)
+        source = source or resolve_data_source(d)
         paths = np.asarray(cols["path"], dtype=object)
         table = pa.table({"index": pa.array(index[order]), "path": pa.array(list(paths[order]), pa.string()),
                           **({k: pa.array(cols[k].astype(np.int64)[order]) for k in ("offset", "length")}
