@@ -157,7 +157,8 @@ def _user_data_on_s3(fs, local: Path) -> tuple[str, str]:
     return "s3://sweeps/data/unlabelled", "s3://sweeps/data/labelled"
 
 
-def test_sweep_to_s3_interrupted_then_resumed_with_the_same_output(ray_session, s3_endpoint, tmp_path):
+def test_sweep_to_s3_interrupted_then_resumed_with_the_same_output(ray_session, s3_endpoint, tmp_path, listings,
+                                                                   monkeypatch):
     # The output is in the test store, named by --s3-endpoint only: the environment of this
     # process and of every Ray process names a closed port (conftest), so a trial, Tune's own
     # state or a callback that re-derived the endpoint would write nowhere.
@@ -196,9 +197,20 @@ def test_sweep_to_s3_interrupted_then_resumed_with_the_same_output(ray_session, 
     # 2. The same command again, in this process: Tune restores the experiment from the store,
     #    the interrupted trial continues under the same id, the other one runs.
     stdout, stderr = io.StringIO(), io.StringIO()
+    handed: list = []
+    with_parameters = runner.tune.with_parameters
+
+    def spied(fn, **params):
+        handed.append(params)
+        return with_parameters(fn, **params)
+
+    monkeypatch.setattr(runner.tune, "with_parameters", spied)
+    listings.clear()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         rc = sweep.main(args)
     assert rc == 0, stderr.getvalue()[-3000:]
+    # The bucket was listed once, by the command, and that listing handed to every trial.
+    assert listings == [data] and [p["source"].uri for p in handed] == [data]
     assert "sweep: resuming" in stderr.getvalue()
     assert "could not record metrics" not in stderr.getvalue()
     fs.invalidate_cache()
@@ -225,6 +237,28 @@ def test_sweep_to_s3_interrupted_then_resumed_with_the_same_output(ray_session, 
     assert load_checkpoint(ckpt, S3Options(endpoint=s3_endpoint)).epoch == best["epochs"]
     text = fs.cat_file(f"{key}/results.txt").decode()
     assert f"best: {best['trial']}" in text and ckpt in text and "swav.epsilon" in text.splitlines()[0]
+
+
+def test_a_trial_trains_on_the_sweeps_listing_unless_it_sweeps_the_source(tmp_path, monkeypatch):
+    """Each trial reads the listing the sweep command made (a bucket's listing can take minutes);
+    a trial whose swept config names another source lists its own."""
+    from types import SimpleNamespace
+
+    from rayssl.config import Config
+    from rayssl.data.scenes import write_image_folder
+    from rayssl.data.sources import resolve_source
+
+    first = str(write_image_folder(tmp_path / "a", 4, seed=1, size=32, fmt="jpg", split="train"))
+    other = str(write_image_folder(tmp_path / "b", 4, seed=2, size=32, fmt="jpg", split="train"))
+    base = Config.from_dict({"data": {"source": first}}).to_dict()
+    source = resolve_source(first)
+    trained: list = []
+    monkeypatch.setattr(runner, "train", lambda cfg, callbacks, source: trained.append((cfg.data.source, source)))
+    monkeypatch.setattr(runner.tune, "get_context", lambda: SimpleNamespace(get_trial_id=lambda: "t0"))
+    monkeypatch.setattr(runner, "EpochReports", lambda: "reports to Tune")  # (needs a Tune session)
+    runner.train_trial({"swav.epsilon": 0.05}, base, str(tmp_path / "sweep"), 1.0, source=source)
+    runner.train_trial({"data.source": other}, base, str(tmp_path / "sweep"), 1.0, source=source)
+    assert trained == [(first, source), (other, None)]
 
 
 def test_a_trial_that_reported_its_last_epoch_without_a_summary_was_stopped_not_finished(tmp_path):

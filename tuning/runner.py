@@ -32,6 +32,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
 from rayssl.config import Config, ConfigError, deep_merge
+from rayssl.data.sources import Source
 from rayssl.engine.monitor import log
 from rayssl.eval.evaluate import run_metric
 from rayssl.methods import get_method
@@ -90,11 +91,13 @@ class EpochReports(TuneReportCallback):
             super().after_report(run_context, metrics, checkpoint)
 
 
-def train_trial(config: dict, base: dict, output: str, cpus_per_worker: float) -> None:
+def train_trial(config: dict, base: dict, output: str, cpus_per_worker: float, source: Source | None = None) -> None:
     """The Tune function: one trial = one rayssl run under ``<output>/trials/<trial id>``.
 
     Runs in a Tune actor. A trial restarted by a resumed sweep finds its run directory and
     continues from the newest complete checkpoint (same Ray Train storage path and name).
+    ``source``: the sweep's listing of ``data.source``, read by every trial (a bucket's listing
+    can take minutes; each trial listing it again would add that to every trial).
     """
     raw = deep_merge(base, nest(config))
     trial_out = f"{output.rstrip('/')}/trials/{tune.get_context().get_trial_id()}"
@@ -106,7 +109,8 @@ def train_trial(config: dict, base: dict, output: str, cpus_per_worker: float) -
     raw.setdefault("eval", {})["where"] = "rank0"
     cfg = Config.from_dict(raw)  # the sweep's config: its storage options travel with it
     cfg.run.resume = exists(f"{trial_out}/config.yaml", cfg.data.s3.signed())
-    train(cfg, callbacks=[EpochReports()])
+    train(cfg, callbacks=[EpochReports()], source=source if source is not None and source.uri == cfg.data.source
+          else None)  # (a space that sweeps data.source lists each trial's own)
 
 
 # --------------------------------------------------------------------------- results
@@ -203,8 +207,9 @@ def sweep_spec(cfg: Config, base: dict, space: dict, plan: SweepPlan) -> dict:
     return json.loads(json.dumps(spec))  # tuples -> lists, as read back from the file
 
 
-def run_sweep(plan: SweepPlan, cfg: Config, base: dict, space: dict) -> dict:
-    """Run (or resume) the sweep on the connected Ray; writes and returns its results."""
+def run_sweep(plan: SweepPlan, cfg: Config, base: dict, space: dict, source: Source | None = None) -> dict:
+    """Run (or resume) the sweep on the connected Ray; writes and returns its results. ``source``:
+    ``data.source`` as the command listed it (None: the built-in scenes, or listed by each trial)."""
     out = cfg.run.output
     options = cfg.data.s3.signed()  # the sweep's own files
     resources, num_nodes = capacity()
@@ -225,7 +230,7 @@ def run_sweep(plan: SweepPlan, cfg: Config, base: dict, space: dict) -> dict:
         write_text(spec_uri, json.dumps(spec, indent=2), options)
     metric = run_metric(cfg.eval, get_method(cfg.run.method).metric)  # eval.protocol resolved by the command
     trainable = tune.with_resources(
-        tune.with_parameters(train_trial, base=base, output=out, cpus_per_worker=cpw),
+        tune.with_parameters(train_trial, base=base, output=out, cpus_per_worker=cpw, source=source),
         {"CPU": TRIAL_DRIVER_CPU},
     )
     storage_path, name, fs = run_location(f"{out}/tune", options)

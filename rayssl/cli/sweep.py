@@ -102,12 +102,12 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
             if print_space:
                 print(describe(space))
                 return None
-            check_data_source(cfg)
+            source = check_data_source(cfg)  # listed once: every trial reads this listing
         except ConfigError as exc:
             raise ConfigError(name_flag(str(exc))) from None
-        return plan, cfg, base, space
+        return plan, cfg, base, space, source
 
-    def execute(prepared: tuple[object, Config, dict, dict]) -> dict:
+    def execute(prepared: tuple[object, Config, dict, dict, object]) -> dict:
         from tuning.runner import format_table, run_sweep
 
         try:
