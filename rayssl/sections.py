@@ -150,6 +150,9 @@ class DataSection:
     source: str = "scenes"  # "scenes" (built-in) or a local folder / URI of images
     scenes_num_images: int = 2048
     scenes_image_size: int = 64
+    # Images in tar or Parquet shards, where the user knows it (the shard writer's stats): sizes the
+    # epoch and schedule without reading every shard to count them (0: manifest.json, else counted).
+    shard_images: int = 0
     # Multi-crop: one entry per crop group (SwAV: 2 x 224 at (0.14, 1) + 6 x 96 at (0.05, 0.14)).
     crop_sizes: list[int] = field(default_factory=lambda: [224, 96])
     crop_counts: list[int] = field(default_factory=lambda: [2, 6])
@@ -194,22 +197,18 @@ class DataSection:
         check(self.augment_on in ("cpu", "device"), "data.augment_on",
                f"must be cpu or device, got {self.augment_on!r}")
         check(self.scenes_num_images >= 1, "data.scenes_num_images", "must be >= 1")
+        check(self.shard_images >= 0 and not (self.shard_images and self.builtin_scenes), "data.shard_images",
+              "must be >= 0 (0: count), and is for shards (the built-in scenes number data.scenes_num_images)")
         check(self.scenes_image_size >= 8, "data.scenes_image_size", "must be >= 8")
         n = len(self.crop_sizes)
         for key in ("crop_counts", "min_scale", "max_scale"):
-            check(
-                len(getattr(self, key)) == n,
-                f"data.{key}",
-                f"needs one entry per crop group ({n}, as data.crop_sizes), got {getattr(self, key)}",
-            )
+            check(len(getattr(self, key)) == n, f"data.{key}",
+                  f"needs one entry per crop group ({n}, as data.crop_sizes), got {getattr(self, key)}")
         check(n >= 1, "data.crop_sizes", "needs at least one crop group")
         check(all(s > 0 for s in self.crop_sizes), "data.crop_sizes", "sizes must be > 0")
         check(all(c >= 1 for c in self.crop_counts), "data.crop_counts", "counts must be >= 1")
-        check(
-            self.crop_counts[0] >= 2,
-            "data.crop_counts",
-            "the first (large) group needs >= 2 crops: SwAV and MLS compare two views",
-        )
+        check(self.crop_counts[0] >= 2, "data.crop_counts",
+              "the first (large) group needs >= 2 crops: SwAV and MLS compare two views")
         for lo, hi in zip(self.min_scale, self.max_scale):
             check(0 < lo <= hi <= 1, "data.min_scale", f"need 0 < min_scale <= max_scale <= 1, got ({lo}, {hi})")
         check(self.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")

@@ -350,6 +350,50 @@ def test_mostly_broken_data_stops_with_the_counts(ray_session, tmp_path):
     assert seen >= 64 and bad > seen / 2
 
 
+def test_shards_without_a_manifest_are_counted_once_or_numbered_by_the_user(ray_session, s3_endpoint, bucket,
+                                                                             tmp_path, capsys, monkeypatch):
+    """A user's tar shards with no manifest.json: their images are counted from the tar headers
+    (a ranged read per image on S3), said before it starts, once per listing (a sweep's trials
+    share it); ``data.shard_images`` skips the count, and sizes the epoch in its place."""
+    import rayssl.data.sources as sources
+    from rayssl.data.pipeline import build_train_data, resolve_data_source
+    from rayssl.sections import DataSection
+
+    fs = _fs(s3_endpoint)
+    jpeg = io.BytesIO()
+    Image.new("RGB", (40, 40), (200, 30, 60)).save(jpeg, format="JPEG")
+    for k, n in enumerate((20, 24, 20)):
+        fs.pipe(f"{bucket}/user-shards/part-{k}.tar",
+                make_tar([(f"{k}-{i:03d}.jpg", jpeg.getvalue()) for i in range(n)]))
+    uri = f"s3://{bucket}/user-shards/"
+    d = DataSection(source=uri, s3_endpoint=s3_endpoint, crop_sizes=[32, 16], crop_counts=[2, 2])
+    source, told = resolve_data_source(d), []
+    assert build_train_data(d, 0, source=source, announce=told.append).num_images == 64
+    assert told == [f"counting the images of 3 webdataset shard(s) of {uri} from their tar headers (no manifest.json "
+                    "lists them); set data.shard_images to their number to skip the count"]
+
+    def unread(*args):
+        raise AssertionError("a shard was read to count its images")
+
+    monkeypatch.setattr(sources, "index_shard", unread)
+    assert build_train_data(d, 0, source=source, announce=told.append).num_images == 64 and len(told) == 1
+    numbered = DataSection(source=uri, s3_endpoint=s3_endpoint, crop_sizes=[32, 16], crop_counts=[2, 2],
+                           shard_images=128)
+    assert build_train_data(numbered, 0, announce=told.append).num_images == 128 and len(told) == 1
+    # A run told 128 images trains 4 steps an epoch at most; the 64 there end each epoch at 2.
+    assert train.main(_tiny(tmp_path / "run", uri, "--s3-endpoint", s3_endpoint, "--num-workers", "0",
+                            "--epochs", "2", "--set", "data.shard_images=128")) == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    assert "128 images, 4 steps/epoch x 2 epochs" in captured.err and "counting the images" not in captured.err
+    assert summary["steps"] == 4 and summary["data"] == {"seen": 128}
+    # An image folder's listing counts it: the setting is refused there, before training.
+    fs.pipe(f"{bucket}/user-images/a.jpg", jpeg.getvalue())
+    assert "data.shard_images: s3://" in _error(capsys, _tiny(tmp_path / "r2", f"s3://{bucket}/user-images/",
+                                                             "--s3-endpoint", s3_endpoint,
+                                                             "--set", "data.shard_images=5"))
+
+
 def test_webdataset_shards_on_s3_train(ray_session, s3_endpoint, bucket, tmp_path, capsys, fault_proxy):
     out = f"s3://{bucket}/wds"
     assert shards.main(["--source", "scenes", "--out", out, "--format", "webdataset", "--shard-size", "32",

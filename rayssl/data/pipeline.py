@@ -34,6 +34,7 @@ file/shard order is the seeded one every epoch, and the trainer runs the shards 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,7 +51,7 @@ from rayssl.sections import DataSection
 from rayssl.storage.retrying import fetch_objects, transient
 
 __all__ = ["TrainData", "build_train_data", "epoch_block_order", "image_bytes", "min_image_side",
-           "resolve_data_source"]
+           "resolve_data_source", "shard_images"]
 
 def epoch_block_order(data: DataSection, ds):
     """``ds`` with its blocks in a new random order every epoch; in ``data.deterministic``
@@ -208,7 +209,17 @@ def tar_shards_to_crops(batch: dict, *, fs, spec: MultiCropSpec, min_side: int, 
 
 def resolve_data_source(data: DataSection) -> Source:
     """``data.source`` resolved (listed once); DataError names the URI on failure."""
-    return resolve_source(data.source, data.s3, image_column=data.parquet_image_column)
+    source = resolve_source(data.source, data.s3, image_column=data.parquet_image_column)
+    if data.shard_images and source.kind == "images":
+        raise DataError(f"data.shard_images: {data.source} holds image files, which its listing counts; the "
+                        "setting is for tar or Parquet shards, whose images are counted by reading every shard")
+    return source
+
+
+def shard_images(d: DataSection, source: Source, announce: Callable[[str], None] | None = None) -> int:
+    """The images of a shard source: ``data.shard_images`` where the user gave it, else counted
+    (once per ``source``; see ``count_samples``)."""
+    return d.shard_images or count_samples(source, announce=announce)
 
 
 @dataclass
@@ -232,8 +243,9 @@ def _path_blocks(paths: list[str], rows_per_block: int) -> "ray.data.Dataset":
 
 
 def build_train_data(d: DataSection, seed: int, stats: DataCounts | None = None,
-                     source: Source | None = None) -> TrainData:
-    """The training dataset for ``d.source`` (any kind of source; see the module doc)."""
+                     source: Source | None = None, announce: Callable[[str], None] | None = None) -> TrainData:
+    """The training dataset for ``d.source`` (any kind of source; see the module doc).
+    ``announce``: told before the images of shards are counted by reading them."""
     spec = crop_spec(d)
     if d.augment_on == "device":
         spec = ShipToDevice(spec)  # ship bytes (scenes: pixels) + keys; see rayssl.data.gpu_augment
@@ -271,11 +283,11 @@ def build_train_data(d: DataSection, seed: int, stats: DataCounts | None = None,
             tar_shards_to_crops, batch_size=1,
             fn_kwargs={"fs": source.fs, "chunk": d.read_batch_size, **common},
         )
-        return TrainData(ds, count_samples(source), stats, source)
+        return TrainData(ds, shard_images(d, source, announce), stats, source)
     if source.kind == "parquet":
         ds = ray.data.read_parquet(
             paths, filesystem=source.pyarrow_fs, shuffle=None if d.deterministic else "files",
         ).select_columns([source.image_column]).map_batches(  # only the image column is read
             decode_and_crop, batch_size=d.read_batch_size, fn_kwargs={"column": source.image_column, **common})
-        return TrainData(ds, count_samples(source), stats, source)
+        return TrainData(ds, shard_images(d, source, announce), stats, source)
     raise DataError(f"data source {source.uri}: unsupported kind {source.kind!r}")  # pragma: no cover

@@ -27,6 +27,7 @@ import itertools
 import json
 import posixpath
 import re
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -156,6 +157,7 @@ class Source:
     options: S3Options = field(default_factory=S3Options)
     image_column: str = "image"
     manifest: dict | None = None  # rayssl.data.shards manifest found next to the shards
+    counted: int | None = None  # images in the shards, once ``count_samples`` counted them
 
     @cached_property
     def fs(self):
@@ -296,20 +298,27 @@ def _check_image_column(source: Source, fs) -> None:
                         "(binary, or a struct with a 'bytes' field)")
 
 
-def count_samples(source: Source, max_threads: int = 16) -> int:
-    """Number of images in ``source``: files, or samples in its shards.
+def count_samples(source: Source, max_threads: int = 16, announce: Callable[[str], None] | None = None) -> int:
+    """Number of images in ``source``: files, or samples in its shards (kept in ``source.counted``).
 
-    Shards: from ``manifest.json`` when it lists every selected shard, otherwise from
-    tar headers / Parquet footers, read concurrently (I/O bound, so threads).
+    Shards: from ``manifest.json`` for the shards it lists, the others from their tar headers
+    (a ranged read per image on S3: slow for many shards) or Parquet footers, read concurrently
+    (I/O bound, so threads); ``announce`` is told before such a scan.
     """
     if source.kind == "images":
         return len(source.paths)
+    if source.counted is not None:
+        return source.counted
     counts: dict[str, int] = {}
     if source.manifest:
         for entry in source.manifest.get("shards", []):
             counts[entry.get("name")] = int(entry.get("samples", 0))
     todo = [p for p in source.paths if posixpath.basename(p) not in counts]
     fs = source.fs
+    if todo and announce is not None:
+        announce(f"counting the images of {len(todo)} {source.kind} shard(s) of {source.uri} from their "
+                 f"{'Parquet footers' if source.kind == 'parquet' else 'tar headers'} (no manifest.json lists "
+                 "them); set data.shard_images to their number to skip the count")
 
     def one(path: str) -> int:
         if source.kind == "parquet":
@@ -324,4 +333,5 @@ def count_samples(source: Source, max_threads: int = 16) -> int:
         with ThreadPoolExecutor(max(1, min(max_threads, len(todo)))) as pool:
             for path, n in zip(todo, pool.map(one, todo)):
                 counts[posixpath.basename(path)] = n
-    return sum(counts[posixpath.basename(p)] for p in source.paths)
+    source.counted = sum(counts[posixpath.basename(p)] for p in source.paths)
+    return source.counted

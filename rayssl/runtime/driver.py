@@ -130,7 +130,7 @@ def train(cfg: Config, callbacks: Sequence = (), source: Source | None = None) -
         if index_table:  # rows keep each image's index for the method's per-image state
             data = build_indexed_train_data(cfg.data, cfg.run.seed, index_table, source=source)
         else:
-            data = build_train_data(cfg.data, cfg.run.seed, source=source)
+            data = build_train_data(cfg.data, cfg.run.seed, source=source, announce=log)
         steps_per_epoch = data.num_images // cfg.run.batch_size
         if steps_per_epoch < 1:
             raise ConfigError(
