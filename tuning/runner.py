@@ -230,8 +230,8 @@ def run_sweep(plan: SweepPlan, cfg: Config, base: dict, space: dict, source: Sou
     else:
         write_text(spec_uri, json.dumps(spec, indent=2), options)
     metric = run_metric(cfg.eval, get_method(cfg.run.method).metric)  # eval.protocol resolved by the command
-    if source is not None and source.kind != "images" and not cfg.method.indexed_data():
-        shard_images(cfg.data, source, announce=log)  # counted once here, for every trial
+    if source is not None and not cfg.method.indexed_data():
+        shard_images(cfg.data, source, announce=log)  # shards counted once here, for every trial
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, base=base, output=out, cpus_per_worker=cpw, source=source),
         {"CPU": TRIAL_DRIVER_CPU},
