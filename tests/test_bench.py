@@ -211,6 +211,21 @@ def test_the_dataloader_baseline_cuts_every_image_into_exact_batches_epoch_after
     assert torch.equal(flat[13:26], flat[:13]) and torch.equal(flat[26:30], flat[:4])
 
 
+def test_a_listing_is_made_once_kept_when_given_and_never_made_for_the_scenes(tmp_path, listings):
+    """``data_listing``, which the bench's parts call: the built-in scenes have nothing to list, a
+    listing the caller holds is used as it is, and a folder is listed when none is held."""
+    from rayssl.config import Config
+    from rayssl.data.pipeline import data_listing
+
+    (tmp_path / "a.jpg").write_bytes(b"not read by a listing")
+    scenes = Config.from_dict({"data": {"source": "scenes"}}).data
+    folder = Config.from_dict({"data": {"source": str(tmp_path)}}).data
+    assert data_listing(scenes) is None and listings == []
+    held = data_listing(folder)
+    assert listings == [str(tmp_path)] and held.kind == "images" and len(held.paths) == 1
+    assert data_listing(folder, held) is held and listings == [str(tmp_path)]
+
+
 def test_the_step_and_communication_parts_run_where_ray_is_not_installed(tmp_path):
     """A GPU machine may have torch alone: ``--only step`` and ``--only comm`` import no Ray (the
     child process cannot: ``ray`` is blocked in its module table, as if not installed)."""

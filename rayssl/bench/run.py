@@ -143,7 +143,7 @@ def _fed(opts: BenchOptions, cfg: Config, preset: str, device: torch.device, ste
     listed once for all the parts."""
     from rayssl.bench.dataloader import measure_dataloader, measure_dataloader_ingest
     from rayssl.bench.pipeline import measure_pipeline, write_jpeg_shards
-    from rayssl.data.pipeline import resolve_data_source
+    from rayssl.data.pipeline import data_listing
     from rayssl.runtime.cluster import capacity
 
     out: dict = {}
@@ -155,8 +155,7 @@ def _fed(opts: BenchOptions, cfg: Config, preset: str, device: torch.device, ste
                                     seed=cfg.run.seed)
             source = None  # (a caller's listing is of opts.data)
         pcfg = Config.from_dict(deep_merge(cfg.to_dict(), {"data": {"source": uri, **opts.data_options}}))
-        if source is None and not pcfg.data.builtin_scenes:
-            source = resolve_data_source(pcfg.data)
+        source = data_listing(pcfg.data, source)
         scenes = BENCH_PRESETS[preset]["scene_size"]
         what = uri if opts.data else f"local WebDataset shards of JPEG scenes ({scenes} px)"
         if "pipeline" in opts.parts:
@@ -184,12 +183,11 @@ def _ingest_only(opts: BenchOptions, preset: str, source: Source | None) -> dict
     Both read one listing of ``opts.data`` (``source``, or listed here)."""
     from rayssl.bench.dataloader import measure_dataloader_ingest
     from rayssl.bench.pipeline import measure_ingest
-    from rayssl.data.pipeline import resolve_data_source
+    from rayssl.data.pipeline import data_listing
     from rayssl.runtime.cluster import ray_session
 
     cfg = ingest_only_config(opts)
-    if source is None and not cfg.data.builtin_scenes:
-        source = resolve_data_source(cfg.data)
+    source = data_listing(cfg.data, source)
     with ray_session(dashboard=False, log_to_driver=False):
         out = {"bench": "rayssl.bench", "preset": preset,
                "ingest": measure_ingest(cfg, opts.ingest_seconds, opts.consumers, cfg.run.batch_size, source=source)}

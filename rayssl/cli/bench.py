@@ -104,11 +104,9 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
         opts = options_from(args)
         source = None
         if opts.parts == ("ingest",):  # check the source before Ray starts; the bench reads this listing
-            from rayssl.data.pipeline import resolve_data_source
+            from rayssl.data.pipeline import data_listing
 
-            cfg = ingest_only_config(opts)
-            if not cfg.data.builtin_scenes:
-                source = resolve_data_source(cfg.data)
+            source = data_listing(ingest_only_config(opts).data)
         else:
             from rayssl.bench.config import bench_config
 

@@ -51,7 +51,7 @@ from rayssl.sections import DataSection
 from rayssl.storage.retrying import fetch_objects, transient
 
 __all__ = ["TrainData", "build_train_data", "epoch_block_order", "image_bytes", "min_image_side",
-           "resolve_data_source", "shard_images"]
+           "data_listing", "resolve_data_source", "shard_images"]
 
 def epoch_block_order(data: DataSection, ds):
     """``ds`` with its blocks in a new random order every epoch; in ``data.deterministic``
@@ -214,6 +214,14 @@ def resolve_data_source(data: DataSection) -> Source:
         raise DataError(f"data.shard_images: {data.source} holds image files, which its listing counts; the "
                         "setting is for tar or Parquet shards, whose images are counted by reading every shard")
     return source
+
+
+def data_listing(data: DataSection, source: Source | None = None) -> Source | None:
+    """The listing of ``data.source``: ``source`` where the caller listed it already, None for the
+    built-in scenes (nothing to list), else listed now (``resolve_data_source``)."""
+    if source is not None or data.builtin_scenes:
+        return source
+    return resolve_data_source(data)
 
 
 def shard_images(d: DataSection, source: Source, announce: Callable[[str], None] | None = None) -> int:
