@@ -227,3 +227,24 @@ def test_linear_probe_top1():
     acc = linear_probe_top1(torch.randn(1500, 24, generator=g)[:1000], yr[:1000],
                             torch.randn(500, 24, generator=g), yr[1000:])
     assert abs(acc - 0.2) < 0.07
+
+
+def test_features_on_a_cpu_go_64_images_a_pass_and_equal_those_of_one_large_batch():
+    """The default batch of ``extract_features`` on a CPU (``CPU_FEATURE_BATCH``: 256 images'
+    activations are mapped and page-faulted anew by malloc every batch) changes how many passes
+    run, not the features: eval mode, so no image's feature depends on its batch-mates."""
+    import numpy as np
+
+    from rayssl.eval.features import CPU_FEATURE_BATCH, extract_features
+    from rayssl.modules.backbone import build_backbone
+
+    torch.manual_seed(0)
+    net, _ = build_backbone("resnet18", small_stem=True)
+    images = np.random.default_rng(0).integers(0, 256, size=(150, 40, 40, 3), dtype=np.uint8)
+    sizes: list[int] = []
+    net.register_forward_pre_hook(lambda _m, args: sizes.append(len(args[0])))
+    default = extract_features(net, images, 32, "cpu", precision="fp32")
+    assert CPU_FEATURE_BATCH == 64 and sizes == [64, 64, 22]
+    one = extract_features(net, images, 32, "cpu", batch_size=150, precision="fp32")
+    assert sizes[3:] == [150] and net.training  # the mode is restored
+    torch.testing.assert_close(default, one, rtol=1e-4, atol=1e-5)
