@@ -55,6 +55,7 @@ def test_knn_on_scenes_matches_an_in_process_computation(ray_session, ckpt_dir, 
     result = json.loads(lines[-1])
     assert any(line.startswith("knn_top1") for line in lines[:-1])  # the table comes first
     assert (result["num_train"], result["num_test"], result["num_classes"]) == (80, 40, 12)
+    assert "CPU actor(s), 64 images a batch)" in err  # the CPU's default (CPU_FEATURE_BATCH)
     train, test = scenes_eval_sets(1, 64, 80, 40)
     expected = knn_top1(_features(ckpt_dir, train["image"]), torch.from_numpy(train["label"]),
                         _features(ckpt_dir, test["image"]), torch.from_numpy(test["label"]), k=5)

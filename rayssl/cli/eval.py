@@ -50,7 +50,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="scenes stream / split / probe seed (default 0)")
     add_gpu_flag(p, "inference actors")
     p.add_argument("--actors", type=int, default=None, help="inference actors (default: one per GPU, else 1)")
-    p.add_argument("--batch-size", type=int, default=128, help="images per inference batch (default 128)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per inference batch (default: 64 on CPU actors, 256 on GPU actors)")
     p.add_argument("--baseline", action="store_true",
                    help="also score a randomly initialised backbone of the same architecture")
     p.add_argument("--parquet-image-column", default="image", help="Parquet column holding encoded images")

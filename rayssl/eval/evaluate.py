@@ -27,6 +27,7 @@ from rayssl.checkpoint import LoadedCheckpoint, backbone_state_dict
 from rayssl.data.labels import ID_COLUMNS, image_id, load_labels
 from rayssl.data.scenes import SHAPES
 from rayssl.data.sources import DataError, resolve_source
+from rayssl.eval.features import CPU_FEATURE_BATCH, FEATURE_BATCH
 from rayssl.eval.job import ActorPool, FeatureTable, scene_features, source_features
 from rayssl.eval.knn import knn_top1
 from rayssl.eval.linear import linear_probe_map, linear_probe_top1
@@ -69,7 +70,7 @@ class EvalRequest:
     num_test: int = 500  # scenes: held-out test images
     image_size: int | None = None  # default: the checkpoint's large-crop size
     seed: int = 0
-    batch_size: int = 128
+    batch_size: int | None = None  # images per inference batch; None: 64 on CPU actors, 256 on GPU ones
     baseline: bool = False  # also score a randomly initialised backbone of the same architecture
     parquet_image_column: str = "image"
 
@@ -85,7 +86,7 @@ class EvalRequest:
             raise EvalError("--num-train must be >= 2 and --num-test >= 1")
         if self.image_size is not None and self.image_size < 8:
             raise EvalError(f"--image-size: must be >= 8, got {self.image_size}")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise EvalError(f"--batch-size: must be >= 1, got {self.batch_size}")
         if self.data == "scenes" and (self.labels or self.test_data):
             raise EvalError("--labels/--test-data: the built-in scenes carry their own labels; drop these options")
@@ -266,19 +267,20 @@ def evaluate(req: EvalRequest, ckpt: LoadedCheckpoint, sources: Sources, pool: A
     size = req.image_size or ckpt.image_size
     state = backbone_state_dict(ckpt)
     info: dict = {"skipped": 0}
+    batch = req.batch_size or (FEATURE_BATCH if pool.use_gpu else CPU_FEATURE_BATCH)
     where = "in the run's rank-0 worker" if extract is not None else \
-        f"{pool.actors} {'GPU' if pool.use_gpu else 'CPU'} actor(s)"
+        f"{pool.actors} {'GPU' if pool.use_gpu else 'CPU'} actor(s), {batch} images a batch"
     features_of = extract
     if features_of is None:
         def features_of(ls: LabelledSource, st: dict, sz: int) -> FeatureTable:
             return source_features(ls.source, ls.ids_by_path, ckpt.backbone_name, ckpt.small_stem, st, size=sz,
-                                   pool=pool, batch_size=req.batch_size, parquet_id_column=ls.parquet_id_column)
+                                   pool=pool, batch_size=batch, parquet_id_column=ls.parquet_id_column)
 
     def extract(st):
         if req.data == "scenes":
             t = scene_features(ckpt.backbone_name, ckpt.small_stem, st, seed=req.seed, n_train=req.num_train,
                                n_test=req.num_test, scene_size=ckpt.config["data"]["scenes_image_size"],
-                               size=size, pool=pool, batch_size=req.batch_size)
+                               size=size, pool=pool, batch_size=batch)
             tr = t.columns["split"] == "eval-train"
             if req.protocol == "multilabel-linear":
                 y = t.columns["labels"]
