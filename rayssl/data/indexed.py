@@ -19,7 +19,7 @@ import ray
 
 from rayssl.data.decode import decode_batch
 from rayssl.data.multicrop import crop_spec, multicrop_batch
-from rayssl.data.pipeline import TrainData, epoch_block_order, min_image_side, resolve_data_source
+from rayssl.data.pipeline import TrainData, data_listing, epoch_block_order, min_image_side
 from rayssl.data.pseudo_labels import read_meta, read_pseudo_labels
 from rayssl.data.scenes import generate_batch
 from rayssl.data.sources import DataError, Source
@@ -102,7 +102,7 @@ def build_indexed_train_data(d: DataSection, seed: int, pseudo_labels: str,
     else:
         if d.builtin_scenes or d.source.rstrip("/") != str(src["uri"]).rstrip("/"):
             raise DataError(f"--pseudo-labels: {pseudo_labels} labels {src['uri']}, but --data is {d.source}")
-        source = source or resolve_data_source(d)
+        source = data_listing(d, source)
         paths = np.asarray(cols["path"], dtype=object)
         table = pa.table({"index": pa.array(index[order]), "path": pa.array(list(paths[order]), pa.string()),
                           **({k: pa.array(cols[k].astype(np.int64)[order]) for k in ("offset", "length")}

@@ -269,7 +269,7 @@ def build_train_data(d: DataSection, seed: int, stats: DataCounts | None = None,
         )
         return TrainData(ds, n, stats, shuffled_at_source=True)
 
-    source = source or resolve_data_source(d)
+    source = data_listing(d, source)
     common = {"spec": spec, "min_side": min_image_side(d), "stats": stats, "seed": seed,
               "max_bad_fraction": float(d.max_bad_fraction), "uri": source.uri}
     # Visit files/shards in a seeded random order (sorted listings put whole classes

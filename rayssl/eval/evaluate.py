@@ -27,7 +27,7 @@ from rayssl.checkpoint import LoadedCheckpoint, backbone_state_dict
 from rayssl.data.labels import ID_COLUMNS, image_id, load_labels
 from rayssl.data.scenes import SHAPES
 from rayssl.data.sources import DataError, resolve_source
-from rayssl.eval.features import CPU_FEATURE_BATCH, FEATURE_BATCH
+from rayssl.eval.features import feature_batch
 from rayssl.eval.job import ActorPool, FeatureTable, scene_features, source_features
 from rayssl.eval.knn import knn_top1
 from rayssl.eval.linear import linear_probe_map, linear_probe_top1
@@ -267,7 +267,7 @@ def evaluate(req: EvalRequest, ckpt: LoadedCheckpoint, sources: Sources, pool: A
     size = req.image_size or ckpt.image_size
     state = backbone_state_dict(ckpt)
     info: dict = {"skipped": 0}
-    batch = req.batch_size or (FEATURE_BATCH if pool.use_gpu else CPU_FEATURE_BATCH)
+    batch = req.batch_size or feature_batch("cuda" if pool.use_gpu else "cpu")
     where = "in the run's rank-0 worker" if extract is not None else \
         f"{pool.actors} {'GPU' if pool.use_gpu else 'CPU'} actor(s), {batch} images a batch"
     features_of = extract

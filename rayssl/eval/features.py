@@ -22,6 +22,11 @@ from rayssl.modules.precision import resolve_precision
 CPU_FEATURE_BATCH, FEATURE_BATCH = 64, 256
 
 
+def feature_batch(device) -> int:
+    """Images per forward pass of feature extraction on ``device`` (a CPU: ``CPU_FEATURE_BATCH``)."""
+    return CPU_FEATURE_BATCH if torch.device(device).type == "cpu" else FEATURE_BATCH
+
+
 @torch.no_grad()
 def extract_features(backbone: torch.nn.Module, images: np.ndarray, size: int, device,
                      batch_size: int | None = None, on_device: bool = False, precision: str = "auto") -> torch.Tensor:
@@ -34,7 +39,7 @@ def extract_features(backbone: torch.nn.Module, images: np.ndarray, size: int, d
     fp32 (fp16 is a training choice for old GPUs, not used for features); ``fp32`` for exact features."""
     was_training = backbone.training
     backbone.eval()
-    batch_size = batch_size or (CPU_FEATURE_BATCH if torch.device(device).type == "cpu" else FEATURE_BATCH)
+    batch_size = batch_size or feature_batch(device)
     bf16 = resolve_precision(precision, torch.device(device)) == "bf16"
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if bf16 else nullcontext()
     channels_last = bf16 or torch.device(device).type == "cuda"

@@ -171,7 +171,7 @@ def _infer(ds, arch: str, small_stem: bool, state: dict, size: int, pool: ActorP
 
 def scene_features(arch: str, small_stem: bool, state: dict, *, seed: int, n_train: int, n_test: int,
                    scene_size: int, size: int, pool: ActorPool = ActorPool(),
-                   batch_size: int = 128) -> FeatureTable:
+                   batch_size: int) -> FeatureTable:
     n = n_train + n_test
     ds = ray.data.range(n, override_num_blocks=max(1, min(16, n // 256))).map_batches(
         read_scenes, batch_size=128,
@@ -180,7 +180,7 @@ def scene_features(arch: str, small_stem: bool, state: dict, *, seed: int, n_tra
 
 
 def source_features(source: Source, ids_by_path: dict[str, str] | None, arch: str, small_stem: bool,
-                    state: dict, *, size: int, pool: ActorPool = ActorPool(), batch_size: int = 128,
+                    state: dict, *, size: int, batch_size: int, pool: ActorPool = ActorPool(),
                     parquet_id_column: str | None = None) -> FeatureTable:
     """Features of every readable image of ``source`` (files, tar or Parquet shards)."""
     import pyarrow as pa
