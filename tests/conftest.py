@@ -233,30 +233,22 @@ def aws_test_env(tmp_path_factory):
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """moto's S3 server on 127.0.0.1 (a free port) for the session; yields its URL."""
-    import logging
+    from faultproxy import moto_on_loopback
 
-    from moto.server import ThreadedMotoServer
-
-    from rayssl.dist import free_port
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no access log per request
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
+    with moto_on_loopback() as url:
+        yield url
 
 
 @pytest.fixture
 def fault_proxy(s3_endpoint):
     """A factory of fault-injecting proxies in front of moto (``tests/faultproxy.py``), all
-    stopped after the test: ``fault_proxy(plan, stall_s=...)``."""
+    stopped after the test: ``fault_proxy(plan, stall_s=..., delay_s=...)``."""
     from faultproxy import FaultProxy
 
     started = []
 
-    def make(plan, stall_s: float = 2.0, budget: int = 10_000):
-        proxy = FaultProxy(s3_endpoint, plan, stall_s=stall_s, budget=budget).start()
+    def make(plan, stall_s: float = 2.0, budget: int = 10_000, delay_s: float = 0.0):
+        proxy = FaultProxy(s3_endpoint, plan, stall_s=stall_s, budget=budget, delay_s=delay_s).start()
         started.append(proxy)
         return proxy
     yield make

@@ -14,11 +14,18 @@ A fault that needs a body (truncate, stall_body) on an answer without one falls 
 drop. The proxy only ever talks to loopback; ``budget`` bounds the faults it injects, and
 ``stop()`` ends it. ``injected`` counts the faults by kind, ``requests`` every request,
 ``log`` holds the last 10,000 object requests as (method, path, fault).
+
+``delay_s`` holds every request (listings too) that long before relaying it, as a distant
+store's round trip; ``listings`` counts the listing requests (``list-type=2``) and
+``most_listings_at_once`` the most of them in the proxy at one time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.client
+import logging
+import os
 import socket
 import threading
 import time
@@ -57,12 +64,13 @@ def every(k: int, kinds=KINDS, methods=("GET", "PUT", "HEAD", "POST"),
 
 class FaultProxy:
     def __init__(self, upstream: str, plan: Callable[[str, str, int], str | None] | None = None,
-                 stall_s: float = 3.0, budget: int = 10_000):
+                 stall_s: float = 3.0, budget: int = 10_000, delay_s: float = 0.0):
         up = urlsplit(upstream)
         assert up.hostname == "127.0.0.1", "the proxy forwards to loopback only"
         self.upstream = (up.hostname, up.port)
         self.plan = plan or (lambda method, path, number: None)
-        self.stall_s, self.budget = stall_s, budget
+        self.stall_s, self.budget, self.delay_s = stall_s, budget, delay_s
+        self.listings = self.most_listings_at_once = self._listing_now = 0
         self.injected: Counter = Counter()
         self.requests = 0
         self.log: deque = deque(maxlen=10_000)
@@ -82,6 +90,13 @@ class FaultProxy:
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+    def _listing(self, path: str, change: int) -> None:
+        if "list-type=2" in path:
+            with self._lock:
+                self._listing_now += change
+                self.listings += max(0, change)
+                self.most_listings_at_once = max(self.most_listings_at_once, self._listing_now)
 
     def _fault_for(self, method: str, path: str) -> str | None:
         bucket_and_key = path.split("?", 1)[0].lstrip("/").split("/", 1)
@@ -106,6 +121,14 @@ class FaultProxy:
                 pass
 
             def _relay(self):
+                proxy._listing(self.path, 1)
+                try:
+                    time.sleep(proxy.delay_s)
+                    self._answer()
+                finally:
+                    proxy._listing(self.path, -1)
+
+            def _answer(self):
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
                 fault = proxy._fault_for(self.command, self.path)
@@ -161,3 +184,29 @@ class FaultProxy:
             do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _relay
 
         return Handler
+
+
+def use_test_credentials() -> None:
+    """This process's AWS settings become moto's dummy ones, and no endpoint or profile of the
+    user's environment is left to be picked up (the experiments that run a store on loopback)."""
+    os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1"})
+    for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        os.environ.pop(k, None)
+
+
+@contextlib.contextmanager
+def moto_on_loopback():
+    """moto's S3 server on 127.0.0.1 (a free port) while in the block; yields its URL."""
+    from moto.server import ThreadedMotoServer
+
+    from rayssl.dist import free_port
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no access log per request
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()

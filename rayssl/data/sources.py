@@ -35,7 +35,8 @@ from functools import cached_property
 
 from rayssl.data.formats import IMAGE_EXTENSIONS, kind_of
 from rayssl.data.tar import index_shard
-from rayssl.storage import S3Options, filesystem, is_remote, is_s3, options_for, pyarrow_filesystem
+from rayssl.storage import S3Options, filesystem, is_remote, is_s3, is_s3fs, options_for, pyarrow_filesystem
+from rayssl.storage.listing import list_objects
 
 MANIFEST_NAME = "manifest.json"  # written next to the shards by rayssl.data.shards
 
@@ -175,9 +176,14 @@ class Source:
 
 
 def list_files(fs, root: str) -> dict[str, int]:
-    """{path: size} of every file below ``root`` (recursive), or of ``root`` if a file."""
-    found = fs.find(root, detail=True)
-    out = {p: int(info.get("size") or 0) for p, info in found.items() if info.get("type", "file") != "directory"}
+    """{path: size} of every file below ``root`` (recursive), or of ``root`` if a file. On S3 in
+    key ranges side by side (``rayssl.storage.listing``): a flat listing is a request per 1,000
+    keys, each waiting for the one before."""
+    if is_s3fs(fs):
+        out = list_objects(fs, root)
+    else:
+        found = fs.find(root, detail=True)
+        out = {p: int(info.get("size") or 0) for p, info in found.items() if info.get("type", "file") != "directory"}
     if not out and fs.isfile(root):
         out = {root: int(fs.size(root) or 0)}
     return out

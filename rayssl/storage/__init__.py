@@ -87,6 +87,12 @@ def is_s3(uri: str) -> bool:
     return str(uri).startswith(S3_SCHEMES)
 
 
+def is_s3fs(fs) -> bool:
+    """Whether the fsspec filesystem ``fs`` is S3's (s3fs, whose protocols are s3 and s3a)."""
+    protocol = getattr(fs, "protocol", ())
+    return "s3" in ((protocol,) if isinstance(protocol, str) else tuple(protocol))
+
+
 def strip_scheme(uri: str) -> str:
     """``s3://bucket/key`` -> ``bucket/key`` (the form fsspec and pyarrow paths take)."""
     return str(uri).split("://", 1)[1] if "://" in str(uri) else str(uri)
