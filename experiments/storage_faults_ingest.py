@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -26,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from faultproxy import FaultProxy  # noqa: E402
+from faultproxy import FaultProxy, moto_on_loopback, use_test_credentials  # noqa: E402
 
 BUCKET = "faults-bench"
 KINDS = ("503", "500", "truncate", "stall", "stall_body")
@@ -67,20 +65,8 @@ def main() -> None:
     p.add_argument("--timeout-s", type=float, default=1.0, help="data.s3_timeout_s (a stall lasts 1.5x)")
     args = p.parse_args()
 
-    os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1"})
-    for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
-        os.environ.pop(k, None)
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    from moto.server import ThreadedMotoServer
-
-    from rayssl.dist import free_port
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    upstream = f"http://127.0.0.1:{port}"
-    try:
+    use_test_credentials()
+    with moto_on_loopback() as upstream:
         from rayssl import storage
         from rayssl.storage import S3Options
 
@@ -99,8 +85,6 @@ def main() -> None:
                 proxy.stop()
             print(json.dumps({"fault_rate": rate, "ingest": result.get("ingest"),
                               "injected": dict(proxy.injected), "object_requests": proxy.requests}), flush=True)
-    finally:
-        server.stop()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,145 @@
+"""How long an S3 prefix of many folders takes to list: s3fs's flat ``find`` (a request per
+1,000 keys, one after another) against rayssl's ranged listing (``rayssl.storage.listing``,
+what ``--data`` is listed with). Feeds docs/performance.md.
+
+    python experiments/listing_bench.py [--folders 1000] [--per-folder 100] [--delay-s 0.05] [--repeats 3]
+
+The store is a stand-in for S3's listing alone, on 127.0.0.1: it answers ListObjectsV2
+(prefix, delimiter, start-after, continuation token, max-keys) from FOLDERS x PER_FOLDER keys
+held sorted in memory (an ImageFolder's shape, ``train/classNNNN/NNNNNN.jpg``), after holding
+each request DELAY_S, a store's round trip. moto, which the tests use, scans and sorts the
+whole bucket for every listing request, so there the server's CPU and not the client's order
+of requests would be measured. Each way lists the prefix REPEATS times, alternated. Prints one
+JSON object: the medians and every run, and the listing requests each way sent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import json
+import os
+import statistics
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+from xml.sax.saxutils import escape
+
+BUCKET = "listing-bench"
+
+
+class ListingStore:
+    """ListObjectsV2 over sorted ``keys``, each answer after ``delay_s``; counts the requests."""
+
+    def __init__(self, keys: list[str], delay_s: float):
+        self.keys, self.delay_s, self.requests = sorted(keys), delay_s, 0
+        self._lock = threading.Lock()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def page(self, prefix: str, delimiter: str, after: str, limit: int) -> tuple[list[str], list[str], str | None]:
+        """(keys, common prefixes, the marker to go on from or None) of one answer."""
+        i = bisect.bisect_right(self.keys, after) if after else bisect.bisect_left(self.keys, prefix)
+        keys, prefixes, last = [], [], None
+        while i < len(self.keys) and self.keys[i].startswith(prefix) and len(keys) + len(prefixes) < limit:
+            key = self.keys[i]
+            cut = key.find(delimiter, len(prefix)) if delimiter else -1
+            if cut >= 0:
+                common = key[:cut + 1]
+                prefixes.append(common)
+                last = common + "\U0010ffff"  # past every key below the common prefix
+                i = bisect.bisect_right(self.keys, last)
+            else:
+                keys.append(key)
+                last = key
+                i += 1
+        more = i < len(self.keys) and self.keys[i].startswith(prefix)
+        return keys, prefixes, last if more else None
+
+    def _handler(self):
+        store = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # headers and body go out at once, not 40 ms apart
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                with store._lock:
+                    store.requests += 1
+                time.sleep(store.delay_s)
+                q = {k: v[0] for k, v in parse_qs(urlsplit(self.path).query, keep_blank_values=True).items()}
+                after = q.get("continuation-token") or q.get("start-after") or ""
+                keys, prefixes, nxt = store.page(q.get("prefix", ""), q.get("delimiter", ""), after,
+                                                 int(q.get("max-keys", 1000)))
+                body = "".join(
+                    [f'<?xml version="1.0" encoding="UTF-8"?><ListBucketResult '
+                     f'xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><Name>{BUCKET}</Name>'
+                     f'<Prefix>{escape(q.get("prefix", ""))}</Prefix><KeyCount>{len(keys) + len(prefixes)}</KeyCount>'
+                     f'<MaxKeys>{q.get("max-keys", 1000)}</MaxKeys><IsTruncated>{"true" if nxt else "false"}</IsTruncated>']
+                    + ([f"<NextContinuationToken>{escape(nxt)}</NextContinuationToken>"] if nxt else [])
+                    + [f"<Contents><Key>{escape(k)}</Key><LastModified>2026-12-07T00:00:00.000Z</LastModified>"
+                       f'<ETag>"0"</ETag><Size>1</Size><StorageClass>STANDARD</StorageClass></Contents>' for k in keys]
+                    + [f"<CommonPrefixes><Prefix>{escape(p)}</Prefix></CommonPrefixes>" for p in prefixes]
+                    + ["</ListBucketResult>"]).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        return Handler
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--folders", type=int, default=1000)
+    p.add_argument("--per-folder", type=int, default=100)
+    p.add_argument("--delay-s", type=float, default=0.05, help="each request's round trip")
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+
+    os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1"})
+    from rayssl.data.sources import list_files
+    from rayssl.storage import S3Options, s3_filesystem
+
+    n = args.folders * args.per_folder
+    store = ListingStore([f"train/class{f:04d}/{i:06d}.jpg" for f in range(args.folders)
+                          for i in range(args.per_folder)], args.delay_s)
+    try:
+        fs = s3_filesystem(S3Options(endpoint=store.url))
+        ways = {"flat_find": lambda: fs.find(f"{BUCKET}/train"), "ranged": lambda: list_files(fs, f"{BUCKET}/train")}
+        runs: dict[str, list[float]] = {k: [] for k in ways}
+        requests: dict[str, int] = {}
+        for _ in range(args.repeats):
+            for name, way in ways.items():
+                before = store.requests
+                t = time.perf_counter()
+                got = len(way())
+                runs[name].append(round(time.perf_counter() - t, 2))
+                requests[name] = store.requests - before
+                if got != n:
+                    raise SystemExit(f"{name} listed {got} objects, not {n}")
+    finally:
+        store.stop()
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    print(json.dumps({"objects": n, "folders": args.folders, "delay_s": args.delay_s, "median_s": med,
+                      "runs_s": runs, "listing_requests": requests,
+                      "flat_over_ranged": round(med["flat_find"] / med["ranged"], 2)}))
+
+
+if __name__ == "__main__":
+    main()
