@@ -88,7 +88,8 @@ class ListingStore:
                     [f'<?xml version="1.0" encoding="UTF-8"?><ListBucketResult '
                      f'xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><Name>{BUCKET}</Name>'
                      f'<Prefix>{escape(q.get("prefix", ""))}</Prefix><KeyCount>{len(keys) + len(prefixes)}</KeyCount>'
-                     f'<MaxKeys>{q.get("max-keys", 1000)}</MaxKeys><IsTruncated>{"true" if nxt else "false"}</IsTruncated>']
+                     f'<MaxKeys>{q.get("max-keys", 1000)}</MaxKeys>'
+                     f'<IsTruncated>{"true" if nxt else "false"}</IsTruncated>']
                     + ([f"<NextContinuationToken>{escape(nxt)}</NextContinuationToken>"] if nxt else [])
                     + [f"<Contents><Key>{escape(k)}</Key><LastModified>2026-12-07T00:00:00.000Z</LastModified>"
                        f'<ETag>"0"</ETag><Size>1</Size><StorageClass>STANDARD</StorageClass></Contents>' for k in keys]

@@ -8,12 +8,13 @@ opens a range; it ends at the first key past its upper bound).
 
 ``list_objects`` asks for the first page of the flat listing; a prefix that fits in it is done
 (one request, as before). Otherwise one listing with a delimiter gives the prefix's folders and
-the files directly under it; the folders are the cut points of up to ``RANGES`` ranges of about
-``RANGE_PAGES`` pages or more (the first page's keys tell how many a folder holds), listed
-``CONCURRENCY`` at a time; a prefix of fewer pages goes on from its first page, page after page. A prefix with no folders (a flat folder of shards) is done with that
-second listing, page after page, as before; so is a directory bucket of S3 Express One Zone,
-whose listings are not in key order. Every page goes through the filesystem's
-``_call_s3``, so it is retried and counted like any other request (``rayssl.storage.retrying``).
+the files directly under it. A prefix with no folders (a flat folder of shards) is done with
+that listing. Otherwise the folders are the cut points of up to ``RANGES`` ranges of about
+``RANGE_PAGES`` pages or more (the first page's keys tell how many keys a folder holds), listed
+``CONCURRENCY`` at a time; a prefix of fewer pages goes on from its first page, page after page.
+A directory bucket of S3 Express One Zone, whose listings are not in key order, is listed flat.
+Every page goes through the filesystem's ``_call_s3``, so it is retried and counted like any
+other request (``rayssl.storage.retrying``).
 """
 
 from __future__ import annotations
