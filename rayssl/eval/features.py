@@ -46,9 +46,9 @@ def extract_features(backbone: torch.nn.Module, images: np.ndarray, size: int, d
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if bf16 else nullcontext()
     out = []
     # channels_last images, on a CPU in fp32 too: a pass of ResNet-18 (small stem, 32 px, 1,500 images)
-    # took 12% less time and one of ResNet-50 (224 px) 28% less than with NCHW images, the same
-    # features to float rounding; converting the weights as well saved about 1% more (2-core AMD
-    # EPYC, medians of 3, 2026-12-07).
+    # took 5-12% less time and one of ResNet-50 (224 px) about 30% less than with NCHW images, the
+    # same features to float rounding; converting the weights as well saved about 1% more (2-core AMD
+    # EPYC, medians of 3, 2026-12-07; docs/performance.md).
     for i in range(0, len(images), batch_size):
         x = to_float_images(torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])).to(device))
         if x.shape[-1] != size:
