@@ -18,13 +18,19 @@ from __future__ import annotations
 import argparse
 import bisect
 import json
-import os
 import statistics
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 from xml.sax.saxutils import escape
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+from faultproxy import use_test_credentials  # noqa: E402
 
 BUCKET = "listing-bench"
 
@@ -112,8 +118,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
 
-    os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1"})
+    use_test_credentials()
     from rayssl.data.sources import list_files
     from rayssl.storage import S3Options, s3_filesystem
 

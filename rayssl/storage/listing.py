@@ -43,9 +43,9 @@ def cut_points(folders: list[str], ranges: int = RANGES) -> list[str]:
     return sorted({names[(i * len(names)) // (take + 1)] for i in range(1, take + 1)})
 
 
-async def _pages(fs, **kwargs):
-    async for page in fs._list_pages("list_objects_v2", MaxKeys=PAGE, **kwargs, **fs.req_kw):
-        yield page
+def _query(fs, **kwargs) -> dict:
+    """A ListObjectsV2 request's arguments: a page of ``PAGE`` keys, the filesystem's own request options."""
+    return {"MaxKeys": PAGE, **kwargs, **fs.req_kw}
 
 
 def _pages_estimate(first: dict, prefix: str, folders: int) -> int:
@@ -57,52 +57,52 @@ def _pages_estimate(first: dict, prefix: str, folders: int) -> int:
     return int(folders * per_folder / PAGE)
 
 
-def _sizes(bucket: str, page: dict) -> dict[str, int]:
-    return {f"{bucket}/{o['Key']}": int(o.get("Size") or 0) for o in page.get("Contents", [])}
+def _add(files: dict[str, int], bucket: str, objects: list[dict]) -> None:
+    files.update({f"{bucket}/{o['Key']}": int(o.get("Size") or 0) for o in objects})
 
 
-async def _range(fs, bucket: str, prefix: str, after: str | None, upto: str | None,
-                 gate: asyncio.Semaphore) -> dict[str, int]:
-    """{bucket/key: size} for the keys below ``prefix`` in (``after``, ``upto``] (None: open)."""
-    kwargs = {"Bucket": bucket, "Prefix": prefix}
-    if after is not None:
-        kwargs["StartAfter"] = after
-    out: dict[str, int] = {}
+async def _listed(fs, files: dict[str, int], bucket: str, upto: str | None = None, **kwargs) -> dict[str, int]:
+    """``files`` with the keys of a listing (``kwargs``: its prefix, start, token) added, page after
+    page, up to and including ``upto`` (None: to the end)."""
+    async for page in fs._list_pages("list_objects_v2", **_query(fs, Bucket=bucket, **kwargs)):
+        objects = page.get("Contents", [])
+        inside = [o for o in objects if upto is None or o["Key"] <= upto]
+        _add(files, bucket, inside)
+        if len(inside) < len(objects):
+            break  # past the range's upper bound
+    return files
+
+
+async def _range(fs, files: dict[str, int], bucket: str, prefix: str, after: str | None, upto: str | None,
+                 gate: asyncio.Semaphore) -> None:
+    """The keys below ``prefix`` in (``after``, ``upto``] (None: open) added to ``files``."""
     async with gate:
-        async for page in _pages(fs, **kwargs):
-            inside = [o for o in page.get("Contents", []) if upto is None or o["Key"] <= upto]
-            out.update(_sizes(bucket, {"Contents": inside}))
-            if len(inside) < len(page.get("Contents", [])):
-                return out  # past the range's upper bound
-    return out
+        await _listed(fs, files, bucket, upto, Prefix=prefix, **({"StartAfter": after} if after is not None else {}))
 
 
 async def _list(fs, path: str, ranges: int, concurrency: int) -> dict[str, int]:
     bucket, _, key = path.strip("/").partition("/")
     prefix = f"{key.rstrip('/')}/" if key else ""
+    files: dict[str, int] = {}
     if bucket.endswith(DIRECTORY_BUCKET):  # S3 Express lists unsorted and takes no StartAfter: flat
-        return {p: s for page in [p async for p in _pages(fs, Bucket=bucket, Prefix=prefix)]
-                for p, s in _sizes(bucket, page).items()}
-    first = await fs._call_s3("list_objects_v2", Bucket=bucket, Prefix=prefix, MaxKeys=PAGE, **fs.req_kw)
-    files = _sizes(bucket, first)
+        return await _listed(fs, files, bucket, Prefix=prefix)
+    first = await fs._call_s3("list_objects_v2", **_query(fs, Bucket=bucket, Prefix=prefix))
+    _add(files, bucket, first.get("Contents", []))
     if not first.get("IsTruncated"):
         return files
     folders: list[str] = []
-    async for page in _pages(fs, Bucket=bucket, Prefix=prefix, Delimiter="/"):
+    async for page in fs._list_pages("list_objects_v2", **_query(fs, Bucket=bucket, Prefix=prefix, Delimiter="/")):
         folders += [p["Prefix"] for p in page.get("CommonPrefixes", [])]
-        files.update(_sizes(bucket, page))
+        _add(files, bucket, page.get("Contents", []))
     if not folders:
         return files  # every key was in that listing
     ranges = min(ranges, len(folders), _pages_estimate(first, prefix, len(folders)) // RANGE_PAGES)
     if ranges < 2:  # a few pages in all: on from the first page, one after another
-        async for page in _pages(fs, Bucket=bucket, Prefix=prefix, ContinuationToken=first["NextContinuationToken"]):
-            files.update(_sizes(bucket, page))
-        return files
+        return await _listed(fs, files, bucket, Prefix=prefix, ContinuationToken=first["NextContinuationToken"])
     bounds = [None, *cut_points(folders, ranges), None]
     gate = asyncio.Semaphore(concurrency)
-    parts = await asyncio.gather(*(_range(fs, bucket, prefix, lo, hi, gate) for lo, hi in zip(bounds, bounds[1:])))
-    for part in parts:
-        files.update(part)
+    # (one event loop: the ranges add to the one dict in turn)
+    await asyncio.gather(*(_range(fs, files, bucket, prefix, lo, hi, gate) for lo, hi in zip(bounds, bounds[1:])))
     return files
 
 
