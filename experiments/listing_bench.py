@@ -1,26 +1,30 @@
-"""How long an S3 prefix of many folders takes to list: s3fs's flat ``find`` (a request per
+"""How long an S3 prefix of many keys takes to list: s3fs's flat ``find`` (a request per
 1,000 keys, one after another) against rayssl's ranged listing (``rayssl.storage.listing``,
 what ``--data`` is listed with). Feeds docs/performance.md.
 
-    python experiments/listing_bench.py [--folders 1000] [--per-folder 100] [--delay-s 0.05] [--repeats 3]
+    python experiments/listing_bench.py [--layout folders|counted|hashed] [--folders 1000]
+        [--per-folder 100] [--delay-s 0.05] [--repeats 3]
 
-The store is a stand-in for S3's listing alone, on 127.0.0.1: it answers ListObjectsV2
-(prefix, delimiter, start-after, continuation token, max-keys) from FOLDERS x PER_FOLDER keys
-held sorted in memory (an ImageFolder's shape, ``train/classNNNN/NNNNNN.jpg``), after holding
-each request DELAY_S, a store's round trip. moto, which the tests use, scans and sorts the
-whole bucket for every listing request, so there the server's CPU and not the client's order
-of requests would be measured. Each way lists the prefix REPEATS times, alternated. Prints one
-JSON object: the medians and every run, and the listing requests each way sent.
+The store is a stand-in for S3's listing alone, on 127.0.0.1, in a process of its own: it
+answers ListObjectsV2 (prefix, delimiter, start-after, continuation token, max-keys) from
+FOLDERS x PER_FOLDER keys held sorted in memory, after holding each request DELAY_S, a store's
+round trip. The keys (``--layout``): an ImageFolder's (``train/classNNNN/NNNNNN.jpg``), or as
+many in one flat folder, named by counting up (``train/NNNNNNNN.jpg``) or by a hash
+(``train/<16 hex digits>.jpg``). moto, which the tests use, scans and sorts the whole bucket
+for every listing request, so there the server's CPU and not the client's order of requests
+would be measured. Each way lists the prefix REPEATS times, alternated. Prints one JSON object:
+the medians and every run, and the listing requests each way sent.
 """
 
 from __future__ import annotations
 
 import argparse
 import bisect
+import hashlib
 import json
+import multiprocessing
 import statistics
 import sys
-import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -35,23 +39,38 @@ from faultproxy import use_test_credentials  # noqa: E402
 BUCKET = "listing-bench"
 
 
+def bench_keys(layout: str, folders: int, per_folder: int) -> list[str]:
+    n = folders * per_folder
+    if layout == "folders":
+        return [f"train/class{f:04d}/{i:06d}.jpg" for f in range(folders) for i in range(per_folder)]
+    if layout == "counted":
+        return [f"train/{i:08d}.jpg" for i in range(n)]
+    return [f"train/{hashlib.blake2b(str(i).encode(), digest_size=8).hexdigest()}.jpg" for i in range(n)]
+
+
 class ListingStore:
-    """ListObjectsV2 over sorted ``keys``, each answer after ``delay_s``; counts the requests."""
+    """ListObjectsV2 over sorted ``keys``, each answer after ``delay_s``, in a process of its own
+    (started by ``serve``: its CPU is not the client's); ``requests`` counts them."""
 
-    def __init__(self, keys: list[str], delay_s: float):
-        self.keys, self.delay_s, self.requests = sorted(keys), delay_s, 0
-        self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+    def __init__(self, keys: list[str], delay_s: float, counter):
+        self.keys, self.delay_s, self.counter = sorted(keys), delay_s, counter
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+    @classmethod
+    def serve(cls, layout: str, folders: int, per_folder: int, delay_s: float):
+        """(the store's URL, its request counter, its process)."""
+        ctx = multiprocessing.get_context("fork")
+        counter, port = ctx.Value("l", 0), ctx.Queue()
+        proc = ctx.Process(target=cls._run, args=(layout, folders, per_folder, delay_s, counter, port), daemon=True)
+        proc.start()
+        return f"http://127.0.0.1:{port.get(timeout=300)}", counter, proc
 
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+    @classmethod
+    def _run(cls, layout, folders, per_folder, delay_s, counter, port) -> None:
+        store = cls(bench_keys(layout, folders, per_folder), delay_s, counter)
+        server = ThreadingHTTPServer(("127.0.0.1", 0), store._handler())
+        server.daemon_threads = True
+        port.put(server.server_address[1])
+        server.serve_forever()
 
     def page(self, prefix: str, delimiter: str, after: str, limit: int) -> tuple[list[str], list[str], str | None]:
         """(keys, common prefixes, the marker to go on from or None) of one answer."""
@@ -83,8 +102,8 @@ class ListingStore:
                 pass
 
             def do_GET(self):
-                with store._lock:
-                    store.requests += 1
+                with store.counter.get_lock():
+                    store.counter.value += 1
                 time.sleep(store.delay_s)
                 q = {k: v[0] for k, v in parse_qs(urlsplit(self.path).query, keep_blank_values=True).items()}
                 after = q.get("continuation-token") or q.get("start-after") or ""
@@ -112,6 +131,7 @@ class ListingStore:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--layout", choices=["folders", "counted", "hashed"], default="folders")
     p.add_argument("--folders", type=int, default=1000)
     p.add_argument("--per-folder", type=int, default=100)
     p.add_argument("--delay-s", type=float, default=0.05, help="each request's round trip")
@@ -119,31 +139,30 @@ def main() -> None:
     args = p.parse_args()
 
     use_test_credentials()
+    n = args.folders * args.per_folder
+    url, counter, proc = ListingStore.serve(args.layout, args.folders, args.per_folder, args.delay_s)
     from rayssl.data.sources import list_files
     from rayssl.storage import S3Options, s3_filesystem
 
-    n = args.folders * args.per_folder
-    store = ListingStore([f"train/class{f:04d}/{i:06d}.jpg" for f in range(args.folders)
-                          for i in range(args.per_folder)], args.delay_s)
     try:
-        fs = s3_filesystem(S3Options(endpoint=store.url))
+        fs = s3_filesystem(S3Options(endpoint=url))
         ways = {"flat_find": lambda: fs.find(f"{BUCKET}/train"), "ranged": lambda: list_files(fs, f"{BUCKET}/train")}
         runs: dict[str, list[float]] = {k: [] for k in ways}
         requests: dict[str, int] = {}
         for _ in range(args.repeats):
             for name, way in ways.items():
-                before = store.requests
+                before = counter.value
                 t = time.perf_counter()
                 got = len(way())
                 runs[name].append(round(time.perf_counter() - t, 2))
-                requests[name] = store.requests - before
+                requests[name] = counter.value - before
                 if got != n:
                     raise SystemExit(f"{name} listed {got} objects, not {n}")
     finally:
-        store.stop()
+        proc.terminate()
     med = {k: statistics.median(v) for k, v in runs.items()}
-    print(json.dumps({"objects": n, "folders": args.folders, "delay_s": args.delay_s, "median_s": med,
-                      "runs_s": runs, "listing_requests": requests,
+    print(json.dumps({"objects": n, "layout": args.layout, "folders": args.folders, "delay_s": args.delay_s,
+                      "median_s": med, "runs_s": runs, "listing_requests": requests,
                       "flat_over_ranged": round(med["flat_find"] / med["ranged"], 2)}))
 
 

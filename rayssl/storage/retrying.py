@@ -17,6 +17,12 @@ refused permission fails at once. Each retry adds one to the filesystem's ``retr
 the data pipeline reports as the run's ``retried`` count; a request that still fails after its
 retries is marked (``exhausted``) so an outer read does not retry it again, and the pipeline
 skips that object as ``storage_error`` -- never as a corrupt image.
+
+The filesystem's responses are also read faster: botocore parses every timestamp with dateutil,
+which is about 70% of the time a listing page of 1,000 keys takes to parse (51 of 73 us a key),
+and a listing in ranges side by side is bound by that parsing (``rayssl.storage.listing``).
+``iso_timestamp`` reads S3's ISO 8601 timestamps with ``datetime.fromisoformat`` (the same
+instants, in UTC) and hands anything else to botocore's parser.
 """
 
 from __future__ import annotations
@@ -25,13 +31,15 @@ import asyncio
 import random
 import time
 from collections import Counter
+from datetime import datetime
 from typing import Awaitable, Callable
 
 import s3fs
+from botocore.utils import parse_timestamp
 from fsspec.asyn import sync_wrapper
 from s3fs.core import S3File
 
-__all__ = ["RetryingS3FileSystem", "exhausted", "fetch_objects", "transient"]
+__all__ = ["RetryingS3FileSystem", "exhausted", "fetch_objects", "iso_timestamp", "transient"]
 
 # Error codes S3 and compatible stores send for "try again later" (beside any 5xx / 429).
 RETRY_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError",
@@ -77,6 +85,19 @@ def transient(exc: BaseException) -> bool:
 def exhausted(exc: BaseException) -> bool:
     """Whether ``exc`` is a storage failure that outlived its retries (or was not worth one)."""
     return bool(getattr(exc, _EXHAUSTED, False))
+
+
+def iso_timestamp(value) -> datetime:
+    """A response's timestamp: S3's ISO 8601 (``2026-12-07T10:00:00.000Z``) by ``fromisoformat``,
+    as an aware datetime in UTC; anything else (an HTTP date, epoch seconds) by botocore's parser."""
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value[:-1] + "+00:00" if value.endswith("Z") else value)
+        except ValueError:
+            parsed = None
+        if parsed is not None and parsed.tzinfo is not None:
+            return parsed
+    return parse_timestamp(value)
 
 
 def _backoff(retry: int) -> float:
@@ -132,6 +153,15 @@ class RetryingS3FileSystem(s3fs.S3FileSystem):
                     raise _give_up(exc)
                 retry += 1
                 time.sleep(delay)
+
+    async def set_session(self, refresh=False, kwargs={}):  # noqa: B006 - s3fs's signature
+        s3 = await super().set_session(refresh=refresh, kwargs=kwargs)
+        # every client of the session reads its responses' timestamps so (the parser is made per response)
+        self.session.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=iso_timestamp)
+        return s3
+
+    _connect = set_session  # s3fs binds both to its own set_session at class level
+    connect = sync_wrapper(set_session)
 
     async def _call_s3(self, method, *akwarglist, **kwargs):
         return await self._retrying(lambda: s3fs.S3FileSystem._call_s3(self, method, *akwarglist, **kwargs))
