@@ -157,3 +157,23 @@ def test_timestamps_are_read_as_botocore_reads_them_and_listings_use_the_quick_w
     assert iso_timestamp("2026-12-07T10:00:00.000Z").tzinfo == timezone.utc  # fromisoformat's, not dateutil's
     listed = store.ls("listing/flat", detail=True)  # S3's XML: ISO 8601, read the quick way
     assert listed and all(i["LastModified"].tzinfo == timezone.utc for i in listed)
+
+
+@pytest.mark.parametrize("failing", [2, 5])
+def test_a_failed_listing_request_fails_the_listing_and_leaves_no_lister_waiting(s3_endpoint, store, pages_of_4,
+                                                                                  monkeypatch, failing):
+    """The first page (1), then the parts; a request that fails after its retries ends the listing with
+    its error, where the other listers were waiting or listing."""
+    fs, _ = filesystem("s3://listing", S3Options(endpoint=s3_endpoint))
+    calls, call = [], fs._call_s3
+
+    async def refused(method, *args, **kwargs):
+        calls.append(method)
+        if len(calls) == failing:
+            raise PermissionError("Access Denied")
+        return await call(method, *args, **kwargs)
+
+    monkeypatch.setattr(fs, "_call_s3", refused)
+    with pytest.raises(PermissionError, match="Access Denied"):
+        list_objects(fs, "listing/many", concurrency=4)
+    assert list_objects(store, "listing/many", concurrency=4) == _find(store, "listing/many")  # the loop goes on
