@@ -177,3 +177,25 @@ def test_a_failed_listing_request_fails_the_listing_and_leaves_no_lister_waiting
     with pytest.raises(PermissionError, match="Access Denied"):
         list_objects(fs, "listing/many", concurrency=4)
     assert list_objects(store, "listing/many", concurrency=4) == _find(store, "listing/many")  # the loop goes on
+
+
+@pytest.mark.parametrize("pattern", ["listing/r/*/*.png", "listing/r/**/*.png", "listing/r/m0?/*.jpg",
+                                     "listing/r/[ae]*/*", "listing/r/a*/**", "listing/r/**", "listing/r/*.png",
+                                     "listing/r/*/deep/*", "listing/*/x.png", "listing/many/0000[0-3].jpg"])
+def test_a_pattern_matches_what_fsspecs_glob_matches(store, pattern):
+    """The same files; folder markers (``c/``) are left out, and ``e``, a file and a folder of one
+    name, is kept: fsspec's glob gives the markers as files and ``e`` as a folder only."""
+    from rayssl.data.sources import glob_files
+
+    files = {p: int(i["size"]) for p, i in store.glob(pattern, detail=True).items()
+             if i["type"] != "directory" and not p.endswith("/")}
+    also = {"listing/r/e": len(LAYOUT["e"])} if pattern == "listing/r/**" else {}
+    assert glob_files(store, pattern) == {**files, **also} and files
+
+
+def test_a_pattern_through_folders_is_matched_against_the_listing_in_parts(store, fault_proxy, pages_of_4):
+    """fsspec's glob lists each folder a folder wildcard reaches in turn; here one listing in parts."""
+    proxy = fault_proxy(None, delay_s=0.1)
+    src = resolve_source("s3://listing/r/m*/*.jpg", S3Options(endpoint=proxy.url))
+    assert src.kind == "images" and src.paths == sorted(store.glob("listing/r/m*/*.jpg"))
+    assert len(src.paths) == 24 and proxy.most_listings_at_once >= 2

@@ -33,6 +33,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 
+from fsspec.utils import glob_translate
+
 from rayssl.data.formats import IMAGE_EXTENSIONS, kind_of
 from rayssl.data.tar import index_shard
 from rayssl.storage import S3Options, filesystem, is_remote, is_s3, is_s3fs, options_for, pyarrow_filesystem
@@ -189,6 +191,21 @@ def list_files(fs, root: str) -> dict[str, int]:
     return out
 
 
+def glob_files(fs, pattern: str) -> dict[str, int]:
+    """{path: size} of the files that the glob ``pattern`` (no scheme; fsspec's rules: ``*``, ``?``,
+    ``[...]``, ``**``) matches. On S3, a pattern with a wildcard in a folder's name or ``**``
+    (``train/*/*.JPEG``) is matched against the listing in parts of the prefix before its first
+    wildcard (``list_files``): fsspec's glob would list each folder in turn, a request or more a folder."""
+    first = min((i for i in map(pattern.find, "*?[") if i >= 0), default=len(pattern))
+    root = pattern[:first].rpartition("/")[0]
+    deep = "**" in pattern or "/" in pattern[first:]
+    if is_s3fs(fs) and deep and root and not pattern.endswith("/"):
+        match = re.compile(glob_translate(pattern)).match
+        return {p: s for p, s in list_objects(fs, root).items() if not p.endswith("/") and match(p)}
+    found = fs.glob(pattern, detail=True)
+    return {p: int(i.get("size") or 0) for p, i in found.items() if i.get("type") != "directory"}
+
+
 def _select(uri: str, listing: dict[str, int], what: str) -> tuple[str, list[str]]:
     """Pick the one kind of data file in ``listing``; errors name the URI."""
     by_kind: dict[str, list[str]] = {}
@@ -245,8 +262,7 @@ def resolve_source(uri: str, options: S3Options | None = None, image_column: str
             selected = [_norm(fs, p) for p in paths if kind_of(p) == kind]  # keep the pattern's order
         elif is_pattern:
             fs, path = filesystem(uri, options)
-            listing = {p: int(i.get("size") or 0) for p, i in fs.glob(path, detail=True).items()
-                       if i.get("type") != "directory"}
+            listing = glob_files(fs, path)
             if not listing:
                 raise DataError(f"data source {uri}: the pattern matches no files")
             kind, selected = _select(uri, listing, "the pattern")
