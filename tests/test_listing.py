@@ -31,6 +31,9 @@ def test_cut_points_cut_the_part_after_a_key_at_its_shortest_head():
     assert cut_points("p/0", None, "p/", hexdigits, most=4) == ["p/1", "p/4", "p/8", "p/c"]  # evenly spread
     assert cut_points("p/za", "p/zaa", "p/", "abc") == []  # nothing between
     assert cut_points("p/z", None, "p/", "cab") == ["p/za", "p/zb", "p/zc"]  # after the whole key
+    # names of characters above all the first page's: only slivers just after the key, unless cut short
+    assert cut_points("p/zzz9", None, "p/", "0123456789.") == ["p/zzz9" + c for c in ".0123456789"]
+    assert cut_points("p/zzz9", None, "p/", "0123456789.", deepest=len("p/zzz")) == []
 
 
 def test_every_cut_is_strictly_inside_the_part_and_in_order():

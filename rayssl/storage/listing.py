@@ -33,6 +33,7 @@ parsing, not the store, is what a listing side by side waits for).
 from __future__ import annotations
 
 import asyncio
+import os
 
 from fsspec.asyn import sync
 
@@ -46,13 +47,15 @@ SPLIT_AFTER = 2  # pages a part has given before it is split
 DIRECTORY_BUCKET = "--x-s3"  # the names of S3 Express One Zone's buckets end so
 
 
-def cut_points(low: str, high: str | None, prefix: str, chars: str, most: int = MOST_CUTS) -> list[str]:
+def cut_points(low: str, high: str | None, prefix: str, chars: str, most: int = MOST_CUTS,
+               deepest: int | None = None) -> list[str]:
     """Sorted strings strictly between the key ``low`` and ``high`` (None: no bound), below ``prefix``:
     ``low`` cut short after ``prefix`` and the fewest characters that leave any such string, then
-    each of ``chars`` that sorts above ``low``'s next character. At most ``most``, evenly spread;
-    [] when none (``chars`` holds nothing that fits)."""
+    each of ``chars`` that sorts above ``low``'s next character. ``low`` is cut short to at most
+    ``deepest`` characters (None: to its whole length). At most ``most``, evenly spread; [] when
+    none (``chars`` holds nothing that fits)."""
     chars = "".join(sorted(set(chars)))
-    for depth in range(len(prefix), len(low) + 1):
+    for depth in range(len(prefix), min(len(low), len(low) if deepest is None else deepest) + 1):
         head, after = low[:depth], low[depth:depth + 1]
         cuts = [head + c for c in chars if c > after and (high is None or head + c < high)]
         if cuts:
@@ -123,7 +126,7 @@ class _Listers:
     async def _part(self, low: str | None, high: str | None) -> None:
         """The keys in (``low``, ``high``], fewer when the part is split on the way."""
         query = _query(self.fs, Bucket=self.bucket, Prefix=self.prefix, **({} if low is None else {"StartAfter": low}))
-        pages = 0
+        pages, first = 0, None
         async for page in self.fs._list_pages("list_objects_v2", **query):
             pages += 1
             objects = page.get("Contents", [])
@@ -131,8 +134,16 @@ class _Listers:
             _add(self.files, self.bucket, inside)
             if len(inside) < len(objects):
                 return  # past the part's upper bound
+            if not inside:
+                continue  # (a store's empty page)
+            first = first or inside[0]["Key"]
             if pages >= SPLIT_AFTER and page.get("IsTruncated") and self.idle and self.parts.empty():
-                cuts = cut_points(inside[-1]["Key"], high, self.prefix, self.chars)
+                # cut no deeper than a character past where the part's keys so far differ: cuts deeper
+                # down would split off slivers just after the page (its names have characters the
+                # first page's lack), each costing a request and a page read for nothing
+                low = inside[-1]["Key"]
+                deepest = len(os.path.commonprefix([first, low]))
+                cuts = cut_points(low, high, self.prefix, self.chars, deepest=deepest)
                 for lo, hi in zip(cuts, [*cuts[1:], high]):
                     self.parts.put_nowait((lo, hi))
                 high = cuts[0] if cuts else high
