@@ -194,8 +194,9 @@ def list_files(fs, root: str) -> dict[str, int]:
 def glob_files(fs, pattern: str) -> dict[str, int]:
     """{path: size} of the files that the glob ``pattern`` (no scheme; fsspec's rules: ``*``, ``?``,
     ``[...]``, ``**``) matches. On S3, a pattern with a wildcard in a folder's name or ``**``
-    (``train/*/*.JPEG``) is matched against the listing in parts of the prefix before its first
-    wildcard (``list_files``): fsspec's glob would list each folder in turn, a request or more a folder."""
+    (``train/*/*.JPEG``) is matched, by fsspec's own ``glob_translate``, against the listing in parts
+    (``list_objects``) of the prefix before its first wildcard: fsspec's glob would list each folder
+    in turn, a request or more a folder. Folder markers (keys ending in ``/``) are not files."""
     first = min((i for i in map(pattern.find, "*?[") if i >= 0), default=len(pattern))
     root = pattern[:first].rpartition("/")[0]
     deep = "**" in pattern or "/" in pattern[first:]
