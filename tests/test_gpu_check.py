@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from experiments_loader import load_experiment
 from rayssl.bench.gpu_check import GOALS, CheckOptions, check_goals, in_fresh_process, step_config
 from rayssl.cli import gpu_check
 
@@ -156,3 +157,87 @@ def test_a_part_whose_package_is_missing_is_skipped_and_the_others_still_run(tmp
     r = gc.run_gpu_check(CheckOptions(out=str(tmp_path / "check.json"), device="cpu", dry_run=True))
     assert r["parts"]["labels"] == {"skipped": "pyarrow is not installed"} and ran == ["plain"]
     assert r["parts"]["plain"]["figure"] == 1 and json.loads((tmp_path / "check.json").read_text()) == r
+
+
+def test_a_part_left_out_is_said_so_and_not_run_and_the_step_cannot_be(tmp_path, monkeypatch, capsys):
+    """``--skip PART``: a GPU session leaves out what an earlier check measured, so that the
+    unmeasured parts fit its budget."""
+    from rayssl.bench import gpu_check as gc
+
+    assert gc.PARTS == tuple(PARTS) == tuple(
+        p.name for p in gc._parts(CheckOptions(out="unused.json", dry_run=True), torch.device("cpu"), {}))
+    args = gpu_check.build_parser().parse_args(["--dry-run", "--skip", "quality", "--skip", "step_vit"])
+    assert gpu_check.options_from(args).skip == ("quality", "step_vit")
+    ran = []
+    monkeypatch.setattr(gc, "_parts", lambda opts, device, result: [
+        gc.Part(name, 1, lambda name=name: ran.append(name) or {"figure": 1}) for name in ("step", "quality", "mls")])
+    r = gc.run_gpu_check(CheckOptions(out=str(tmp_path / "check.json"), device="cpu", dry_run=True,
+                                      skip=("quality",)))
+    assert ran == ["step", "mls"] and r["parts"]["quality"] == {"skipped": "left out (--skip)"}
+    assert list(r["parts"]) == ["step", "quality", "mls"]
+    # The step is what the pipeline parts' ratios and the goals are read against.
+    with pytest.raises(SystemExit) as exc:
+        gpu_check.build_parser().parse_args(["--skip", "step"])
+    assert exc.value.code == 2 and "--skip: invalid choice: 'step'" in capsys.readouterr().err
+
+
+def _wheel(path: Path, files: dict[str, bytes]) -> None:
+    """A wheel of package ``pkg`` holding ``files``, its RECORD with their hashes."""
+    import base64
+    import hashlib
+    import zipfile
+
+    dist = "pkg-1.0.dist-info"
+    files = {**files, f"{dist}/METADATA": b"Metadata-Version: 2.1\nName: pkg\nVersion: 1.0\n",
+             f"{dist}/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: false\nTag: py3-none-any\n"}
+    record = [f"{n},sha256={base64.urlsafe_b64encode(hashlib.sha256(d).digest()).rstrip(b'=').decode()},{len(d)}"
+              for n, d in files.items()]
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in files.items():
+            z.writestr(name, data)
+        z.writestr(f"{dist}/RECORD", "\n".join([*record, f"{dist}/RECORD,,"]) + "\n")
+
+
+def test_the_offline_ray_wheel_drops_what_rayssl_never_imports_and_installs_and_imports(tmp_path):
+    """``experiments/offline_ray_wheels.py``, which brings Ray to a GPU machine without it: the
+    slimmed wheel leaves out the dropped folders, its stripped extension module still imports
+    and works, and pip installs it (its RECORD names every file it holds, with their new hashes)."""
+    import base64
+    import hashlib
+    import shutil
+    import sys
+    import zipfile
+
+    import yaml._yaml  # an unstripped C extension (PyYAML's), importable under any package as ``_yaml``
+
+    wheels = load_experiment("offline_ray_wheels")
+    ext = Path(yaml._yaml.__file__)
+    src, slim = tmp_path / "pkg-1.0-py3-none-any.whl", tmp_path / "slim" / "pkg-1.0-py3-none-any.whl"
+    slim.parent.mkdir()
+    _wheel(src, {"pkg/__init__.py": b"", "pkg/jars/big.jar": b"x" * 1000, "pkg/rl/__init__.py": b"",
+                 f"pkg/{ext.name}": ext.read_bytes()})
+    strip = shutil.which("strip")
+    assert strip, "binutils' strip is needed to slim Ray's binaries"
+    dropped, kept = wheels.slim_wheel(src, slim, dropped=("pkg/jars/", "pkg/rl/"), strip=strip)
+    assert (dropped, kept) == (2, 4)  # __init__, the extension, METADATA, WHEEL (+ the new RECORD)
+    with zipfile.ZipFile(slim) as z:
+        names = set(z.namelist())
+        assert not any(n.startswith(("pkg/jars/", "pkg/rl/")) for n in names)
+        small = z.read(f"pkg/{ext.name}")
+        record = z.read("pkg-1.0.dist-info/RECORD").decode().splitlines()
+    assert small.startswith(b"\x7fELF") and len(small) < ext.stat().st_size  # its symbol tables gone
+    expected = {f"{n},sha256={base64.urlsafe_b64encode(hashlib.sha256(d).digest()).rstrip(b'=').decode()},{len(d)}"
+                for n, d in [(f"pkg/{ext.name}", small)]}
+    assert expected <= set(record) and {r.split(",")[0] for r in record} == names
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                    "--target", str(target), str(slim)], check=True, capture_output=True, timeout=120)
+    assert not (target / "pkg" / "jars").exists()
+    code = "import pkg._yaml as y, sys; print(y.get_version_string())"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(target)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == yaml._yaml.get_version_string()
+    # What the GPU machine is given: Ray's requirements at this environment's versions.
+    assert wheels.pinned(["pyyaml", "no-such-package-rayssl"]) == [f"pyyaml=={yaml.__version__}",
+                                                                   "no-such-package-rayssl"]

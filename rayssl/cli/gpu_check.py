@@ -1,6 +1,6 @@
 """``rayssl gpu-check`` (``experiments/gpu_check.sh``): the GPU figures in one command, one JSON file.
 
-    python -m rayssl gpu-check [--out FILE] [--budget-s 480] [--quality-s 120] [--dry-run]
+    python -m rayssl gpu-check [--out FILE] [--budget-s 480] [--quality-s 120] [--skip PART ...] [--dry-run]
 
 On a GPU machine with the project installed: SwAV's ResNet-50 step (2x224 + 6x96, batch 64,
 bf16, channels_last; compile off and on), the pipeline with augment_on cpu and device, ViT-S/16,
@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from rayssl.bench.gpu_check import CheckOptions, run_gpu_check
+from rayssl.bench.gpu_check import PARTS, CheckOptions, run_gpu_check
 from rayssl.cli.common import UserError, run_command
 from rayssl.engine import log
 from rayssl.outfile import check_writable
@@ -35,6 +35,9 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                                                                 "it are skipped and say so")
     p.add_argument("--quality-s", type=float, default=120.0, help="training time of the quality run")
     p.add_argument("--batch-size", type=int, default=64, help="images per step on the GPU")
+    p.add_argument("--skip", action="append", default=[], choices=[x for x in PARTS if x != "step"],
+                   metavar="PART", help="leave a part out, e.g. one an earlier check measured, so that the others "
+                                        "fit the budget (repeatable): " + ", ".join(x for x in PARTS if x != "step"))
     p.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU: checks the script, measures nothing")
     return p
 
@@ -55,7 +58,7 @@ def options_from(args: argparse.Namespace) -> CheckOptions:
     out = args.out or f"gpu-check-{dt.datetime.now(dt.timezone.utc):%Y%m%d-%H%M%S}.json"
     check_writable(out, "--out")
     return CheckOptions(out=out, device=device, dry_run=args.dry_run, budget_s=args.budget_s,
-                        quality_s=args.quality_s, batch_size=args.batch_size)
+                        quality_s=args.quality_s, batch_size=args.batch_size, skip=tuple(args.skip))
 
 
 def summary_lines(r: dict) -> list[str]:
