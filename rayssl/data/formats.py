@@ -9,7 +9,7 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
 TAR_EXTENSIONS = ("tar",)
 PARQUET_EXTENSIONS = ("parquet", "pq")
 
-__all__ = ["IMAGE_EXTENSIONS", "PARQUET_EXTENSIONS", "TAR_EXTENSIONS", "encode_image", "extension", "is_local_fs",
+__all__ = ["IMAGE_EXTENSIONS", "PARQUET_EXTENSIONS", "TAR_EXTENSIONS", "encode_image", "extension",
            "kind_of"]
 
 
@@ -42,7 +42,3 @@ def kind_of(path: str) -> str | None:
     return None
 
 
-def is_local_fs(fs) -> bool:
-    import fsspec.implementations.local as local
-
-    return isinstance(fs, local.LocalFileSystem)

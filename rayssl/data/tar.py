@@ -13,7 +13,8 @@ import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO, Iterator, Sequence
 
-from rayssl.data.formats import IMAGE_EXTENSIONS, is_local_fs
+from rayssl.data.formats import IMAGE_EXTENSIONS
+from rayssl.storage import is_local_fs
 
 __all__ = ["count_tar_images", "index_shard", "index_tar_images", "iter_tar_images", "iter_tar_samples",
            "open_shard", "sample_key", "scan_tar_shards"]

@@ -87,6 +87,13 @@ def is_s3(uri: str) -> bool:
     return str(uri).startswith(S3_SCHEMES)
 
 
+def is_local_fs(fs) -> bool:
+    """Whether the fsspec filesystem ``fs`` is the local disk."""
+    import fsspec.implementations.local as local
+
+    return isinstance(fs, local.LocalFileSystem)
+
+
 def is_s3fs(fs) -> bool:
     """Whether the fsspec filesystem ``fs`` is S3's (s3fs, whose protocols are s3 and s3a)."""
     protocol = getattr(fs, "protocol", ())
@@ -145,10 +152,9 @@ def pyarrow_filesystem(fs):
     then) are recorded for ``take_write_failures``: ``pyarrow.fs.copy_files``, which Ray Train
     uploads checkpoints with, drops the error of a stream's close, so a checkpoint would
     otherwise be reported uploaded with a file missing."""
-    import fsspec.implementations.local as local
     import pyarrow.fs as pafs
 
-    if isinstance(fs, local.LocalFileSystem):
+    if is_local_fs(fs):
         return None
     from rayssl.storage.checked import CheckedFSSpecHandler
 

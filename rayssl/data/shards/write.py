@@ -43,7 +43,7 @@ from rayssl.data.formats import encode_image, extension
 from rayssl.data.labels import load_labels
 from rayssl.data.scenes import SHAPES, generate_scene, split_seed
 from rayssl.data.sources import MANIFEST_NAME, resolve_source, translate_errors
-from rayssl.storage import S3Options, filesystem, is_s3, options_for
+from rayssl.storage import S3Options, filesystem, is_local_fs, is_s3, options_for
 
 FORMATS = {"webdataset": "tar", "parquet": "parquet"}
 
@@ -96,9 +96,7 @@ def file_samples(files: Sequence[tuple[str, str]], fs, root: str, labels: dict |
 @contextmanager
 def atomic_open(fs, path: str):
     """A binary writer whose file appears only when complete (local: temp name + rename)."""
-    import fsspec.implementations.local as local
-
-    if isinstance(fs, local.LocalFileSystem):
+    if is_local_fs(fs):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         tmp = f"{path}.tmp-{os.getpid()}"
         try:
