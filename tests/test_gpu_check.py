@@ -18,7 +18,7 @@ from rayssl.cli import gpu_check
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "experiments" / "gpu_check.sh"
-PARTS = ["step", "quality", "device_fed", "pipeline_cpu", "pipeline_device", "step_cudnn_heuristics", "step_mls",
+PARTS = ["step", "quality", "device_fed", "pipeline_device", "pipeline_cpu", "step_cudnn_heuristics", "step_mls",
          "step_cdul", "step_vit", "step_compile", "step_cudagraphs"]
 STEPS = ("step", "step_cudnn_heuristics", "step_mls", "step_cdul", "step_vit", "step_compile", "step_cudagraphs")
 
