@@ -40,5 +40,3 @@ def kind_of(path: str) -> str | None:
     if ext in PARQUET_EXTENSIONS:
         return "parquet"
     return None
-
-
