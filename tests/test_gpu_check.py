@@ -238,6 +238,11 @@ def test_the_offline_ray_wheel_drops_what_rayssl_never_imports_and_installs_and_
                           env={**os.environ, "PYTHONPATH": str(target)})
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == yaml._yaml.get_version_string()
+    # A folder that holds wheels already is refused before anything is fetched: pip would install
+    # every wheel there, two of one package failing it; and nothing of the user's is removed.
+    with pytest.raises(SystemExit, match="already holds wheels"):
+        wheels.main(["--out", str(slim.parent)])
+    assert sorted(p.name for p in slim.parent.iterdir()) == [slim.name]
     # What the GPU machine is given: Ray's requirements at this environment's versions.
     assert wheels.pinned(["pyyaml", "no-such-package-rayssl"]) == [f"pyyaml=={yaml.__version__}",
                                                                    "no-such-package-rayssl"]
