@@ -35,9 +35,10 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                                                                 "it are skipped and say so")
     p.add_argument("--quality-s", type=float, default=120.0, help="training time of the quality run")
     p.add_argument("--batch-size", type=int, default=64, help="images per step on the GPU")
-    p.add_argument("--skip", action="append", default=[], choices=[x for x in PARTS if x != "step"],
-                   metavar="PART", help="leave a part out, e.g. one an earlier check measured, so that the others "
-                                        "fit the budget (repeatable): " + ", ".join(x for x in PARTS if x != "step"))
+    skippable = [x for x in PARTS if x != "step"]  # the step: what the others are read against
+    p.add_argument("--skip", action="append", default=[], choices=skippable, metavar="PART",
+                   help="leave a part out, e.g. one an earlier check measured, so that the others fit the budget "
+                        "(repeatable): " + ", ".join(skippable))
     p.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU: checks the script, measures nothing")
     return p
 

@@ -194,15 +194,15 @@ def list_files(fs, root: str) -> dict[str, int]:
 def glob_files(fs, pattern: str) -> dict[str, int]:
     """{path: size} of the files that the glob ``pattern`` (no scheme; fsspec's rules: ``*``, ``?``,
     ``[...]``, ``**``) matches. On S3, a pattern with a wildcard in a folder's name or ``**``
-    (``train/*/*.JPEG``) is matched, by fsspec's own ``glob_translate``, against the listing in parts
-    (``list_objects``) of the prefix before its first wildcard: fsspec's glob would list each folder
-    in turn, a request or more a folder. Folder markers (keys ending in ``/``) are not files."""
+    (``train/*/*.JPEG``) is matched, by fsspec's own ``glob_translate``, against ``list_files`` of the
+    prefix before its first wildcard (a listing in parts): fsspec's glob would list each folder in
+    turn, a request or more a folder. Folder markers (keys ending in ``/``) are not files."""
     first = min((i for i in map(pattern.find, "*?[") if i >= 0), default=len(pattern))
     root = pattern[:first].rpartition("/")[0]
     deep = "**" in pattern or "/" in pattern[first:]
     if is_s3fs(fs) and deep and root and not pattern.endswith("/"):
         match = re.compile(glob_translate(pattern)).match
-        return {p: s for p, s in list_objects(fs, root).items() if not p.endswith("/") and match(p)}
+        return {p: s for p, s in list_files(fs, root).items() if not p.endswith("/") and match(p)}
     found = fs.glob(pattern, detail=True)
     return {p: int(i.get("size") or 0) for p, i in found.items() if i.get("type") != "directory"}
 
