@@ -1,0 +1,84 @@
+"""Where a small Ray Train run's fixed cost goes: N tiny runs of ``python -m rayssl.train`` in one
+local Ray (2 workers, timm's 0.4 M-parameter test ResNet, 128 scenes, one epoch of 4 steps), each
+run's wall time and its summary's ``time``, then Ray Train's own phases of starting each worker
+group as its controller logged them (actors created, train context initialised, train function
+launched). ``--num-workers 0`` runs them in this process (Ray Train's local mode) instead.
+
+Whatever a Ray started here should inherit (``RAY_*`` settings) is taken from the environment, so
+one command compares two settings, e.g. ``RAY_preload_python_modules=torch``.
+
+    python experiments/ray_train_start.py [--runs 4] [--num-workers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import glob
+import io
+import json
+import os
+import tempfile
+import time
+
+import ray
+
+from rayssl.bench.gpu_check import TEST_RESNET
+from rayssl.cli import train
+from rayssl.runtime.internals import local_environment, local_init_options
+
+TINY = ("--batch-size", "32", "--epochs", "1", "--set", "data.scenes_num_images=128",
+        "--set", "eval.num_train_images=100", "--set", "eval.num_test_images=50",
+        "--set", "eval.random_baseline=false", "--set", "swav.num_prototypes=32",
+        "--set", "swav.projection_hidden_dim=64", "--set", "swav.projection_dim=32",
+        *(arg for assignment in TEST_RESNET for arg in ("--set", assignment)))
+PHASES = ("worker actors created", "Train context initialized", "Train function launched", "startup completed")
+
+
+def controller_phases(logs_dir: str) -> list[dict]:
+    """Each worker group's start-up phases (seconds) from Ray Train's controller logs, in order."""
+    groups = []
+    for path in glob.glob(os.path.join(logs_dir, "train", "ray-train-sys-controller-*.log")):
+        phases: dict = {}
+        with open(path) as f:
+            for line in f:
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue
+                message = entry.get("message", "")
+                for phase in PHASES:
+                    if phase in message and " in " in message:
+                        phases[phase] = float(message.rsplit(" in ", 1)[1].split("s")[0])
+                        phases.setdefault("at", entry.get("asctime"))
+        if phases:
+            groups.append(phases)
+    return sorted(groups, key=lambda g: g["at"])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--runs", type=int, default=4)
+    p.add_argument("--num-workers", type=int, default=2)
+    args = p.parse_args()
+    with local_environment():
+        ray.init(num_cpus=os.cpu_count() or 1, log_to_driver=False, include_dashboard=True, **local_init_options())
+    logs_dir = ray._private.worker._global_node.get_logs_dir_path()  # this local Ray's own logs
+    with tempfile.TemporaryDirectory(prefix="rayssl-start-") as tmp:
+        for i in range(args.runs):
+            out = io.StringIO()
+            t = time.perf_counter()
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+                rc = train.main(["--output", os.path.join(tmp, f"run{i}"), "--num-workers", str(args.num_workers),
+                                 *TINY])
+            wall = time.perf_counter() - t
+            summary = json.loads(out.getvalue().strip().splitlines()[-1]) if rc == 0 else {}
+            print(json.dumps({"run": i, "rc": rc, "wall_s": round(wall, 1), "time": summary.get("time")}), flush=True)
+    if args.num_workers:
+        for group in controller_phases(logs_dir):
+            print(json.dumps({"worker_group": group}))
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
