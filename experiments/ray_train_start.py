@@ -1,8 +1,11 @@
 """Where a small Ray Train run's fixed cost goes: N tiny runs of ``python -m rayssl.train`` in one
 local Ray (2 workers, timm's 0.4 M-parameter test ResNet, 128 scenes, one epoch of 4 steps), each
-run's wall time and its summary's ``time``, then Ray Train's own phases of starting each worker
-group as its controller logged them (actors created, train context initialised, train function
-launched). ``--num-workers 0`` runs them in this process (Ray Train's local mode) instead.
+run's wall time and its summary's ``time``, and where the run's wall time went by Ray Train's
+controller log: the controller's start (the command's start to the controller asking for its
+workers), the worker group's start and its phases (actors created, train context initialised,
+train function launched), the training function (to the workers' shutdown) and the end (to the
+command's return). ``--num-workers 0`` runs them in this process (Ray Train's local mode)
+instead.
 
 Whatever a Ray started here should inherit (``RAY_*`` settings) is taken from the environment, so
 one command compares two settings, e.g. ``RAY_preload_python_modules=torch``.
@@ -20,6 +23,7 @@ import json
 import os
 import tempfile
 import time
+from datetime import datetime
 
 import ray
 
@@ -33,27 +37,45 @@ TINY = ("--batch-size", "32", "--epochs", "1", "--set", "data.scenes_num_images=
         "--set", "swav.projection_hidden_dim=64", "--set", "swav.projection_dim=32",
         *(arg for assignment in TEST_RESNET for arg in ("--set", assignment)))
 PHASES = ("worker actors created", "Train context initialized", "Train function launched", "startup completed")
+MARKS = {"Requesting resources": "asked", "startup completed": "started", "Shutting down": "shut_down"}
 
 
-def controller_phases(logs_dir: str) -> list[dict]:
-    """Each worker group's start-up phases (seconds) from Ray Train's controller logs, in order."""
-    groups = []
+def controller_runs(logs_dir: str) -> list[dict]:
+    """Each Ray Train run's controller log, in order of its start: the worker group's start-up
+    phases (seconds, as logged) and the times (epoch seconds) of ``MARKS``."""
+    runs = []
     for path in glob.glob(os.path.join(logs_dir, "train", "ray-train-sys-controller-*.log")):
-        phases: dict = {}
+        run: dict = {}
         with open(path) as f:
             for line in f:
                 try:
                     entry = json.loads(line)
-                except ValueError:
+                    at = datetime.strptime(entry["asctime"], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+                except (ValueError, KeyError):
                     continue
                 message = entry.get("message", "")
                 for phase in PHASES:
                     if phase in message and " in " in message:
-                        phases[phase] = float(message.rsplit(" in ", 1)[1].split("s")[0])
-                        phases.setdefault("at", entry.get("asctime"))
-        if phases:
-            groups.append(phases)
-    return sorted(groups, key=lambda g: g["at"])
+                        run.setdefault(phase, float(message.rsplit(" in ", 1)[1].split("s")[0]))
+                for mark, key in MARKS.items():
+                    if mark in message:
+                        run.setdefault(key, at)
+        if "asked" in run:
+            runs.append(run)
+    return sorted(runs, key=lambda r: r["asked"])
+
+
+def timeline(start: float, end: float, run: dict) -> dict:
+    """Seconds of one command: the controller's start, the worker group's start (with its phases),
+    the training function, and the end."""
+    out = {"controller_start_s": run["asked"] - start}
+    if "started" in run:
+        out["worker_group_start_s"] = run["started"] - run["asked"]
+        out.update({f"{phase}_s": run[phase] for phase in PHASES[:3] if phase in run})
+        if "shut_down" in run:
+            out["training_function_s"] = run["shut_down"] - run["started"]
+            out["end_s"] = end - run["shut_down"]
+    return {k: round(v, 2) for k, v in out.items()}
 
 
 def main() -> None:
@@ -64,19 +86,21 @@ def main() -> None:
     with local_environment():
         ray.init(num_cpus=os.cpu_count() or 1, log_to_driver=False, include_dashboard=True, **local_init_options())
     logs_dir = ray._private.worker._global_node.get_logs_dir_path()  # this local Ray's own logs
+    spans = []
     with tempfile.TemporaryDirectory(prefix="rayssl-start-") as tmp:
         for i in range(args.runs):
             out = io.StringIO()
-            t = time.perf_counter()
+            t, start = time.perf_counter(), time.time()
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
                 rc = train.main(["--output", os.path.join(tmp, f"run{i}"), "--num-workers", str(args.num_workers),
                                  *TINY])
             wall = time.perf_counter() - t
+            spans.append((start, time.time()))
             summary = json.loads(out.getvalue().strip().splitlines()[-1]) if rc == 0 else {}
             print(json.dumps({"run": i, "rc": rc, "wall_s": round(wall, 1), "time": summary.get("time")}), flush=True)
-    if args.num_workers:
-        for group in controller_phases(logs_dir):
-            print(json.dumps({"worker_group": group}))
+    if args.num_workers:  # the controllers' logs, one a run, matched to the runs in order
+        for i, ((start, end), run) in enumerate(zip(spans, controller_runs(logs_dir))):
+            print(json.dumps({"run": i, "timeline": timeline(start, end, run)}))
     ray.shutdown()
 
 
