@@ -29,7 +29,7 @@ import ray
 
 from rayssl.bench.gpu_check import TEST_RESNET
 from rayssl.cli import train
-from rayssl.runtime.internals import local_environment, local_init_options
+from rayssl.runtime.cluster import ray_session
 
 TINY = ("--batch-size", "32", "--epochs", "1", "--set", "data.scenes_num_images=128",
         "--set", "eval.num_train_images=100", "--set", "eval.num_test_images=50",
@@ -41,8 +41,8 @@ MARKS = {"Requesting resources": "asked", "startup completed": "started", "Shutt
 
 
 def controller_runs(logs_dir: str) -> list[dict]:
-    """Each Ray Train run's controller log, in order of its start: the worker group's start-up
-    phases (seconds, as logged) and the times (epoch seconds) of ``MARKS``."""
+    """Each Ray Train run's controller log: the worker group's start-up phases (seconds, as
+    logged) and the times (epoch seconds) of ``MARKS``."""
     runs = []
     for path in glob.glob(os.path.join(logs_dir, "train", "ray-train-sys-controller-*.log")):
         run: dict = {}
@@ -62,7 +62,7 @@ def controller_runs(logs_dir: str) -> list[dict]:
                         run.setdefault(key, at)
         if "asked" in run:
             runs.append(run)
-    return sorted(runs, key=lambda r: r["asked"])
+    return runs
 
 
 def timeline(start: float, end: float, run: dict) -> dict:
@@ -83,11 +83,10 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=4)
     p.add_argument("--num-workers", type=int, default=2)
     args = p.parse_args()
-    with local_environment():
-        ray.init(num_cpus=os.cpu_count() or 1, log_to_driver=False, include_dashboard=True, **local_init_options())
-    logs_dir = ray._private.worker._global_node.get_logs_dir_path()  # this local Ray's own logs
     spans = []
-    with tempfile.TemporaryDirectory(prefix="rayssl-start-") as tmp:
+    # A local Ray started as the command starts its own, kept for all the runs.
+    with ray_session(log_to_driver=False), tempfile.TemporaryDirectory(prefix="rayssl-start-") as tmp:
+        logs_dir = ray._private.worker._global_node.get_logs_dir_path()  # this local Ray's own logs
         for i in range(args.runs):
             out = io.StringIO()
             t, start = time.perf_counter(), time.time()
@@ -98,10 +97,11 @@ def main() -> None:
             spans.append((start, time.time()))
             summary = json.loads(out.getvalue().strip().splitlines()[-1]) if rc == 0 else {}
             print(json.dumps({"run": i, "rc": rc, "wall_s": round(wall, 1), "time": summary.get("time")}), flush=True)
-    if args.num_workers:  # the controllers' logs, one a run, matched to the runs in order
-        for i, ((start, end), run) in enumerate(zip(spans, controller_runs(logs_dir))):
-            print(json.dumps({"run": i, "timeline": timeline(start, end, run)}))
-    ray.shutdown()
+        if args.num_workers:  # each run's controller: the one that asked for workers while the run's command ran
+            runs = controller_runs(logs_dir)
+            for i, (start, end) in enumerate(spans):
+                run = next((r for r in runs if start <= r["asked"] <= end), None)
+                print(json.dumps({"run": i, "timeline": timeline(start, end, run) if run else None}))
 
 
 if __name__ == "__main__":
