@@ -55,14 +55,24 @@ def controller_runs(logs_dir: str) -> list[dict]:
                     continue
                 message = entry.get("message", "")
                 for phase in PHASES:
-                    if phase in message and " in " in message:
-                        run.setdefault(phase, float(message.rsplit(" in ", 1)[1].split("s")[0]))
+                    if phase in message and phase not in run:
+                        seconds = _seconds(message)
+                        if seconds is not None:  # a line worded otherwise: the phase is left out
+                            run[phase] = seconds
                 for mark, key in MARKS.items():
                     if mark in message:
                         run.setdefault(key, at)
         if "asked" in run:
             runs.append(run)
     return runs
+
+
+def _seconds(message: str) -> float | None:
+    """The seconds a phase line gives after its last " in " (``... in 3.21s``), or None."""
+    try:
+        return float(message.rsplit(" in ", 1)[1].split("s")[0])
+    except (IndexError, ValueError):
+        return None
 
 
 def timeline(start: float, end: float, run: dict) -> dict:
