@@ -80,12 +80,18 @@ def test_labels_table_multilabel_matches_an_in_process_computation(ray_session, 
     assert result["linear_map"] == pytest.approx(expected, abs=2e-3)
 
 
-def test_imagefolder_layout_linear_probe(ray_session, ckpt_dir, scene_files, capsys):
-    folder = scene_files / "imagefolder"
+def test_imagefolder_layout_linear_probe(ray_session, ckpt_dir, scene_files, tmp_path, capsys):
+    """Each class folder numbers its images from 0, as many datasets do: names repeat across classes."""
+    folder = tmp_path / "numbered"
+    for cls in sorted(p.name for p in (scene_files / "imagefolder").iterdir() if p.is_dir()):
+        (folder / cls).mkdir(parents=True)
+        for n, image in enumerate(sorted((scene_files / "imagefolder" / cls).glob("*.png"))):
+            (folder / cls / f"{n}.png").write_bytes(image.read_bytes())
     rc, out, err = _main(["--checkpoint", ckpt_dir, "--data", folder, "--protocol", "linear"], capsys)
     assert rc == 0, err
     result = json.loads(out.strip().splitlines()[-1])
     dominant = {p.parent.name for p in folder.glob("*/*.png")}
+    assert len(list(folder.glob("*/0.png"))) > 1  # the names do repeat
     assert result["num_train"] + result["num_test"] == 48 and result["num_classes"] == len(dominant)
     assert 0.0 <= result["linear_top1"] <= 1.0
 

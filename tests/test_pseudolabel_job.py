@@ -112,6 +112,22 @@ def test_pseudolabel_job_then_cdul_training(ray_session, tiny_clip, scene_folder
     # and the whole epoch after the boundary, with an uninterrupted run's.
 
 
+def test_ground_truth_that_cannot_score_the_labels_fails_before_the_job(tiny_clip, scene_folder, tmp_path, capsys):
+    from rayssl.cli.label import main as label_main
+
+    tree = tmp_path / "truth"
+    for cls in ("circle", "square"):  # each class folder numbers its images: file stems repeat
+        (tree / cls).mkdir(parents=True)
+        (tree / cls / "0001.png").write_bytes((scene_folder / "scene-000000.png").read_bytes())
+    for labels, expected in ((tmp_path / "missing.csv", "--labels: "),
+                             (tree, "'circle/0001' and 'square/0001' have the same file stem '0001'")):
+        out = tmp_path / "out"
+        assert label_main(_label_args(scene_folder, out, tiny_clip) + ["--labels", str(labels)]) == 2
+        err = capsys.readouterr().err
+        assert expected in err and str(labels) in err and len(err.strip().splitlines()) == 1, err
+        assert not out.exists()  # no labelling happened, nothing written
+
+
 def test_pseudolabel_job_reads_tar_shards_by_byte_range(ray_session, tiny_clip, scene_folder, folder_labels,
                                                         tmp_path, capsys):
     """The same images as webdataset shards (one of them truncated): each image is labelled as

@@ -30,7 +30,6 @@ from rayssl import storage
 from rayssl.cli import train
 from rayssl.checkpoint import MODEL_FILE, CheckpointError, verify_checkpoint_dir
 from rayssl.cli import shards
-from rayssl.data.labels import load_labels
 from rayssl.data.sources import DataError, count_samples, expand_braces, resolve_source
 from rayssl.data.tar import count_tar_images, index_tar_images, iter_tar_images, iter_tar_samples
 from rayssl.storage import S3Options
@@ -253,20 +252,6 @@ def test_storage_text_files_honour_endpoint_option_and_env(s3_endpoint, bucket, 
     assert resolved.endpoint == s3_endpoint and storage.read_text(uri, resolved) == "a: 1\n"
     storage_path, name, fs = storage.run_location(f"s3://{bucket}/store/run", resolved)
     assert (storage_path, name) == (f"{bucket}/store", "run") and fs is not None
-
-
-def test_labels_from_csv_parquet_and_imagefolder(tmp_path):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    (tmp_path / "labels.csv").write_text("id,classes,dominant\nscene-000001,star|ring,star\nimg/2.png,cat,cat\n")
-    assert load_labels(str(tmp_path / "labels.csv")) == {"scene-000001": ("star", "ring"), "2": ("cat",)}
-    pq.write_table(pa.table({"key": ["a", "b"], "labels": [["x", "y"], ["z"]]}), tmp_path / "l.parquet")
-    assert load_labels(str(tmp_path / "l.parquet")) == {"a": ("x", "y"), "b": ("z",)}
-    for cls in ("cat", "dog"):
-        (tmp_path / "tree" / cls).mkdir(parents=True)
-        (tmp_path / "tree" / cls / f"{cls}1.jpg").write_bytes(_image(0, fmt="JPEG"))
-    assert load_labels(str(tmp_path / "tree")) == {"cat1": ("cat",), "dog1": ("dog",)}
 
 
 def test_missing_prefix_and_refused_credentials_fail_before_training(s3_endpoint, bucket, capsys, tmp_path):

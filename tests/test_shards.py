@@ -71,6 +71,35 @@ def test_folder_to_webdataset_shards_keeps_bytes_and_refuses_to_overwrite(ray_se
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "train-000000.tar"]
 
 
+def test_class_folders_that_repeat_file_names_label_each_file_by_its_own_folder(ray_session, tmp_path, capsys):
+    src = tmp_path / "images"
+    made = {"cat/0001.png": 0, "cat/0002.png": 1, "dog/0001.png": 2, "sofa/0002.png": 3}
+    for rel, seed in made.items():
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_bytes(_png(seed))
+    out = tmp_path / "shards"
+    assert shards.main(["--source", str(src), "--out", str(out), "--shard-size", "3", "--labels", str(src)]) == 0
+    capsys.readouterr()
+    samples = []
+    for name in ("train-000000.tar", "train-000001.tar"):
+        with open(out / name, "rb") as f:
+            samples += list(iter_tar_samples(f))
+    meta = {json.loads(s["json"])["path"]: (json.loads(s["json"])["classes"], s["png"]) for s in samples}
+    assert meta == {rel: ([rel.split("/")[0]], (src / rel).read_bytes()) for rel in made}
+
+    # Another tree as the labels is matched by file stem: its repeated names are one line, before any shard.
+    assert shards.main(["--source", str(src), "--out", str(tmp_path / "other"), "--shard-size", "3",
+                        "--labels", f"{src}/"]) == 0  # the same place, written otherwise
+    capsys.readouterr()
+    (tmp_path / "copy").mkdir()
+    for d in ("cat", "dog"):
+        (src / d).rename(tmp_path / "copy" / d)
+    assert shards.main(["--source", str(src), "--out", str(tmp_path / "refused"), "--shard-size", "3",
+                        "--labels", str(tmp_path / "copy")]) == 2
+    assert "'cat/0001' and 'dog/0001' have the same file stem '0001'" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
+
+
 def test_scenes_to_parquet_shards_carry_labels(ray_session, tmp_path, capsys):
     import pyarrow.parquet as pq
 

@@ -17,7 +17,8 @@ from typing import Sequence
 from rayssl.cli.common import UserError, add_gpu_flag, add_s3_flags, gpu_choice, run_command, s3_options
 from rayssl.data.pseudo_labels import meta_path
 from rayssl.data.scenes import SHAPES
-from rayssl.data.sources import resolve_source
+from rayssl.data.labels import load_labels
+from rayssl.data.sources import DataError, resolve_source
 from rayssl.pseudolabel.clip import check_clip_args
 from rayssl.pseudolabel.job import LabelJob, run_job
 from rayssl.pseudolabel.labels import class_prompts
@@ -45,7 +46,9 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--num-actors", type=int, default=2, help="CLIP actors (one GPU each when available; default 2)")
     p.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32)")
     add_gpu_flag(p, "CLIP actors")
-    p.add_argument("--labels", default=None, help="ground-truth table (CSV/Parquet id -> classes) to score the labels")
+    p.add_argument("--labels", default=None,
+                   help="ground truth to score the labels with: a CSV/Parquet table (id -> classes) or an "
+                        "ImageFolder tree, matched by file stem; read before the job")
     p.add_argument("--no-vectors", action="store_true", help="do not store the global and aggregated vectors")
     p.add_argument("--num-scenes", type=int, default=2048, help="--data scenes: how many (default 2048)")
     p.add_argument("--scenes-size", type=int, default=64, help="--data scenes: side in pixels (default 64)")
@@ -109,10 +112,16 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
                 raise UserError(f"--data: {args.data} holds parquet shards; the labelling job reads image "
                                 "files (a folder or prefix), uncompressed webdataset .tar shards or 'scenes' "
                                 "(training re-reads each image by its address, and a Parquet row has none)")
+        truth = None
+        if args.labels:  # read and checked now: a table that cannot score the labels fails before the job
+            try:
+                truth = load_labels(args.labels, options.signed())
+            except DataError as exc:
+                raise UserError(f"--labels: {exc}") from None
         job = LabelJob(out=args.out, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
                        template=args.template, grid=args.grid, gamma=args.gamma, lam=args.lam,
                        num_actors=args.num_actors, batch_size=args.batch_size, keep_vectors=not args.no_vectors,
-                       labels=args.labels, num_scenes=args.num_scenes, scenes_size=args.scenes_size,
+                       truth=truth, num_scenes=args.num_scenes, scenes_size=args.scenes_size,
                        scenes_split=args.scenes_split, seed=args.seed, max_bad_fraction=args.max_bad_fraction,
                        options=options)
         return job, classes, source

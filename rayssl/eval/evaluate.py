@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import torch
 
 from rayssl.checkpoint import LoadedCheckpoint, backbone_state_dict
-from rayssl.data.labels import ID_COLUMNS, image_id, load_labels
+from rayssl.data.labels import ID_COLUMNS, folder_labels, image_id, load_labels, own_folders
 from rayssl.data.scenes import SHAPES
 from rayssl.data.sources import DataError, resolve_source
 from rayssl.eval.features import feature_batch
@@ -35,7 +35,7 @@ from rayssl.eval.preprocess import label_matrix, split_train_test
 from rayssl.modules.backbone import build_backbone
 from rayssl.modules.seeding import cpu_seeded
 from rayssl.sections import EvalSection
-from rayssl.storage import S3Options
+from rayssl.storage import S3Options, filesystem
 
 PROTOCOLS = ("knn", "linear", "multilabel-linear")
 METRIC = {"knn": "knn_top1", "linear": "linear_top1", "multilabel-linear": "linear_map"}
@@ -106,20 +106,28 @@ class LabelledSource:
         if labels_uri is None and self.source.kind != "images":
             raise EvalError(f"{labels_flag}: {flag} {data} holds {self.source.kind} shards, which have no class "
                             f"folders; give a labels table with {labels_flag}")
-        try:
-            self.labels = load_labels(self.labels_uri, options)
-        except DataError as exc:
-            raise EvalError(f"{labels_flag}: {exc}") from None
         self.flag, self.labels_flag, self.uri = flag, labels_flag, data
         self.ids_by_path: dict[str, str] | None = None
         self.parquet_id_column = None
+        try:
+            if self.source.kind == "images" and own_folders(self.labels_uri, data, options):
+                # Labelled by its own class folders: matched by the path below the root, so
+                # class folders may repeat file names (cat/0001.jpg, dog/0001.jpg).
+                found = folder_labels(data, filesystem(data, options)[1], self.source.paths)
+                self.labels = {i: (cls,) for i, cls in found.values()}
+                self.ids_by_path = {p: i for p, (i, _) in found.items()}
+                return
+            self.labels = load_labels(self.labels_uri, options)
+        except DataError as exc:
+            raise EvalError(f"{labels_flag}: {exc}") from None
         if self.source.kind == "images":
             by_id: dict[str, str] = {}
             for p in self.source.paths:
                 i = image_id(p)
                 if i in by_id:
-                    raise EvalError(f"{flag} {data}: two images share the id {i!r} ({by_id[i]} and {p}); "
-                                    "ids are file names without extension and must be unique")
+                    raise EvalError(f"{flag} {data}: two images share the id {i!r} ({by_id[i]} and {p}); ids "
+                                    f"are file names without extension, matched to {labels_flag}, and must be "
+                                    "unique")
                 by_id[i] = p
             self.check_ids(set(by_id))
             self.ids_by_path = {p: i for i, p in by_id.items() if i in self.labels}

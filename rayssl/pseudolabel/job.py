@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from rayssl.data.indexed import byte_ranges, fetch_decode_count
-from rayssl.data.labels import image_id, load_labels
+from rayssl.data.labels import image_id
 from rayssl.data.pseudo_labels import read_pseudo_labels, scenes_source, write_meta
 from rayssl.data.scenes import SHAPES, generate_batch, split_seed
 from rayssl.data.sources import DataError, translate_errors
@@ -177,7 +177,7 @@ class LabelJob:
     num_actors: int = 2
     batch_size: int = 32
     keep_vectors: bool = True  # store the global and aggregated vectors too
-    labels: str | None = None  # ground-truth table to score the labels with
+    truth: dict[str, tuple[str, ...]] | None = None  # ground truth (id -> classes) to score the labels with
     num_scenes: int = 2048  # --data scenes: how many
     scenes_size: int = 64
     scenes_split: str = "train"
@@ -237,16 +237,17 @@ def run_job(job: LabelJob, classes: list[str], source, use_gpu: bool, actor_cpus
     summary = {"out": job.out, "classes": len(classes), "num_actors": job.num_actors,
                "actors_used": len(by_actor), "gpu": use_gpu,
                "data": {k: v for k, v in counts.items() if k not in by_actor}}
-    summary.update(score_output(job.out, classes, job.labels, options))
+    summary.update(score_output(job.out, classes, job.truth, options))
     summary["wall_s"] = round(time.perf_counter() - t0, 1)
     write_text(f"{job.out.rstrip('/')}/summary.json", json.dumps(summary, indent=1), options)
     return summary
 
 
-def score_output(out: str, classes: list[str], labels_uri: str | None = None,
+def score_output(out: str, classes: list[str], truth: dict[str, tuple[str, ...]] | None = None,
                  options: S3Options | None = None) -> dict:
-    """Rows written and, with ground truth (scenes' ``gt`` column or a labels table), the mAP of
-    the global, aggregated and final pseudo-labels."""
+    """Rows written and, with ground truth (scenes' ``gt`` column, or ``truth``: a labels table
+    loaded by ``load_labels`` before the job), the mAP of the global, aggregated and final
+    pseudo-labels."""
     fs, root = filesystem(out, options)
     files = sorted(p for p in fs.find(root) if p.endswith(".parquet"))
     schema = pq.read_schema(files[0], filesystem=pyarrow_filesystem(fs)) if files else None
@@ -257,12 +258,11 @@ def score_output(out: str, classes: list[str], labels_uri: str | None = None,
     gt = None
     if "gt" in data:
         gt = data["gt"].astype(np.float32)
-    elif labels_uri:
-        table = load_labels(labels_uri, options)
+    elif truth:
         pos = {c: j for j, c in enumerate(classes)}
         gt = np.zeros((len(data["id"]), len(classes)), dtype=np.float32)
         for r, i in enumerate(data["id"]):
-            for c in table.get(str(i), ()):
+            for c in truth.get(str(i), ()):
                 if c in pos:
                     gt[r, pos[c]] = 1.0
     if gt is not None and gt.sum() > 0:

@@ -40,7 +40,7 @@ from typing import Iterator, Sequence
 import ray
 
 from rayssl.data.formats import encode_image, extension
-from rayssl.data.labels import load_labels
+from rayssl.data.labels import folder_labels, image_id, load_labels, own_folders
 from rayssl.data.scenes import SHAPES, generate_scene, split_seed
 from rayssl.data.sources import MANIFEST_NAME, resolve_source, translate_errors
 from rayssl.storage import S3Options, filesystem, is_local_fs, is_s3, options_for
@@ -61,6 +61,7 @@ class ShardTask:
     fmt: str
     indices: list[int] = field(default_factory=list)  # scenes
     files: list[tuple[str, str]] = field(default_factory=list)  # (key, source path)
+    classes: list[tuple[str, ...]] | None = None  # each file's classes, with --labels
 
 
 # ----------------------------------------------------------------------------- samples
@@ -76,17 +77,19 @@ def scene_samples(indices: Sequence[int], seed: int, size: int, image_format: st
                "label": SHAPES.index(scene.dominant), "caption": scene.caption}
 
 
-def file_samples(files: Sequence[tuple[str, str]], fs, root: str, labels: dict | None) -> Iterator[dict]:
-    """Image files -> samples, bytes untouched (the training pipeline judges them)."""
+def file_samples(files: Sequence[tuple[str, str]], fs, root: str,
+                 classes: Sequence[tuple[str, ...]] | None = None) -> Iterator[dict]:
+    """Image files -> samples, bytes untouched (the training pipeline judges them); ``classes``:
+    each file's, from ``--labels``."""
     paths = [p for _, p in files]
     blobs = fs.cat_ranges(list(paths), None, None, on_error="return")
-    for (key, path), blob in zip(files, blobs):
+    for n, ((key, path), blob) in enumerate(zip(files, blobs)):
         if isinstance(blob, BaseException):
             raise OSError(f"cannot read {path}: {type(blob).__name__}")
         rel = path[len(root):].lstrip("/") if path.startswith(root) else posixpath.basename(path)
         sample = {"key": key, "ext": extension(path) or "bin", "image": bytes(blob), "path": rel}
-        if labels is not None:
-            sample["classes"] = list(labels.get(posixpath.basename(path).split(".", 1)[0], ()))
+        if classes is not None:
+            sample["classes"] = list(classes[n])
         yield sample
 
 
@@ -156,12 +159,12 @@ def write_parquet(f, samples: Iterator[dict]) -> int:
 
 
 def write_one_shard(task: ShardTask, out_fs, *, seed: int = 0, size: int = 64, image_format: str = "png",
-                    source_fs=None, source_root: str = "", labels: dict | None = None) -> tuple[str, int]:
+                    source_fs=None, source_root: str = "") -> tuple[str, int]:
     """Write one shard; returns (name, samples). Runs inside a Ray task (or inline)."""
     if task.indices:
         samples = scene_samples(task.indices, seed, size, image_format)
     else:
-        samples = file_samples(task.files, source_fs, source_root, labels)
+        samples = file_samples(task.files, source_fs, source_root, task.classes)
     writer = write_tar if task.fmt == "webdataset" else write_parquet
     with atomic_open(out_fs, task.path) as f:
         n = writer(f, samples)
@@ -209,7 +212,6 @@ class ShardPlan:
     out_path: str
     existing: list[str]  # shards already there, removed first (--overwrite)
     src: object | None  # the resolved file source (None for scenes)
-    labels: dict | None  # image id -> classes, for a file source with --labels
     scene_size: int = 64
     seed: int = 0
     image_format: str = "png"
@@ -247,19 +249,29 @@ def plan_shards(source: str, out: str, fmt: str = "webdataset", shard_size: int 
         tasks = [ShardTask(shard_name(prefix, i, fmt), f"{out_path}/{shard_name(prefix, i, fmt)}", fmt,
                            indices=list(range(i * shard_size, min(num_scenes, (i + 1) * shard_size))))
                  for i in range(n_shards)]
-        return ShardPlan(tasks=tasks, src=None, labels=None, **common)
+        return ShardPlan(tasks=tasks, src=None, **common)
     src = resolve_source(source, s3)
     if src.kind != "images":
         raise ShardError(f"--source: {source} already holds {src.kind} shards; give a folder or prefix of images")
     paths = src.paths
-    keys = _file_keys(paths)
-    n_shards = -(-len(paths) // shard_size)
+    files = list(zip(_file_keys(paths), paths))
+    classes = _file_classes(labels, source, paths, s3) if labels else None
     tasks = []
-    for i in range(n_shards):
-        chunk = list(zip(keys, paths))[i * shard_size:(i + 1) * shard_size]
+    for i in range(-(-len(paths) // shard_size)):
+        part = slice(i * shard_size, (i + 1) * shard_size)
         tasks.append(ShardTask(shard_name(prefix, i, fmt), f"{out_path}/{shard_name(prefix, i, fmt)}", fmt,
-                               files=chunk))
-    return ShardPlan(tasks=tasks, src=src, labels=load_labels(labels, s3) if labels else None, **common)
+                               files=files[part], classes=classes[part] if classes is not None else None))
+    return ShardPlan(tasks=tasks, src=src, **common)
+
+
+def _file_classes(labels: str, source: str, paths: list[str], s3: S3Options) -> list[tuple[str, ...]]:
+    """Each file's classes from ``--labels``: the source's own class folders (file names may
+    repeat across them), or a table or other tree matched by file stem."""
+    if own_folders(labels, source, s3):
+        found = folder_labels(labels, filesystem(source, s3)[1], paths)
+        return [(found[p][1],) if p in found else () for p in paths]
+    table = load_labels(labels, s3)
+    return [table.get(image_id(p), ()) for p in paths]
 
 
 def write_planned(plan: ShardPlan) -> dict:
@@ -272,7 +284,7 @@ def write_planned(plan: ShardPlan) -> dict:
     remote = ray.remote(num_cpus=1, max_retries=2)(write_one_shard)
     source_root = src.fs._strip_protocol(src.uri).rstrip("/") if src is not None else ""
     kwargs = {"seed": plan.seed, "size": plan.scene_size, "image_format": plan.image_format,
-              "source_fs": src.fs if src is not None else None, "source_root": source_root, "labels": plan.labels}
+              "source_fs": src.fs if src is not None else None, "source_root": source_root}
     results = ray.get([remote.remote(t, plan.out_fs, **kwargs) for t in plan.tasks])
     manifest = {
         "format": plan.fmt,
