@@ -152,8 +152,9 @@ def test_library_weights_come_only_from_the_local_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     cache = os.path.join(str(tmp_path / "torch"), "hub", "checkpoints")
     with pytest.raises(ConfigError, match=rf"torchvision weights ResNet18_Weights.IMAGENET1K_V1 are not in the "
-                                          rf"local cache {cache}"):
+                                          rf"local cache {cache}") as refused:
         read_weights("torchvision", "resnet18")
+    assert "(it is https://download.pytorch.org/models/resnet18-f37072fd.pth)" in str(refused.value)  # where to get it
     weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
     os.makedirs(cache)
     reference = torchvision.models.resnet18()

@@ -224,6 +224,9 @@ def test_a_run_that_does_not_beat_random_init_says_what_that_means():
     assert "train for longer" in own_data and "spread between seeds" not in own_data
     moco = train.baseline_note({**summary, "method": "moco"}, builtin_scenes=True)
     assert "MoCo-v2 and MLS" in moco and "spread between seeds" not in moco
+    # Images a random backbone already separates perfectly cannot show learning: "train for longer" would mislead.
+    easy = train.baseline_note({**summary, "knn_top1": 1.0, "knn_top1_random_init": 1.0}, builtin_scenes=False)
+    assert "already scores the maximum" in easy and "train for longer" not in easy
     # Nothing to explain when it wins, or when there was no baseline to compare with.
     assert train.baseline_note({**summary, "knn_top1": 0.12}, builtin_scenes=True) is None
     assert train.baseline_note({"method": "swav", "metric": "knn_top1", "knn_top1": 0.1}, True) is None

@@ -282,6 +282,9 @@ def baseline_note(summary: dict, builtin_scenes: bool) -> str | None:
     if score is None or baseline is None or score > baseline:
         return None
     line = f"[rayssl] note: {metric} {score:.3f} is not above the random-init backbone's {baseline:.3f}"
+    if baseline >= 1.0:  # every metric here is at most 1: nothing is left to win on these images
+        return line + (": a random backbone already scores the maximum on these labelled images, so they cannot "
+                       "show what training learned; evaluate on harder ones")
     note = get_method(summary["method"]).scenes_note if builtin_scenes else ""
     return line + (f": {note}" if note else ": the backbone has not yet learned features this metric rewards; "
                    "train for longer")

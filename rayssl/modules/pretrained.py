@@ -54,8 +54,8 @@ def _torchvision_cached(arch: str, tag: str, uri: str, flag: str) -> tuple[dict,
     path = os.path.join(cache, os.path.basename(weights.url))
     if not os.path.isfile(path):
         raise ConfigError(f"{flag}: {uri}: the torchvision weights {weights} are not in the local cache {cache} "
-                          f"(nothing is downloaded at run time); put {os.path.basename(weights.url)} there, or give "
-                          "the weights as a file")
+                          f"(nothing is downloaded at run time); put {os.path.basename(weights.url)} there (it is "
+                          f"{weights.url}), or give the weights as a file")
     return torch.load(path, map_location="cpu", weights_only=True), f"torchvision {weights} ({path})"
 
 
