@@ -96,6 +96,30 @@ def test_imagefolder_layout_linear_probe(ray_session, ckpt_dir, scene_files, tmp
     assert 0.0 <= result["linear_top1"] <= 1.0
 
 
+def test_shards_written_with_labels_are_scored_through_their_manifest(ray_session, ckpt_dir, tmp_path, capsys):
+    """rayssl shards writes the scenes' classes to train-labels.csv and names it in manifest.json:
+    --data SHARDS alone scores as that table given with --labels does; without one, one line says so."""
+    from rayssl.cli import shards
+
+    out = tmp_path / "shards"
+    assert shards.main(["--source", "scenes", "--num-scenes", "48", "--scene-size", "32", "--shard-size", "20",
+                        "--out", str(out)]) == 0
+    runs = []
+    for extra in ([], ["--labels", out / "train-labels.csv"]):
+        rc, stdout, err = _main(["--checkpoint", ckpt_dir, "--data", out, "--protocol", "multilabel-linear", *extra],
+                                capsys)
+        assert rc == 0, err
+        runs.append(json.loads(stdout.strip().splitlines()[-1]))
+    found, named = runs
+    assert found["num_train"] + found["num_test"] == 48 and found["num_classes"] > 1
+    assert {k: v for k, v in found.items() if k != "feature_s"} == {k: v for k, v in named.items() if k != "feature_s"}
+
+    (out / "manifest.json").write_text(json.dumps({k: v for k, v in json.loads((out / "manifest.json").read_text())
+                                                   .items() if k != "labels"}))
+    rc, stdout, err = _main(["--checkpoint", ckpt_dir, "--data", out], capsys)
+    assert rc == 2 and "without a labels table in their manifest.json" in err and "--labels" in err
+
+
 def test_bad_input_is_one_line_before_any_work(ckpt_dir, scene_files, tmp_path, capsys):
     flat = scene_files / "flat"
     labels = tmp_path / "labels.csv"

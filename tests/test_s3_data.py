@@ -30,6 +30,7 @@ from rayssl import storage
 from rayssl.cli import train
 from rayssl.checkpoint import MODEL_FILE, CheckpointError, verify_checkpoint_dir
 from rayssl.cli import shards
+from rayssl.eval.evaluate import EvalRequest, open_sources
 from rayssl.data.sources import DataError, count_samples, expand_braces, resolve_source
 from rayssl.data.tar import count_tar_images, index_tar_images, iter_tar_images, iter_tar_samples
 from rayssl.storage import S3Options
@@ -385,6 +386,9 @@ def test_webdataset_shards_on_s3_train(ray_session, s3_endpoint, bucket, tmp_pat
                         "--num-scenes", "96", "--scene-size", "32", "--s3-endpoint", s3_endpoint]) == 0
     capsys.readouterr()
     data = f"{out}/train-{{000000..000002}}.tar"
+    # The scenes' labels table beside the shards, found through their manifest, as rayssl eval --data reads it.
+    labelled = open_sources(EvalRequest(data=data), S3Options(endpoint=s3_endpoint)).train
+    assert labelled.labels_uri == f"{out}/train-labels.csv" and len(labelled.labels) == 96
     proxy = _faulty_store(fault_proxy)
     assert train.main(_tiny(tmp_path / "run", data, "--s3-endpoint", proxy.url, "--num-workers", "0")) == 0
     s = _summary(capsys)

@@ -11,6 +11,7 @@ from PIL import Image
 
 from rayssl.cli import shards
 from rayssl.data.shards import ShardTask, write_one_shard
+from rayssl.data.labels import load_labels
 from rayssl.data.scenes import SHAPES, generate_scene, split_seed
 from rayssl.data.sources import count_samples, resolve_source
 from rayssl.data.tar import iter_tar_samples
@@ -62,7 +63,7 @@ def test_folder_to_webdataset_shards_keeps_bytes_and_refuses_to_overwrite(ray_se
     before = (out / "train-000000.tar").stat().st_mtime_ns
     assert shards.main(argv) == 2
     err = capsys.readouterr().err
-    assert "already holds 2 shard file(s)" in err and str(out) in err and "--overwrite" in err
+    assert "already holds 3 file(s) of 'train' shards" in err and str(out) in err and "--overwrite" in err
     assert (out / "train-000000.tar").stat().st_mtime_ns == before
 
     # --overwrite with a larger shard size: the stale second shard must not survive.
@@ -86,6 +87,10 @@ def test_class_folders_that_repeat_file_names_label_each_file_by_its_own_folder(
             samples += list(iter_tar_samples(f))
     meta = {json.loads(s["json"])["path"]: (json.loads(s["json"])["classes"], s["png"]) for s in samples}
     assert meta == {rel: ([rel.split("/")[0]], (src / rel).read_bytes()) for rel in made}
+    # The labels also go to a table beside the shards, by sample key, named in the manifest.
+    assert json.loads((out / "manifest.json").read_text())["labels"] == "train-labels.csv"
+    table = load_labels(str(out / "train-labels.csv"))
+    assert table == {s["__key__"]: (json.loads(s["json"])["path"].split("/")[0],) for s in samples}
 
     # Another tree as the labels is matched by file stem: its repeated names are one line, before any shard.
     assert shards.main(["--source", str(src), "--out", str(tmp_path / "other"), "--shard-size", "3",
@@ -108,7 +113,8 @@ def test_scenes_to_parquet_shards_carry_labels(ray_session, tmp_path, capsys):
                         "--num-scenes", "12", "--scene-size", "32", "--seed", "3"]) == 0
     capsys.readouterr()
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["manifest.json", "train-000000.parquet", "train-000001.parquet", "train-000002.parquet"]
+    assert names == ["manifest.json", "train-000000.parquet", "train-000001.parquet", "train-000002.parquet",
+                     "train-labels.csv"]
     table = pq.read_table(out / "train-000002.parquet")
     assert table.column_names == ["key", "image", "classes", "dominant", "label", "caption"]
     assert table.column("key").to_pylist() == ["scene-000010", "scene-000011"]
@@ -119,6 +125,9 @@ def test_scenes_to_parquet_shards_carry_labels(ray_session, tmp_path, capsys):
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(row["image"]))), scene.image)  # PNG: lossless
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["scenes"]["classes"] == list(SHAPES) and manifest["num_samples"] == 12
+    assert manifest["labels"] == "train-labels.csv"  # each scene's classes by key, as the shards hold them
+    rows = [r for f in sorted(out.glob("*.parquet")) for r in pq.read_table(f, columns=["key", "classes"]).to_pylist()]
+    assert load_labels(str(out / "train-labels.csv")) == {r["key"]: tuple(r["classes"]) for r in rows}
     assert count_samples(resolve_source(str(out))) == 12
 
 
@@ -127,7 +136,10 @@ def test_webdataset_members_follow_the_convention(tmp_path):
     import fsspec
 
     task = ShardTask("train-000000.tar", str(tmp_path / "s.tar"), "webdataset", indices=[0, 1])
-    assert write_one_shard(task, fsspec.filesystem("file"), size=32) == ("train-000000.tar", 2)
+    name, n, labelled = write_one_shard(task, fsspec.filesystem("file"), size=32)
+    assert (name, n) == ("train-000000.tar", 2)
+    assert labelled == [(f"scene-00000{i}", list(generate_scene(i, seed=split_seed(0, "train"), size=32).classes))
+                        for i in (0, 1)]
     with tarfile.open(tmp_path / "s.tar") as tf:
         names = tf.getnames()
     assert names == [f"scene-00000{i}.{e}" for i in (0, 1) for e in ("png", "json", "cls", "txt")]

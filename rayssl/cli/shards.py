@@ -28,7 +28,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="with --source scenes: the seed of the training stream")
     p.add_argument("--image-format", choices=["png", "jpg"], default="png",
                    help="with --source scenes: how scenes are encoded (default png)")
-    p.add_argument("--labels", default="", help="labels table or ImageFolder root for a file source (optional)")
+    p.add_argument("--labels", default="", help="labels table or ImageFolder root for a file source (optional; "
+                   "the classes also go to <prefix>-labels.csv beside the shards)")
     p.add_argument("--prefix", default="train", help="shard name prefix (default train: train-000000.tar)")
     p.add_argument("--overwrite", action="store_true", help="replace existing shards under --out")
     add_s3_flags(p)

@@ -176,6 +176,12 @@ class Source:
     def remote(self) -> bool:
         return is_remote(self.uri)
 
+    def beside(self, name: str) -> str:
+        """The address of file ``name`` next to the (first) listed file, as ``filesystem`` reads
+        it: a shards' table named by their manifest."""
+        path = posixpath.join(posixpath.dirname(self.paths[0]), name)
+        return self.fs.unstrip_protocol(path) if self.remote else path
+
 
 def list_files(fs, root: str) -> dict[str, int]:
     """{path: size} of every file below ``root`` (recursive), or of ``root`` if a file. On S3 in

@@ -104,8 +104,12 @@ class LabelledSource:
         self.source = resolve_source(data, options, image_column=image_column)
         self.labels_uri = labels_uri or data
         if labels_uri is None and self.source.kind != "images":
-            raise EvalError(f"{labels_flag}: {flag} {data} holds {self.source.kind} shards, which have no class "
-                            f"folders; give a labels table with {labels_flag}")
+            table = (self.source.manifest or {}).get("labels")  # written by rayssl shards beside its shards
+            if not table:
+                raise EvalError(f"{labels_flag}: {flag} {data} holds {self.source.kind} shards without a labels "
+                                f"table in their manifest.json (rayssl shards writes one for scenes and for "
+                                f"files given --labels); give a labels table with {labels_flag}")
+            self.labels_uri = self.source.beside(table)
         self.flag, self.labels_flag, self.uri = flag, labels_flag, data
         self.ids_by_path: dict[str, str] | None = None
         self.parquet_id_column = None

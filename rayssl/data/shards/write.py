@@ -4,12 +4,14 @@ Command line: ``python -m rayssl.data.shards`` (``rayssl.cli.shards``).
 
 Sources: a folder or ``s3://`` prefix of image files (copied byte for byte: broken files
 stay broken, the training pipeline counts them), or ``scenes``, the built-in generated
-dataset, written with its labels so the shards double as a labelled evaluation set.
+dataset, written with its labels so the shards double as a labelled evaluation set:
+``rayssl eval --data OUT`` reads ``<prefix>-labels.csv`` through the manifest.
 
 Layout under ``--out`` (local folder or ``s3://`` prefix)::
 
     train-000000.tar ...        (or train-000000.parquet ...)
-    manifest.json               {"format", "num_samples", "shards": [{"name", "samples"}], ...}
+    train-labels.csv            id,classes of each labelled sample (scenes, or files with --labels)
+    manifest.json               {"format", "num_samples", "shards": [{"name", "samples"}], "labels", ...}
 
 WebDataset members of one sample share a key: ``<key>.png`` (or the source file's own
 extension), ``<key>.json`` (``{"classes": [...], "dominant": ..., "caption": ..., "label": i}``
@@ -21,11 +23,12 @@ One Ray task writes one shard. A shard appears whole or not at all (a local shar
 written to a temporary name and renamed; an S3 object only exists once its upload
 completes) and ``manifest.json`` is written last, after every shard. Existing shards are
 never overwritten unless ``--overwrite`` is given, which first removes the old
-``<prefix>-NNNNNN.<ext>`` shards and manifest so no stale shard survives.
+``<prefix>-NNNNNN.<ext>`` shards, labels table and manifest so no stale shard survives.
 """
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import os
@@ -159,16 +162,25 @@ def write_parquet(f, samples: Iterator[dict]) -> int:
 
 
 def write_one_shard(task: ShardTask, out_fs, *, seed: int = 0, size: int = 64, image_format: str = "png",
-                    source_fs=None, source_root: str = "") -> tuple[str, int]:
-    """Write one shard; returns (name, samples). Runs inside a Ray task (or inline)."""
+                    source_fs=None, source_root: str = "") -> tuple[str, int, list[tuple[str, list[str]]]]:
+    """Write one shard; returns (name, samples, (key, classes) of its labelled samples). Runs
+    inside a Ray task (or inline)."""
     if task.indices:
         samples = scene_samples(task.indices, seed, size, image_format)
     else:
         samples = file_samples(task.files, source_fs, source_root, task.classes)
+    labelled: list[tuple[str, list[str]]] = []
+
+    def noted(samples):
+        for s in samples:
+            if s.get("classes"):
+                labelled.append((s["key"], list(s["classes"])))
+            yield s
+
     writer = write_tar if task.fmt == "webdataset" else write_parquet
     with atomic_open(out_fs, task.path) as f:
-        n = writer(f, samples)
-    return task.name, n
+        n = writer(f, noted(samples))
+    return task.name, n, labelled
 
 
 # ----------------------------------------------------------------------------- planning
@@ -176,6 +188,19 @@ def write_one_shard(task: ShardTask, out_fs, *, seed: int = 0, size: int = 64, i
 
 def shard_name(prefix: str, i: int, fmt: str) -> str:
     return f"{prefix}-{i:06d}.{FORMATS[fmt]}"
+
+
+def labels_name(prefix: str) -> str:
+    return f"{prefix}-labels.csv"
+
+
+def labels_csv(rows: Sequence[tuple[str, Sequence[str]]]) -> bytes:
+    """``id,classes`` (classes joined by ``|``), the table ``rayssl.data.labels.load_labels`` reads."""
+    buf = io.StringIO()
+    out = csv.writer(buf, lineterminator="\n")
+    out.writerow(["id", "classes"])
+    out.writerows((key, "|".join(classes)) for key, classes in rows)
+    return buf.getvalue().encode("utf-8")
 
 
 def _existing_shards(out_fs, out_path: str, prefix: str) -> list[str]:
@@ -186,7 +211,7 @@ def _existing_shards(out_fs, out_path: str, prefix: str) -> list[str]:
         if "bucket" in str(exc).lower():
             raise
         return []
-    pattern = re.compile(rf"^{re.escape(prefix)}-\d+\.(tar|parquet)$")
+    pattern = re.compile(rf"^{re.escape(prefix)}-(\d+\.(tar|parquet)|labels\.csv)$")
     return sorted(p for p in entries
                   if pattern.match(posixpath.basename(p)) or posixpath.basename(p) == MANIFEST_NAME)
 
@@ -216,6 +241,7 @@ class ShardPlan:
     seed: int = 0
     image_format: str = "png"
     s3: S3Options = field(default_factory=S3Options)
+    prefix: str = "train"
 
 
 def plan_shards(source: str, out: str, fmt: str = "webdataset", shard_size: int = 1000, *, num_scenes: int = 0,
@@ -236,12 +262,12 @@ def plan_shards(source: str, out: str, fmt: str = "webdataset", shard_size: int 
     with translate_errors(out, s3.signed(), "write to", what="--out"):
         existing = _existing_shards(out_fs, out_path, prefix)
     if existing and not overwrite:
-        raise ShardError(f"--out: {out} already holds {len(existing)} shard file(s) "
+        raise ShardError(f"--out: {out} already holds {len(existing)} file(s) of '{prefix}' shards "
                          f"(e.g. {posixpath.basename(existing[0])}); refusing to overwrite them. "
                          "Choose another --out or pass --overwrite")
     common = {"source": source, "out": out, "fmt": fmt, "shard_size": shard_size, "out_fs": out_fs,
               "out_path": out_path, "existing": existing, "scene_size": scene_size, "seed": seed,
-              "image_format": image_format, "s3": s3}
+              "image_format": image_format, "s3": s3, "prefix": prefix}
     if source == "scenes":
         if num_scenes < 1:
             raise ShardError("--num-scenes: must be >= 1 with --source scenes")
@@ -286,17 +312,22 @@ def write_planned(plan: ShardPlan) -> dict:
     kwargs = {"seed": plan.seed, "size": plan.scene_size, "image_format": plan.image_format,
               "source_fs": src.fs if src is not None else None, "source_root": source_root}
     results = ray.get([remote.remote(t, plan.out_fs, **kwargs) for t in plan.tasks])
+    labelled = [row for _, _, rows in results for row in rows]
     manifest = {
         "format": plan.fmt,
         "created_by": "rayssl.data.shards",
         "source": re.sub(r"//[^/@]*@", "//", plan.source),  # no userinfo from a URL
-        "num_samples": sum(n for _, n in results),
+        "num_samples": sum(n for _, n, _ in results),
         "shard_size": plan.shard_size,
-        "shards": [{"name": name, "samples": n} for name, n in results],
+        "shards": [{"name": name, "samples": n} for name, n, _ in results],
     }
     if plan.source == "scenes":
         manifest["scenes"] = {"seed": plan.seed, "size": plan.scene_size, "stream": "train", "classes": list(SHAPES)}
     with translate_errors(out, s3.signed(), "write to", what="--out"):
+        if labelled:  # a labels table beside the shards: rayssl eval --data OUT finds it through the manifest
+            manifest["labels"] = labels_name(plan.prefix)
+            with atomic_open(plan.out_fs, f"{plan.out_path}/{manifest['labels']}") as f:
+                f.write(labels_csv(labelled))
         with atomic_open(plan.out_fs, f"{plan.out_path}/{MANIFEST_NAME}") as f:
             f.write(json.dumps(manifest, indent=2).encode("utf-8"))
     return manifest
