@@ -128,6 +128,34 @@ def test_ground_truth_that_cannot_score_the_labels_fails_before_the_job(tiny_cli
         assert not out.exists()  # no labelling happened, nothing written
 
 
+def test_a_folder_scored_on_its_own_class_folders_matches_by_path(ray_session, tiny_clip, scene_folder, tmp_path,
+                                                                   capsys):
+    """Class folders that number their images from 0 (names repeat across them) score the
+    pseudo-labels by each image's own folder."""
+    import csv
+
+    from rayssl.cli.label import main as label_main
+    from rayssl.eval.metrics import mean_average_precision
+
+    tree, counts = tmp_path / "tree", {}
+    with open(scene_folder / "labels.csv") as f:
+        for row in list(csv.DictReader(f))[:16]:
+            n = counts[row["dominant"]] = counts.get(row["dominant"], -1) + 1
+            (tree / row["dominant"]).mkdir(parents=True, exist_ok=True)
+            (tree / row["dominant"] / f"{n}.png").write_bytes((scene_folder / f"{row['id']}.png").read_bytes())
+    assert max(counts.values()) > 0 and len(counts) > 1  # some names repeat across folders
+    out = tmp_path / "out"
+    assert label_main(_label_args(tree, out, tiny_clip) + ["--labels", str(tree)]) == 0
+    summary = _last_json(capsys.readouterr().out)
+    _, cols = read_pseudo_labels(str(out), columns=("path", "soft_label"))
+    classes = CLASSES.split(",")
+    gt = np.zeros((len(cols["path"]), len(classes)), np.float32)
+    for r, path in enumerate(cols["path"]):
+        gt[r, classes.index(str(path).split("/")[-2])] = 1.0
+    assert summary["images_labelled"] == 16 and gt.sum() == 16
+    assert summary["map_final"] == round(mean_average_precision(cols["soft_label"], gt), 4)
+
+
 def test_pseudolabel_job_reads_tar_shards_by_byte_range(ray_session, tiny_clip, scene_folder, folder_labels,
                                                         tmp_path, capsys):
     """The same images as webdataset shards (one of them truncated): each image is labelled as

@@ -17,7 +17,7 @@ from typing import Sequence
 from rayssl.cli.common import UserError, add_gpu_flag, add_s3_flags, gpu_choice, run_command, s3_options
 from rayssl.data.pseudo_labels import meta_path
 from rayssl.data.scenes import SHAPES
-from rayssl.data.labels import load_labels
+from rayssl.data.labels import load_labels, own_folder_labels
 from rayssl.data.sources import DataError, resolve_source
 from rayssl.pseudolabel.clip import check_clip_args
 from rayssl.pseudolabel.job import LabelJob, run_job
@@ -48,7 +48,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     add_gpu_flag(p, "CLIP actors")
     p.add_argument("--labels", default=None,
                    help="ground truth to score the labels with: a CSV/Parquet table (id -> classes) or an "
-                        "ImageFolder tree, matched by file stem; read before the job")
+                        "ImageFolder tree, matched by file stem (--data's own class folders: by path); "
+                        "read before the job")
     p.add_argument("--no-vectors", action="store_true", help="do not store the global and aggregated vectors")
     p.add_argument("--num-scenes", type=int, default=2048, help="--data scenes: how many (default 2048)")
     p.add_argument("--scenes-size", type=int, default=64, help="--data scenes: side in pixels (default 64)")
@@ -112,16 +113,20 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
                 raise UserError(f"--data: {args.data} holds parquet shards; the labelling job reads image "
                                 "files (a folder or prefix), uncompressed webdataset .tar shards or 'scenes' "
                                 "(training re-reads each image by its address, and a Parquet row has none)")
-        truth = None
-        if args.labels:  # read and checked now: a table that cannot score the labels fails before the job
-            try:
+        truth, truth_key = None, "id"
+        try:  # read and checked now: ground truth that cannot score the labels fails before the job
+            found = own_folder_labels(args.labels, args.data, source.paths, options) \
+                if args.labels and source is not None and source.kind == "images" else None
+            if found is not None:  # --data's own class folders, matched by path: file names may repeat
+                truth, truth_key = {p: (cls,) for p, (_, cls) in found.items()}, "path"
+            elif args.labels:
                 truth = load_labels(args.labels, options.signed())
-            except DataError as exc:
-                raise UserError(f"--labels: {exc}") from None
+        except DataError as exc:
+            raise UserError(f"--labels: {exc}") from None
         job = LabelJob(out=args.out, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
                        template=args.template, grid=args.grid, gamma=args.gamma, lam=args.lam,
                        num_actors=args.num_actors, batch_size=args.batch_size, keep_vectors=not args.no_vectors,
-                       truth=truth, num_scenes=args.num_scenes, scenes_size=args.scenes_size,
+                       truth=truth, truth_key=truth_key, num_scenes=args.num_scenes, scenes_size=args.scenes_size,
                        scenes_split=args.scenes_split, seed=args.seed, max_bad_fraction=args.max_bad_fraction,
                        options=options)
         return job, classes, source

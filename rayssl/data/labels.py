@@ -18,7 +18,7 @@ from rayssl.data.formats import PARQUET_EXTENSIONS, extension, kind_of
 from rayssl.data.sources import DataError, list_files, translate_errors
 from rayssl.storage import S3Options, filesystem, options_for
 
-__all__ = ["CLASS_COLUMNS", "ID_COLUMNS", "folder_labels", "image_id", "load_labels", "own_folders",
+__all__ = ["CLASS_COLUMNS", "ID_COLUMNS", "folder_labels", "image_id", "load_labels", "own_folder_labels",
            "split_classes"]
 
 
@@ -48,14 +48,17 @@ def folder_labels(uri: str, root: str, paths) -> dict[str, tuple[str, str]]:
     return found
 
 
-def own_folders(labels_uri: str, data_uri: str, options: S3Options | None = None) -> bool:
-    """Whether ``labels_uri`` is ``data_uri`` itself: a folder of images labelled by its own
-    class folders (``folder_labels``), not a table or tree matched to it by file stem."""
-    if labels_uri == data_uri:
-        return True
-    def place(uri):
+def own_folder_labels(labels_uri: str, data_uri: str, paths, options: S3Options | None = None
+                      ) -> dict[str, tuple[str, str]] | None:
+    """``folder_labels`` of the images ``paths`` listed under ``data_uri`` when ``labels_uri`` is
+    that place itself (a folder labelled by its own class folders, matched by path), else None
+    (a table or another tree, matched by file stem: ``load_labels``)."""
+    def place(uri: str) -> str:
         return filesystem(uri, options_for(uri, options))[1].rstrip("/")
-    return place(labels_uri) == place(data_uri)
+
+    if labels_uri != data_uri and place(labels_uri) != place(data_uri):
+        return None
+    return folder_labels(labels_uri, place(data_uri), paths)
 
 
 def _by_stem(rows, uri: str, what: str) -> dict[str, tuple[str, ...]]:

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import torch
 
 from rayssl.checkpoint import LoadedCheckpoint, backbone_state_dict
-from rayssl.data.labels import ID_COLUMNS, folder_labels, image_id, load_labels, own_folders
+from rayssl.data.labels import ID_COLUMNS, image_id, load_labels, own_folder_labels
 from rayssl.data.scenes import SHAPES
 from rayssl.data.sources import DataError, resolve_source
 from rayssl.eval.features import feature_batch
@@ -35,7 +35,7 @@ from rayssl.eval.preprocess import label_matrix, split_train_test
 from rayssl.modules.backbone import build_backbone
 from rayssl.modules.seeding import cpu_seeded
 from rayssl.sections import EvalSection
-from rayssl.storage import S3Options, filesystem
+from rayssl.storage import S3Options
 
 PROTOCOLS = ("knn", "linear", "multilabel-linear")
 METRIC = {"knn": "knn_top1", "linear": "linear_top1", "multilabel-linear": "linear_map"}
@@ -114,10 +114,11 @@ class LabelledSource:
         self.ids_by_path: dict[str, str] | None = None
         self.parquet_id_column = None
         try:
-            if self.source.kind == "images" and own_folders(self.labels_uri, data, options):
-                # Labelled by its own class folders: matched by the path below the root, so
-                # class folders may repeat file names (cat/0001.jpg, dog/0001.jpg).
-                found = folder_labels(data, filesystem(data, options)[1], self.source.paths)
+            # Labelled by its own class folders: matched by the path below the root, so class
+            # folders may repeat file names (cat/0001.jpg, dog/0001.jpg).
+            found = own_folder_labels(self.labels_uri, data, self.source.paths, options) \
+                if self.source.kind == "images" else None
+            if found is not None:
                 self.labels = {i: (cls,) for i, cls in found.values()}
                 self.ids_by_path = {p: i for p, (i, _) in found.items()}
                 return

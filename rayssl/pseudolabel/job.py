@@ -177,7 +177,8 @@ class LabelJob:
     num_actors: int = 2
     batch_size: int = 32
     keep_vectors: bool = True  # store the global and aggregated vectors too
-    truth: dict[str, tuple[str, ...]] | None = None  # ground truth (id -> classes) to score the labels with
+    truth: dict[str, tuple[str, ...]] | None = None  # ground truth (truth_key -> classes) to score the labels with
+    truth_key: str = "id"  # "path": the data's own class folders (file names may repeat across them)
     num_scenes: int = 2048  # --data scenes: how many
     scenes_size: int = 64
     scenes_split: str = "train"
@@ -237,22 +238,22 @@ def run_job(job: LabelJob, classes: list[str], source, use_gpu: bool, actor_cpus
     summary = {"out": job.out, "classes": len(classes), "num_actors": job.num_actors,
                "actors_used": len(by_actor), "gpu": use_gpu,
                "data": {k: v for k, v in counts.items() if k not in by_actor}}
-    summary.update(score_output(job.out, classes, job.truth, options))
+    summary.update(score_output(job.out, classes, job.truth, options, truth_key=job.truth_key))
     summary["wall_s"] = round(time.perf_counter() - t0, 1)
     write_text(f"{job.out.rstrip('/')}/summary.json", json.dumps(summary, indent=1), options)
     return summary
 
 
 def score_output(out: str, classes: list[str], truth: dict[str, tuple[str, ...]] | None = None,
-                 options: S3Options | None = None) -> dict:
-    """Rows written and, with ground truth (scenes' ``gt`` column, or ``truth``: a labels table
-    loaded by ``load_labels`` before the job), the mAP of the global, aggregated and final
-    pseudo-labels."""
+                 options: S3Options | None = None, truth_key: str = "id") -> dict:
+    """Rows written and, with ground truth (scenes' ``gt`` column, or ``truth``, read before the
+    job: classes by the rows' ``truth_key``, ``id`` or ``path``), the mAP of the global,
+    aggregated and final pseudo-labels."""
     fs, root = filesystem(out, options)
     files = sorted(p for p in fs.find(root) if p.endswith(".parquet"))
     schema = pq.read_schema(files[0], filesystem=pyarrow_filesystem(fs)) if files else None
     names = schema.names if schema is not None else []
-    cols = [c for c in ("index", "id", "soft_label", "global", "aggregated", "gt") if c in names]
+    cols = [c for c in ("index", "id", "path", "soft_label", "global", "aggregated", "gt") if c in names]
     _, data = read_pseudo_labels(out, columns=cols, options=options)
     result: dict = {"images_labelled": int(len(data["index"]))}
     gt = None
@@ -260,8 +261,8 @@ def score_output(out: str, classes: list[str], truth: dict[str, tuple[str, ...]]
         gt = data["gt"].astype(np.float32)
     elif truth:
         pos = {c: j for j, c in enumerate(classes)}
-        gt = np.zeros((len(data["id"]), len(classes)), dtype=np.float32)
-        for r, i in enumerate(data["id"]):
+        gt = np.zeros((len(data[truth_key]), len(classes)), dtype=np.float32)
+        for r, i in enumerate(data[truth_key]):
             for c in truth.get(str(i), ()):
                 if c in pos:
                     gt[r, pos[c]] = 1.0

@@ -43,7 +43,7 @@ from typing import Iterator, Sequence
 import ray
 
 from rayssl.data.formats import encode_image, extension
-from rayssl.data.labels import folder_labels, image_id, load_labels, own_folders
+from rayssl.data.labels import image_id, load_labels, own_folder_labels
 from rayssl.data.scenes import SHAPES, generate_scene, split_seed
 from rayssl.data.sources import MANIFEST_NAME, resolve_source, translate_errors
 from rayssl.storage import S3Options, filesystem, is_local_fs, is_s3, options_for
@@ -293,8 +293,8 @@ def plan_shards(source: str, out: str, fmt: str = "webdataset", shard_size: int 
 def _file_classes(labels: str, source: str, paths: list[str], s3: S3Options) -> list[tuple[str, ...]]:
     """Each file's classes from ``--labels``: the source's own class folders (file names may
     repeat across them), or a table or other tree matched by file stem."""
-    if own_folders(labels, source, s3):
-        found = folder_labels(labels, filesystem(source, s3)[1], paths)
+    found = own_folder_labels(labels, source, paths, s3)
+    if found is not None:
         return [(found[p][1],) if p in found else () for p in paths]
     table = load_labels(labels, s3)
     return [table.get(image_id(p), ()) for p in paths]
