@@ -204,7 +204,7 @@ def labels_csv(rows: Sequence[tuple[str, Sequence[str]]]) -> bytes:
 
 
 def _existing_shards(out_fs, out_path: str, prefix: str) -> list[str]:
-    """Shard files and the manifest directly under the output location."""
+    """Shard files, their labels table and the manifest directly under the output location."""
     try:
         entries = out_fs.ls(out_path, detail=False)
     except FileNotFoundError as exc:
