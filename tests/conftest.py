@@ -133,6 +133,19 @@ def tiny_args(output, *extra: str, backbone: tuple[str, ...] = TEST_BACKBONE) ->
     ]
 
 
+def image_bytes(seed: int, size: int = 32, mode: str = "RGB", fmt: str = "PNG") -> bytes:
+    """An encoded image of seeded random pixels (``mode`` RGB or L), a different one per seed."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    shape = (size, size) if mode == "L" else (size, size, 3)
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8), mode).save(buf, format=fmt)
+    return buf.getvalue()
+
+
 def make_tar(members: list[tuple[str, bytes]]) -> bytes:
     """An uncompressed tar holding ``(name, bytes)`` members, in that order."""
     import io

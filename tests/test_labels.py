@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-import io
-
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
+from conftest import image_bytes
 from rayssl.data.labels import folder_labels, load_labels
 from rayssl.data.sources import DataError
 from rayssl.eval.evaluate import EvalError, EvalRequest, open_sources
 from rayssl.storage import S3Options
-
-
-def _jpeg(seed: int) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(buf, "JPEG")
-    return buf.getvalue()
 
 
 def _tree(root, names_by_class: dict[str, list[str]]):
@@ -28,7 +19,7 @@ def _tree(root, names_by_class: dict[str, list[str]]):
     for cls, names in names_by_class.items():
         (root / cls).mkdir(parents=True)
         for name in names:
-            (root / cls / name).write_bytes(_jpeg(seed))
+            (root / cls / name).write_bytes(image_bytes(seed, 16, fmt="JPEG"))
             made[str(root / cls / name)], seed = cls, seed + 1
     return made
 
@@ -59,7 +50,7 @@ def test_a_table_with_a_row_per_class_adds_them_up_and_one_stem_for_two_images_i
 
 def test_class_folders_give_each_image_its_own_folder_even_where_file_names_repeat(tmp_path):
     made = _tree(tmp_path / "tree", {"cat": ["0.jpg", "1.jpg"], "dog": ["0.jpg"], "sofa": ["1.jpg", "x.v2.jpg"]})
-    (tmp_path / "tree" / "top.jpg").write_bytes(_jpeg(99))  # in no class folder
+    (tmp_path / "tree" / "top.jpg").write_bytes(image_bytes(99, 16, fmt="JPEG"))  # in no class folder
     (tmp_path / "tree" / "cat" / "notes.txt").write_text("not an image")
     paths = [str(p) for p in (tmp_path / "tree").rglob("*") if p.is_file()]
     found = folder_labels("tree", str(tmp_path / "tree") + "/", paths)

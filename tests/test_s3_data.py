@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import exit_code, make_tar, tiny_args
+from conftest import exit_code, image_bytes, make_tar, tiny_args
 from faultproxy import KINDS, every
 from rayssl import storage
 from rayssl.cli import train
@@ -36,14 +36,6 @@ from rayssl.data.tar import count_tar_images, index_tar_images, iter_tar_images,
 from rayssl.storage import S3Options
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _image(seed: int, size: int = 32, mode: str = "RGB", fmt: str = "PNG") -> bytes:
-    rng = np.random.default_rng(seed)
-    shape = (size, size) if mode == "L" else (size, size, 3)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(buf, format=fmt)
-    return buf.getvalue()
 
 
 def _fs(endpoint):
@@ -171,10 +163,10 @@ def test_tar_index_addresses_the_bytes_the_stream_yields():
 def test_resolve_kinds_and_clear_errors(s3_endpoint, bucket):
     fs = _fs(s3_endpoint)
     opts = S3Options(endpoint=s3_endpoint)
-    fs.pipe({f"{bucket}/kinds/img/a/{i}.png": _image(i) for i in range(3)})
+    fs.pipe({f"{bucket}/kinds/img/a/{i}.png": image_bytes(i) for i in range(3)})
     fs.pipe(f"{bucket}/kinds/img/labels.csv", b"id,classes\n0,x\n")  # ignored: not an image
-    fs.pipe({f"{bucket}/kinds/tar/train-{i:03d}.tar": make_tar([(f"{i}.png", _image(i))]) for i in range(3)})
-    fs.pipe(f"{bucket}/kinds/mixed/x.png", _image(0))
+    fs.pipe({f"{bucket}/kinds/tar/train-{i:03d}.tar": make_tar([(f"{i}.png", image_bytes(i))]) for i in range(3)})
+    fs.pipe(f"{bucket}/kinds/mixed/x.png", image_bytes(0))
     fs.pipe(f"{bucket}/kinds/mixed/y.tar", make_tar([]))
 
     src = resolve_source(f"s3://{bucket}/kinds/img", opts)
@@ -213,7 +205,7 @@ def test_tar_members_on_s3_are_fetched_by_byte_range(s3_endpoint, bucket):
     from rayssl.data.tar import scan_tar_shards
 
     fs = _fs(s3_endpoint)
-    images = {f"{i:03d}": _image(7 + i, size=24) for i in range(5)}
+    images = {f"{i:03d}": image_bytes(7 + i, size=24) for i in range(5)}
     keys = list(images)
     fs.pipe(f"{bucket}/ranged/a.tar", make_tar([(f"{k}.png", images[k]) for k in keys[:3]]))
     fs.pipe(f"{bucket}/ranged/b.tar", make_tar([(f"{k}.png", images[k]) for k in keys[3:]] + [("bad.png", b"junk")]))
@@ -234,7 +226,7 @@ def test_parquet_image_column_is_checked(s3_endpoint, bucket):
 
     fs = _fs(s3_endpoint)
     buf = io.BytesIO()
-    pq.write_table(pa.table({"key": ["a"], "jpeg": pa.array([_image(0)], pa.binary())}), buf)
+    pq.write_table(pa.table({"key": ["a"], "jpeg": pa.array([image_bytes(0)], pa.binary())}), buf)
     fs.pipe(f"{bucket}/pqcol/part-0.parquet", buf.getvalue())
     uri = f"s3://{bucket}/pqcol"
     with pytest.raises(DataError, match=r"no column 'image' \(columns: key, jpeg\)"):
@@ -262,7 +254,7 @@ def test_missing_prefix_and_refused_credentials_fail_before_training(s3_endpoint
     msg = _error(capsys, ["--data", uri, "--s3-endpoint", s3_endpoint, "--output", str(tmp_path / "a")])
     assert uri in msg and "empty or does not exist" in msg
 
-    _fs(s3_endpoint).pipe(f"{bucket}/private/0.png", _image(0))
+    _fs(s3_endpoint).pipe(f"{bucket}/private/0.png", image_bytes(0))
     uri = f"s3://{bucket}/private"
     with enable_iam_authentication():  # moto now checks keys: ours are unknown to it
         msg = _error(capsys, ["--data", uri, "--s3-endpoint", s3_endpoint, "--output", str(tmp_path / "b")])
@@ -278,20 +270,20 @@ def test_bucket_of_uncurated_images_trains_and_counts_exactly(ray_session, s3_en
                                                               fault_proxy):
     fs = _fs(s3_endpoint)
     prefix = f"{bucket}/uncurated"
-    files = {f"{prefix}/good/{i:03d}.png": _image(i) for i in range(60)}
-    files.update({f"{prefix}/good/{i:03d}.jpg": _image(i, fmt="JPEG") for i in range(60, 64)})
-    jpeg = _image(999, fmt="JPEG")
+    files = {f"{prefix}/good/{i:03d}.png": image_bytes(i) for i in range(60)}
+    files.update({f"{prefix}/good/{i:03d}.jpg": image_bytes(i, fmt="JPEG") for i in range(60, 64)})
+    jpeg = image_bytes(999, fmt="JPEG")
     files.update({
         f"{prefix}/bad/corrupt.jpg": jpeg[:200] + bytes(range(256)) * 4,  # header, then garbage
         f"{prefix}/bad/zero.jpg": b"",
         f"{prefix}/bad/notes.png": b"this is a text file, not an image\n",
-        f"{prefix}/odd/gray.png": _image(7, mode="L"),
-        f"{prefix}/odd/tiny.png": _image(8, size=16),  # smaller than the 32 px crops
+        f"{prefix}/odd/gray.png": image_bytes(7, mode="L"),
+        f"{prefix}/odd/tiny.png": image_bytes(8, size=16),  # smaller than the 32 px crops
         f"{prefix}/README.txt": b"not listed: no image extension",
     })
     # Labelled images of the user's beside it, one unreadable: scored at the end (issue 23), read
     # through the same faulty store with the run's storage options.
-    labelled = {f"{bucket}/labelled/{i:03d}.png": _image(100 + i) for i in range(30)}
+    labelled = {f"{bucket}/labelled/{i:03d}.png": image_bytes(100 + i) for i in range(30)}
     labelled[f"{bucket}/labelled/broken.png"] = b"\x89PNG but no more"
     labels = "id,classes\n" + "".join(f"{i:03d},{'abc'[i % 3]}\n" for i in range(30)) + "broken,a\n"
     fs.pipe({**files, **labelled, f"{bucket}/labelled.csv": labels.encode()})
@@ -321,7 +313,7 @@ def test_mostly_broken_data_stops_with_the_counts(ray_session, tmp_path):
     for i in range(70):
         (tmp_path / f"{i:03d}.jpg").write_bytes(b"<html>404</html>")
     for i in range(4):
-        (tmp_path / f"ok{i}.png").write_bytes(_image(i))
+        (tmp_path / f"ok{i}.png").write_bytes(image_bytes(i))
     cfg = Config.from_dict({"data": {"source": str(tmp_path), "crop_sizes": [32, 16], "crop_counts": [2, 2],
                                      "min_scale": [0.3, 0.1], "max_scale": [1.0, 0.3]}})
     data = build_train_data(cfg.data, cfg.run.seed)

@@ -9,18 +9,13 @@ import tarfile
 import numpy as np
 from PIL import Image
 
+from conftest import image_bytes
 from rayssl.cli import shards
 from rayssl.data.shards import ShardTask, write_one_shard
 from rayssl.data.labels import load_labels
 from rayssl.data.scenes import SHAPES, generate_scene, split_seed
 from rayssl.data.sources import count_samples, resolve_source
 from rayssl.data.tar import iter_tar_samples
-
-
-def _png(seed: int, size: int = 32) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, "PNG")
-    return buf.getvalue()
 
 
 def test_folder_to_webdataset_shards_keeps_bytes_and_refuses_to_overwrite(ray_session, tmp_path, capsys):
@@ -30,7 +25,7 @@ def test_folder_to_webdataset_shards_keeps_bytes_and_refuses_to_overwrite(ray_se
     originals = {}
     for i in range(5):
         path = src / ("cat" if i < 3 else "dog") / f"img{i}.png"
-        path.write_bytes(_png(i))
+        path.write_bytes(image_bytes(i))
         originals[f"img{i}"] = path.read_bytes()
     (src / "dog" / "broken.jpg").write_bytes(b"not a jpeg")  # copied as is: training judges it
     out = tmp_path / "shards"
@@ -77,7 +72,7 @@ def test_class_folders_that_repeat_file_names_label_each_file_by_its_own_folder(
     made = {"cat/0001.png": 0, "cat/0002.png": 1, "dog/0001.png": 2, "sofa/0002.png": 3}
     for rel, seed in made.items():
         (src / rel).parent.mkdir(parents=True, exist_ok=True)
-        (src / rel).write_bytes(_png(seed))
+        (src / rel).write_bytes(image_bytes(seed))
     out = tmp_path / "shards"
     assert shards.main(["--source", str(src), "--out", str(out), "--shard-size", "3", "--labels", str(src)]) == 0
     capsys.readouterr()

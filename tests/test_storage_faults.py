@@ -9,14 +9,12 @@ on S3 all go through faults.
 
 from __future__ import annotations
 
-import io
 import time
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from conftest import make_tar
+from conftest import image_bytes, make_tar
 from faultproxy import FaultProxy, every
 from rayssl import storage
 from rayssl.data.tar import iter_tar_images
@@ -30,12 +28,6 @@ BUCKET = "rayssl-faults"
 TIMEOUT_S = 2.0
 FAST_TIMEOUT_S = 0.5  # where the counts are bounds only (the tar shard's many stalls)
 STALL_S = 10.0  # a stall outlasts the read timeout by far, so "cut by the timeout" holds on a loaded machine
-
-
-def _image(seed: int, size: int = 32) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, "PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +115,7 @@ def test_a_store_that_keeps_failing_is_a_storage_error_and_a_missing_object_is_n
 
 
 def test_ranged_reads_of_tar_shards_survive_every_fault(clean, fault_proxy):
-    members = [(f"{i:03d}.png", _image(i)) for i in range(12)]
+    members = [(f"{i:03d}.png", image_bytes(i)) for i in range(12)]
     clean.pipe(f"{BUCKET}/tar/shard.tar", make_tar(members))
     want = [(name.rsplit(".", 1)[0], data) for name, data in members]
     p = fault_proxy(every(2, ("truncate", "503", "stall_body", "500", "stall", "drop"), methods=("GET",)))

@@ -56,9 +56,10 @@ def own_folder_labels(labels_uri: str, data_uri: str, paths, options: S3Options 
     def place(uri: str) -> str:
         return filesystem(uri, options_for(uri, options))[1].rstrip("/")
 
-    if labels_uri != data_uri and place(labels_uri) != place(data_uri):
+    root = place(data_uri)
+    if labels_uri != data_uri and place(labels_uri) != root:
         return None
-    return folder_labels(labels_uri, place(data_uri), paths)
+    return folder_labels(labels_uri, root, paths)
 
 
 def _by_stem(rows, uri: str, what: str) -> dict[str, tuple[str, ...]]:

@@ -17,6 +17,7 @@ import numpy as np
 import ray
 
 from rayssl.data.decode import decode_image
+from rayssl.data.labels import image_id
 from rayssl.data.pipeline import image_bytes
 from rayssl.data.scenes import generate_batch, split_seed
 from rayssl.data.sources import Source
@@ -66,7 +67,7 @@ def read_tar_shards(batch: dict, *, fs, size: int, chunk: int = 64):
 
 
 def read_parquet_rows(batch: dict, *, id_column: str, image_column: str, size: int) -> dict:
-    ids = [str(v).replace("\\", "/").rsplit("/", 1)[-1].split(".", 1)[0] for v in batch[id_column]]
+    ids = [image_id(v) for v in batch[id_column]]
     return _decoded(ids, [image_bytes(v) for v in batch[image_column]], size)
 
 

@@ -253,7 +253,9 @@ def score_output(out: str, classes: list[str], truth: dict[str, tuple[str, ...]]
     files = sorted(p for p in fs.find(root) if p.endswith(".parquet"))
     schema = pq.read_schema(files[0], filesystem=pyarrow_filesystem(fs)) if files else None
     names = schema.names if schema is not None else []
-    cols = [c for c in ("index", "id", "path", "soft_label", "global", "aggregated", "gt") if c in names]
+    # The path column only when the ground truth is matched by it: a large table's longest column.
+    wanted = dict.fromkeys(("index", "id", "soft_label", "global", "aggregated", "gt", truth_key))
+    cols = [c for c in wanted if c in names]
     _, data = read_pseudo_labels(out, columns=cols, options=options)
     result: dict = {"images_labelled": int(len(data["index"]))}
     gt = None

@@ -218,7 +218,7 @@ def _existing_shards(out_fs, out_path: str, prefix: str) -> list[str]:
 
 def _file_keys(paths: list[str]) -> list[str]:
     """Sample keys for files: the file stem, or the relative path when stems collide."""
-    stems = [posixpath.basename(p).split(".", 1)[0] for p in paths]
+    stems = [image_id(p) for p in paths]
     if len(set(stems)) == len(stems):
         return stems
     return [f"{i:08d}-{s}" for i, s in enumerate(stems)]
